@@ -1,0 +1,30 @@
+// The op schemas of dctkd_ext, defined once here; kernels register under CPU (csrc/cpu/) and
+// CUDA (csrc/cuda/), fake kernels and autograd from Python (dctkd_ext/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import dctkd_ext._C` loads this library, which runs the TORCH_LIBRARY registrations below.
+// The module itself is empty: every op is reached through torch.ops.dctkd_ext.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(dctkd_ext, m) {
+  // (B, C, H, W) -> (B, H, W): mean (or sum) over channels of |x|^p, accumulated in fp32 (fp64 for fp64).
+  m.def("attention_map(Tensor x, float p, str reduce) -> Tensor");
+  m.def("attention_map_backward(Tensor grad, Tensor x, float p, str reduce) -> Tensor");
+  // Orthonormal DCT-II over the last two dims, and its inverse (DCT-III); each is the other's backward.
+  m.def("dct2d(Tensor a) -> Tensor");
+  m.def("idct2d(Tensor c) -> Tensor");
+  // The whole multi-level DCT-KD loss. Returns the per-sample loss sum_l w_l dist_l, shape (B,),
+  // and per level dL_b/dA_l (B, H_l, W_l), the gradient w.r.t. the student's attention map.
+  m.def(
+      "dct_at_loss(Tensor[] student, Tensor[] teacher, float[] weights, float p, str map_norm, "
+      "bool center, str transform, bool coef_abs, str coef_norm, str distance, float eps) "
+      "-> (Tensor, Tensor[])");
+  // dS_l = grad_loss[b] * grad_maps_l[b,h,w] * (p/C_l) |S_l|^(p-1) sign(S_l), one pass per level.
+  m.def("dct_at_loss_backward(Tensor grad_loss, Tensor[] grad_maps, Tensor[] student, float p) -> Tensor[]");
+}

@@ -1,0 +1,33 @@
+"""dctkd_ext: fused kernels for frequency-domain knowledge distillation (DCT-KD, FAM-KD).
+
+Public API:
+    dct_at_loss(student_feats, teacher_feats, *, preset="dct", weights=None, sample_weight=None,
+                reduction="mean", **overrides)
+    attention_map(x, p=2, reduce="mean"), dct2d(a), idct2d(c)
+    set_backend(name), get_backend(), use_backend(name)   # "auto" | "cpu" | "cuda" | "triton" | "reference"
+    PRESETS, nn (DCTATLoss, AttentionTransferLoss, ...), reference (plain-PyTorch formulas)
+"""
+
+from ._extension import BUILD_INFO  # loads the compiled ops first; fails with a "rebuild" message
+
+from . import nn, reference
+from ._backend import BACKENDS, get_backend, set_backend, use_backend
+from .ops import attention_map, dct2d, dct_at_loss, idct2d
+from .presets import PRESETS
+
+__version__ = BUILD_INFO["version"]
+
+__all__ = [
+    "dct_at_loss",
+    "attention_map",
+    "dct2d",
+    "idct2d",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+    "BACKENDS",
+    "PRESETS",
+    "BUILD_INFO",
+    "nn",
+    "reference",
+]

@@ -1,0 +1,33 @@
+"""Loads the compiled library (dctkd_ext._C), which registers the torch.ops.dctkd_ext schemas and
+the CPU/CUDA kernels. Fails with a message that says what to do, never an undefined-symbol trace."""
+
+import torch
+
+REBUILD = "rebuild it with `pip install --no-build-isolation -e .` (in the dctkd_ext checkout)"
+
+
+def _torch_base_version(version: str) -> str:
+    return version.split("+")[0]
+
+
+def load() -> dict:
+    try:
+        from . import _build_info
+    except ImportError as exc:
+        raise ImportError(f"dctkd_ext is not built (no dctkd_ext/_build_info.py): {REBUILD}") from exc
+    built, running = _build_info.TORCH_VERSION, torch.__version__
+    if built != running:
+        raise ImportError(
+            f"dctkd_ext was built against torch {built} but torch {running} is installed; "
+            f"the compiled extension only works with the torch it was built against: {REBUILD}"
+        )
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.dctkd_ext.*)
+    except ImportError as exc:
+        msg = str(exc)
+        hint = " (an ABI mismatch with the installed torch)" if "undefined symbol" in msg else ""
+        raise ImportError(f"dctkd_ext's compiled extension failed to load{hint}: {msg.splitlines()[0]}; {REBUILD}") from None
+    return {"torch_version": built, "with_cuda": bool(_build_info.WITH_CUDA), "version": _build_info.VERSION}
+
+
+BUILD_INFO = load()

@@ -1,0 +1,251 @@
+"""attention_map, dct2d / idct2d and the multi-level dct_at_loss (DESIGN §3.1-3.3): argument checks,
+fake kernels, autograd, backend choice. The kernels are torch.ops.dctkd_ext.* (CPU/CUDA, from csrc/)
+and dctkd_ext/triton/; the reference is dctkd_ext/reference.py."""
+
+from typing import Optional, Sequence
+
+import torch
+
+from .. import _backend, reference
+from .._extension import BUILD_INFO
+from ..presets import REDUCTIONS, resolve_options
+from ._checks import check_finite_enabled, check_real_float, check_same_device, report_non_finite
+
+_ops = torch.ops.dctkd_ext
+_FAMILY = "dct_at"
+
+
+def _acc_dtype(*tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# ------------------------------------------------------------------------------ fake (meta) kernels
+@torch.library.register_fake("dctkd_ext::attention_map")
+def _(x, p, reduce):
+    b, _, h, w = x.shape
+    return x.new_empty((b, h, w), dtype=_acc_dtype(x))
+
+
+@torch.library.register_fake("dctkd_ext::attention_map_backward")
+def _(grad, x, p, reduce):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("dctkd_ext::dct2d")
+def _(a):
+    return torch.empty_like(a, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("dctkd_ext::idct2d")
+def _(c):
+    return torch.empty_like(c, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("dctkd_ext::dct_at_loss")
+def _(student, teacher, weights, p, map_norm, center, transform, coef_abs, coef_norm, distance, eps):
+    acc = _acc_dtype(*student, *teacher)
+    b = student[0].shape[0]
+    loss = student[0].new_empty((b,), dtype=acc)
+    return loss, [s.new_empty((s.shape[0], s.shape[2], s.shape[3]), dtype=acc) for s in student]
+
+
+@torch.library.register_fake("dctkd_ext::dct_at_loss_backward")
+def _(grad_loss, grad_maps, student, p):
+    return [torch.empty_like(s) for s in student]
+
+
+# ------------------------------------------------------------------------------------------ autograd
+def _attention_map_setup(ctx, inputs, output):
+    x, p, reduce = inputs
+    ctx.save_for_backward(x)
+    ctx.p, ctx.reduce = p, reduce
+
+
+def _attention_map_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return _ops.attention_map_backward(grad, x, ctx.p, ctx.reduce), None, None
+
+
+torch.library.register_autograd(
+    "dctkd_ext::attention_map", _attention_map_backward, setup_context=_attention_map_setup
+)
+
+# The orthonormal DCT and its inverse are each other's transpose, hence each other's backward.
+torch.library.register_autograd(
+    "dctkd_ext::dct2d", lambda ctx, g: _ops.idct2d(g), setup_context=lambda ctx, inputs, output: None
+)
+torch.library.register_autograd(
+    "dctkd_ext::idct2d", lambda ctx, g: _ops.dct2d(g), setup_context=lambda ctx, inputs, output: None
+)
+
+
+def _loss_setup(ctx, inputs, output):
+    student, _teacher, _weights, p = inputs[:4]
+    _loss, grad_maps = output
+    ctx.save_for_backward(*grad_maps, *student)
+    ctx.levels, ctx.p = len(student), p
+
+
+def _loss_backward(ctx, grad_loss, _grad_of_grad_maps):
+    saved = ctx.saved_tensors
+    grad_maps, student = list(saved[: ctx.levels]), list(saved[ctx.levels :])
+    d_student = _ops.dct_at_loss_backward(grad_loss, grad_maps, student, ctx.p)
+    # student, teacher (a constant), then the non-tensor options
+    return (d_student, [None] * ctx.levels) + (None,) * 9
+
+
+torch.library.register_autograd("dctkd_ext::dct_at_loss", _loss_backward, setup_context=_loss_setup)
+
+
+# -------------------------------------------------------------------------------------- backends
+def _compiled_backend(device: torch.device) -> str:
+    name = _backend.resolve(device.type, _FAMILY, available=("cpu", "cuda", "reference"))
+    if name == "cuda" and not BUILD_INFO["with_cuda"]:
+        raise RuntimeError(
+            "dctkd_ext was built without CUDA kernels; rebuild on a machine with a CUDA toolkit "
+            "(CUDA_HOME set) or with FORCE_CUDA=1, or select DCTKD_BACKEND=reference"
+        )
+    return name
+
+
+# --------------------------------------------------------------------------------------- public API
+def attention_map(x: torch.Tensor, p: float = 2.0, reduce: str = "mean") -> torch.Tensor:
+    """Channel-reduced attention map of features x (B, C, H, W) -> (B, H, W), float32 (float64 for
+    float64 x): (1/C) sum_c |x|^p, or the plain sum with reduce="sum". Differentiable in x."""
+    check_real_float(x, "x", ndim=4, layout_hint="(B, C, H, W) ")
+    if x.shape[1] == 0:
+        raise ValueError(f"x: expected at least one channel, got shape {tuple(x.shape)}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
+        raise ValueError(f"p: expected a positive number, got {p!r}")
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce: expected 'mean' or 'sum', got {reduce!r}")
+    if _compiled_backend(x.device) == "reference":
+        return reference.attention_map(x, float(p), reduce)
+    return _ops.attention_map(x, float(p), reduce)
+
+
+def _check_map(a: torch.Tensor, name: str) -> None:
+    check_real_float(a, name, min_ndim=2, layout_hint="(..., H, W)")
+    if a.shape[-1] == 0 or a.shape[-2] == 0:
+        raise ValueError(f"{name}: expected H, W >= 1, got shape {tuple(a.shape)}")
+
+
+def dct2d(a: torch.Tensor) -> torch.Tensor:
+    """Orthonormal 2D DCT-II over the last two dims (scipy.fft.dctn(a, type=2, norm="ortho", axes=(-2, -1))).
+    Any H, W >= 1; any leading dims; returns a's dtype, computed in fp32 (fp64 for fp64)."""
+    _check_map(a, "a")
+    if _compiled_backend(a.device) == "reference":
+        return reference.dct2d(a)
+    return _ops.dct2d(a)
+
+
+def idct2d(c: torch.Tensor) -> torch.Tensor:
+    """Inverse of dct2d (orthonormal DCT-III over the last two dims)."""
+    _check_map(c, "c")
+    if _compiled_backend(c.device) == "reference":
+        return reference.idct2d(c)
+    return _ops.idct2d(c)
+
+
+def _as_levels(feats, name: str):
+    if isinstance(feats, torch.Tensor):
+        return [feats]
+    if not isinstance(feats, (list, tuple)):
+        raise TypeError(f"{name}: expected a list of (B, C, H, W) tensors, got {type(feats).__name__}")
+    if len(feats) == 0:
+        raise ValueError(f"{name}: expected a non-empty list of (B, C, H, W) tensors, got an empty list")
+    return list(feats)
+
+
+def _check_loss_inputs(student, teacher, weights, sample_weight, reduction):
+    student = _as_levels(student, "student_feats")
+    teacher = _as_levels(teacher, "teacher_feats")
+    if len(student) != len(teacher):
+        raise ValueError(
+            f"teacher_feats: expected {len(student)} levels to match student_feats, got {len(teacher)}"
+        )
+    for l, (s, t) in enumerate(zip(student, teacher)):
+        check_real_float(s, f"student_feats[{l}]", ndim=4, layout_hint="(B, C, H, W) ")
+        check_real_float(t, f"teacher_feats[{l}]", ndim=4, layout_hint="(B, C, H, W) ")
+        if s.shape[1] == 0 or t.shape[1] == 0:
+            which = "student_feats" if s.shape[1] == 0 else "teacher_feats"
+            raise ValueError(f"{which}[{l}]: expected at least one channel")
+        if s.shape[0] != student[0].shape[0]:
+            raise ValueError(
+                f"student_feats[{l}]: expected batch {student[0].shape[0]} like student_feats[0], got {s.shape[0]}"
+            )
+        if (t.shape[0], t.shape[2], t.shape[3]) != (s.shape[0], s.shape[2], s.shape[3]):
+            raise ValueError(
+                f"teacher_feats[{l}]: expected (B, H, W) = {(s.shape[0], s.shape[2], s.shape[3])} to match "
+                f"student_feats[{l}], got shape {tuple(t.shape)} (channels may differ; pool the larger map "
+                f"first if spatial sizes differ)"
+            )
+    names = [f"student_feats[{l}]" for l in range(len(student))] + [f"teacher_feats[{l}]" for l in range(len(teacher))]
+    device = check_same_device(student + teacher, names)
+    if weights is None:
+        weights = [1.0] * len(student)
+    else:
+        weights = list(weights.tolist() if isinstance(weights, torch.Tensor) else weights)
+        if len(weights) != len(student):
+            raise ValueError(f"weights: expected {len(student)} values (one per level), got {len(weights)}")
+        if any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in weights):
+            raise TypeError(f"weights: expected a sequence of numbers, got {weights!r}")
+        weights = [float(w) for w in weights]
+    if sample_weight is not None:
+        if not isinstance(sample_weight, torch.Tensor):
+            raise TypeError(f"sample_weight: expected a (B,) tensor, got {type(sample_weight).__name__}")
+        b = student[0].shape[0]
+        if sample_weight.shape != (b,):
+            raise ValueError(f"sample_weight: expected shape ({b},), got {tuple(sample_weight.shape)}")
+        if sample_weight.is_complex():
+            raise TypeError(f"sample_weight: expected a real or bool tensor, got {sample_weight.dtype}")
+        if sample_weight.device != device:
+            raise ValueError(f"sample_weight: expected a tensor on {device}, got one on {sample_weight.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    return student, teacher, weights, device
+
+
+def dct_at_loss(
+    student_feats: Sequence[torch.Tensor],
+    teacher_feats: Sequence[torch.Tensor],
+    *,
+    preset: str = "dct",
+    weights: Optional[Sequence[float]] = None,
+    sample_weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    **overrides,
+) -> torch.Tensor:
+    """Multi-level frequency-domain attention distillation loss (DESIGN §3.3).
+
+    student_feats / teacher_feats: lists of L feature maps (B, C_l, H_l, W_l); channels may differ
+    between student and teacher, B/H/W must match. Gradient flows to the student features only.
+    preset: "dct" (default), "paper" (the authors' released code) or "at" (attention transfer);
+    any option (p, map_norm, center, transform, coef_abs, coef_norm, distance, eps) may be overridden.
+    weights: per-level weights (default 1). sample_weight: (B,) multiplier of the per-sample losses
+    (e.g. (teacher_logits.argmax(1) == labels).float()). reduction: "mean" | "sum" | "none" -> (B,).
+    """
+    opts = resolve_options(preset, overrides)
+    student, teacher, weights, device = _check_loss_inputs(
+        student_feats, teacher_feats, weights, sample_weight, reduction
+    )
+    backend = _compiled_backend(device)
+    if backend == "reference":
+        per_sample = reference.dct_at_loss(student, teacher, preset=preset, weights=weights, reduction="none", **overrides)
+    else:
+        per_sample, _grad_maps = _ops.dct_at_loss(
+            student, [t.detach() for t in teacher], weights, opts["p"], opts["map_norm"], opts["center"],
+            opts["transform"], opts["coef_abs"], opts["coef_norm"], opts["distance"], opts["eps"],
+        )
+    if check_finite_enabled(device) and not bool(torch.isfinite(per_sample.detach()).all()):
+        report_non_finite(
+            [(f"student_feats[{l}]", s) for l, s in enumerate(student)]
+            + [(f"teacher_feats[{l}]", t) for l, t in enumerate(teacher)]
+        )
+    if sample_weight is not None:
+        per_sample = per_sample * sample_weight.to(per_sample.dtype)
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
