@@ -11,13 +11,14 @@ import dctkd_ext  # noqa: F401  (loads the ops)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # Relative-norm tolerances (DESIGN §5): fp32 well under 1e-5, half-precision inputs within 1e-2.
-TOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+TOL = {torch.float64: 1e-10, torch.float32: 5e-6, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-6) -> float:
+    """||out - ref|| / max(||ref||, floor): relative, except for a reference that is zero up to
+    rounding (1x1 maps, identical inputs), where it becomes absolute."""
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    denom = ref.norm().item()
-    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+    return (out - ref).norm().item() / max(ref.norm().item(), floor)
 
 
 def assert_close(out, ref, dtype, what="", factor=1.0):

@@ -112,6 +112,12 @@ void transform_apply(const T* v, T* c, T* tmp, T* tmp2, int64_t H, int64_t W, Tr
   }
 }
 
+// Centring followed by a frequency transform: the DC coefficient is identically zero.
+template <typename T>
+bool centred_dc(const PhiConfig<T>& cfg) {
+  return cfg.center && cfg.transform != Transform::Identity;
+}
+
 // Buffers and saved state of phi for one map.
 template <typename T>
 struct PhiTrace {
@@ -132,6 +138,9 @@ void phi_forward(PhiTrace<T>& tr, T* tmp, T* tmp2, int64_t H, int64_t W, const P
   }
   for (int64_t i = 0; i < n; ++i) tr.v[i] = tr.u[i] - mean;
   transform_apply(tr.v.data(), tr.c.data(), tmp, tmp2, H, W, cfg.transform, false, bh, bw);
+  // A centred map has a DC coefficient of exactly 0 under both transforms; rounding would leave
+  // noise there whose random sign then feeds min|C| and its gradient. Store the exact value.
+  if (centred_dc(cfg)) tr.c[0] = T(0);
   for (int64_t i = 0; i < n; ++i) tr.cabs[i] = cfg.coef_abs ? std::abs(tr.c[i]) : tr.c[i];
   norm_forward(tr.cabs.data(), tr.z.data(), n, cfg.coef_norm, cfg.eps, tr.n2);
 }
@@ -144,8 +153,13 @@ void phi_backward(const PhiTrace<T>& tr, T* g, T* g_a, T* tmp, T* tmp2, T* tmp3,
   norm_backward(g, tr.cabs.data(), tr.z.data(), tmp3, n, cfg.coef_norm, tr.n2);
   if (cfg.coef_abs)  // d|c|/dc = sign(c), 0 at 0 (as torch.abs)
     for (int64_t i = 0; i < n; ++i) tmp3[i] = tr.c[i] > T(0) ? tmp3[i] : (tr.c[i] < T(0) ? -tmp3[i] : T(0));
+  if (centred_dc(cfg)) {
+    // Centring's backward (subtract the mean) equals dropping the DC coefficient's gradient before
+    // the transform's backward (the DC basis is the constant map): exact, with no cancellation.
+    tmp3[0] = T(0);
+  }
   transform_apply(tmp3, g, tmp, tmp2, H, W, cfg.transform, true, bh, bw);
-  if (cfg.center) {
+  if (cfg.center && !centred_dc(cfg)) {
     T mean = 0;
     for (int64_t i = 0; i < n; ++i) mean += g[i];
     mean /= T(n);
