@@ -1,0 +1,307 @@
+"""Throughput / memory harness of dctkd_ext (DESIGN §6).
+
+    python bench/run.py            # every suite on the device it finds (CUDA if present, else CPU)
+    python bench/run.py --quick    # a short run (CI)
+
+Times forward, backward and forward+backward of every implementation of every case (bench/suites/*.py)
+with medians, measures the device's copy bandwidth in the same run, and reports per record: median
+time, GB/s on the case's minimal bytes, that as a fraction of the copy bandwidth, peak extra memory,
+and the speed-up of "ours" over every other implementation. Writes JSON (`{"meta": ..., "records": [...]}`),
+CSV and a PNG plot under bench/results/ (or --out), and prints a table.
+"""
+
+import argparse
+import datetime
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+import dctkd_ext  # noqa: E402
+from common import Case  # noqa: E402
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+# ------------------------------------------------------------------------------------------ timing
+class Timer:
+    """Median wall time of a callable. CPU: perf_counter around each call. GPU: CUDA events (or
+    triton.testing.do_bench when available), after warm-up, on rotated input sets larger than L2."""
+
+    def __init__(self, device, min_time, min_reps, max_reps):
+        self.device, self.min_time, self.min_reps, self.max_reps = device, min_time, min_reps, max_reps
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def median_ms(self, fn, setup=None):
+        """fn(state) timed; setup() -> state runs untimed before each call (e.g. a forward for bwd)."""
+        for _ in range(2):  # warm-up (and compilation)
+            fn(setup() if setup else None)
+        self.sync()
+        times, start = [], time.perf_counter()
+        while len(times) < self.max_reps and (len(times) < self.min_reps or time.perf_counter() - start < self.min_time):
+            state = setup() if setup else None
+            if self.device.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn(state)
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                fn(state)
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times), len(times)
+
+
+def copy_bandwidth_gbps(device, timer, nbytes):
+    """Device-to-device copy: reads and writes nbytes each, so 2 * nbytes moved per copy."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms, _ = timer.median_ms(lambda _: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+# --------------------------------------------------------------------------------------- memory
+def peak_extra_mb(device, run):
+    """Peak memory allocated while `run` executes, above what was allocated before it (MiB).
+    CUDA: the caching allocator's peak. CPU: replays the profiler's allocation events."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    # Each event's own (self) allocations happen at its start, its own frees at its end; replay them
+    # in time order. Op granularity: a temporary allocated and freed inside one kernel is not seen.
+    deltas = []
+    for e in prof.events():
+        own = e.self_cpu_memory_usage if e.name != "[memory]" else e.cpu_memory_usage
+        if own:
+            deltas.append((e.time_range.start if own > 0 else e.time_range.end, own))
+    cur = peak = 0
+    for _, d in sorted(deltas, key=lambda x: (x[0], -x[1])):
+        cur += d
+        peak = max(peak, cur)
+    return peak / 2**20
+
+
+# ------------------------------------------------------------------------------------------ runner
+def run_case(case: Case, timer: Timer, device, rotate: int, want_memory: bool):
+    out = []
+    for impl in case.impls:
+        sets = [impl.make() for _ in range(rotate)]
+        it = {"i": 0}
+
+        def nxt():
+            it["i"] = (it["i"] + 1) % len(sets)
+            return sets[it["i"]]
+
+        def fwd_bwd(_):
+            p = nxt()
+            y = p.fwd()
+            torch.autograd.grad(y, p.leaves, torch.ones_like(y))
+
+        def setup_bwd():
+            p = nxt()
+            return p, p.fwd()
+
+        def bwd(state):
+            p, y = state
+            torch.autograd.grad(y, p.leaves, torch.ones_like(y))
+
+        try:
+            t = {
+                "fwd": timer.median_ms(lambda _: nxt().fwd()),
+                "bwd": timer.median_ms(bwd, setup=setup_bwd),
+                "fwd+bwd": timer.median_ms(fwd_bwd),
+            }
+            mem = {}
+            if want_memory:
+                p = sets[0]
+                mem["fwd"] = peak_extra_mb(device, lambda: p.fwd())
+                mem["fwd+bwd"] = peak_extra_mb(device, lambda: fwd_bwd(None))
+                mem["bwd"] = mem["fwd+bwd"]
+            error = None
+        except Exception as exc:  # a baseline that cannot run this case is reported, not fatal
+            t, mem, error = {m: (math.nan, 0) for m in MODES}, {}, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        for mode in MODES:
+            ms, reps = t[mode]
+            out.append(dict(op=case.op, impl=impl.name, mode=mode, shape_name=case.shape_name, batch=case.batch,
+                            dtype=str(case.dtype).replace("torch.", ""), device=device_name(device),
+                            median_ms=ms, reps=reps, min_bytes=case.min_bytes[mode],
+                            peak_mem_mb=mem.get(mode), error=error, **case.extra))
+        del sets
+    return out
+
+
+def finish_records(records, copy_gbps, meta):
+    key = lambda r: (r["op"], r["shape_name"], r["batch"], r["dtype"], r["mode"])  # noqa: E731
+    by_case = {}
+    for r in records:
+        by_case.setdefault(key(r), {})[r["impl"]] = r
+    for r in records:
+        ms = r["median_ms"]
+        ok = ms == ms and ms > 0
+        r["gbps"] = r["min_bytes"] / (ms * 1e-3) / 1e9 if ok else None
+        r["bw_fraction"] = r["gbps"] / copy_gbps if ok else None
+        r["speedup_vs"] = {}
+        if r["impl"] == "ours" and ok:
+            for name, other in by_case[key(r)].items():
+                if name != "ours" and other["median_ms"] == other["median_ms"]:
+                    r["speedup_vs"][name] = other["median_ms"] / ms
+        r.update(torch_version=meta["torch"], triton_version=meta["triton"], date=meta["date"])
+    return records
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def print_table(records, copy_gbps):
+    print(f"\ncopy bandwidth: {copy_gbps:.1f} GB/s")
+    head = f"{'op':<14}{'shape':<18}{'B':>5} {'dtype':<9}{'mode':<8}{'impl':<20}{'ms':>10}{'GB/s':>9}{'bw%':>7}{'MiB':>9}  speed-up of ours"
+    print(head)
+    print("-" * len(head))
+    for r in records:
+        ms = f"{r['median_ms']:.3f}" if r["median_ms"] == r["median_ms"] else "n/a"
+        gb = f"{r['gbps']:.1f}" if r["gbps"] else "-"
+        bw = f"{100 * r['bw_fraction']:.0f}" if r["bw_fraction"] else "-"
+        mem = f"{r['peak_mem_mb']:.1f}" if r.get("peak_mem_mb") is not None else "-"
+        sp = " ".join(f"{k}={v:.2f}x" for k, v in r["speedup_vs"].items())
+        if r.get("error"):
+            sp = r["error"][:60]
+        print(f"{r['op']:<14}{r['shape_name']:<18}{r['batch']:>5} {r['dtype']:<9}{r['mode']:<8}{r['impl']:<20}{ms:>10}{gb:>9}{bw:>7}{mem:>9}  {sp}")
+
+
+def plot(records, path, meta):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if r["mode"] == "fwd+bwd"]
+    cases = list(dict.fromkeys((r["op"], r["shape_name"], r["batch"], r["dtype"]) for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4.2))
+    width = 0.8 / max(1, len(impls))
+    for i, impl in enumerate(impls):
+        ys = []
+        for c in cases:
+            m = [r["median_ms"] for r in rows if (r["op"], r["shape_name"], r["batch"], r["dtype"]) == c and r["impl"] == impl]
+            ys.append(m[0] if m and m[0] == m[0] else 0)
+        ax.bar([x + i * width for x in range(len(cases))], ys, width, label=impl)
+    ax.set_xticks([x + width * (len(impls) - 1) / 2 for x in range(len(cases))])
+    ax.set_xticklabels([f"{o}\n{s}\nB={b} {d}" for o, s, b, d in cases], fontsize=7)
+    ax.set_ylabel("median ms, forward+backward (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title(f"dctkd_ext on {meta['device']} ({meta['date'][:10]})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_csv(records, path):
+    import csv
+
+    cols = ["op", "impl", "mode", "shape_name", "batch", "dtype", "device", "median_ms", "gbps", "bw_fraction",
+            "peak_mem_mb", "min_bytes", "reps", "error"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols + ["speedup_vs"])
+        for r in records:
+            w.writerow([r.get(c) for c in cols] + [json.dumps(r["speedup_vs"])])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a short run: few cases, short timing loops")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--suites", default=None, help="comma-separated suites (default: all in bench/suites/)")
+    ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    ap.add_argument("--dtypes", type=lambda s: s.split(","), default=None, help="e.g. float32,bfloat16")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/<device>.json); CSV/PNG beside it")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpu = device.type == "cuda"
+    timer = Timer(device, min_time=(0.2 if args.quick else 1.0), min_reps=(3 if args.quick else 10),
+                  max_reps=(20 if args.quick else 200))
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    meta = dict(device=device_name(device), torch=torch.__version__, triton=triton_version,
+                dctkd_ext=dctkd_ext.__version__, backend=dctkd_ext.get_backend(), threads=torch.get_num_threads(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                quick=args.quick, python=platform.python_version())
+    print(f"dctkd_ext bench on {meta['device']}; torch {meta['torch']}, triton {meta['triton']}", flush=True)
+    copy_gbps = copy_bandwidth_gbps(device, timer, (1 << 30) if gpu else (256 << 20))
+    meta["copy_gbps"] = copy_gbps
+    print(f"device copy bandwidth: {copy_gbps:.1f} GB/s", flush=True)
+
+    names = args.suites.split(",") if args.suites else sorted(
+        f[:-3] for f in os.listdir(os.path.join(HERE, "suites")) if f.endswith(".py") and not f.startswith("_"))
+    cases = []
+    for name in names:
+        mod = importlib.import_module(f"suites.{name}")
+        cases += mod.cases(args, device)
+    records = []
+    for i, case in enumerate(cases, 1):
+        total = max(case.min_bytes.values())
+        # GPU: enough input sets that consecutive calls do not hit in L2 (~50 MB on H100/H200)
+        rotate = min(8, max(1, math.ceil(200e6 / max(total, 1)))) if gpu else 1
+        print(f"[{i}/{len(cases)}] {case.op} {case.shape_name} B={case.batch} {str(case.dtype)[6:]} "
+              f"({', '.join(im.name for im in case.impls)})", flush=True)
+        t0 = time.perf_counter()
+        records += run_case(case, timer, device, rotate, want_memory=not args.no_memory)
+        print(f"    done in {time.perf_counter() - t0:.1f} s", flush=True)
+    finish_records(records, copy_gbps, meta)
+    print_table(records, copy_gbps)
+
+    out = args.out or os.path.join(HERE, "results", (
+        ("quick-" if args.quick else "") + ("cuda-" + torch.cuda.get_device_name(device) if gpu else "cpu")
+    ).replace(" ", "_").lower() + ".json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1)
+    os.replace(out + ".tmp", out)
+    stem = out[:-5] if out.endswith(".json") else out
+    write_csv(records, stem + ".csv")
+    try:
+        plot(records, stem + ".png", meta)
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    print(f"\nwrote {out}, {stem}.csv, {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
