@@ -1,8 +1,9 @@
 // The op schemas of dctkd_ext, defined once here; kernels register under CPU (csrc/cpu/) and
-// CUDA (csrc/cuda/), fake kernels and autograd from Python (dctkd_ext/ops.py).
-#include <Python.h>
+// CUDA (csrc/cuda/), fake kernels and autograd from Python (dctkd_ext/ops/).
 #include <torch/library.h>
 
+#ifndef DCTKD_NO_PYTHON  // the CMake (libtorch) build has no Python module
+#include <Python.h>
 extern "C" {
 // `import dctkd_ext._C` loads this library, which runs the TORCH_LIBRARY registrations below.
 // The module itself is empty: every op is reached through torch.ops.dctkd_ext.
@@ -11,6 +12,7 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 TORCH_LIBRARY(dctkd_ext, m) {
   // (B, C, H, W) -> (B, H, W): mean (or sum) over channels of |x|^p, accumulated in fp32 (fp64 for fp64).
