@@ -5,7 +5,12 @@ import os
 import pytest
 import torch
 
-import dctkd_ext  # noqa: F401  (loads the ops)
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (DESIGN §5). Triton
+# reads this when a kernel is defined, so it is set before dctkd_ext.triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dctkd_ext  # noqa: E402,F401  (loads the ops)
 
 # Devices that the compiled kernels run on here: the CPU always, CUDA where a GPU exists.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
