@@ -16,6 +16,7 @@ if "$PY" -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
   args+=(-DCUDAToolkit_ROOT="$cuda" -DCMAKE_CUDA_COMPILER="$cuda/bin/nvcc")
   [ -n "$nvrtc" ] && args+=(-DCUDA_nvrtc_LIBRARY="$nvrtc")
 fi
+mkdir -p "$BUILD"
 cmake -S . -B "$BUILD" "${args[@]}" ${CMAKE_ARGS:-} > "$BUILD.configure.log" 2>&1 || { cat "$BUILD.configure.log"; exit 1; }
 cmake --build "$BUILD" -j"$(nproc)"
 ctest --test-dir "$BUILD" --output-on-failure -V | grep -E "PASS|FAIL|failed|tests passed"
