@@ -87,7 +87,7 @@ def peak_extra_mb(device, run):
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     # Each event's own (self) allocations happen at its start, its own frees at its end; replay them
     # in time order. Op granularity: a temporary allocated and freed inside one kernel is not seen.
@@ -101,6 +101,22 @@ def peak_extra_mb(device, run):
         cur += d
         peak = max(peak, cur)
     return peak / 2**20
+
+
+class _native_stderr_silenced:
+    """The profiler's native library prints trace-stage lines on fd 2 at every start and stop."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        return False
 
 
 # ------------------------------------------------------------------------------------------ runner
