@@ -28,21 +28,23 @@ def is_fake(t: torch.Tensor) -> bool:
     return t.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(t)
 
 
-def launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch a @triton.jit kernel on the current stream.
+def wrap_triton(kernel):
+    """torch.library.wrap_triton(kernel): lets torch.compile / make_fx record the launches in the
+    graph (in eager mode a triton_op bypasses the wrapper at no cost). The interpreter's kernels
+    cannot be traced, so there the kernel itself (see launch). Launchers call it on their kernel by
+    name, so that torch can find the kernels of an op (for its compile caches)."""
+    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
 
-    Compiled Triton: through torch.library.wrap_triton, so that torch.compile / make_fx record the
-    kernel in the graph (inside a triton_op, eager calls bypass the wrapper at no cost).
-    Interpreter: wrap_triton cannot trace interpreted kernels, so the ops are opaque custom ops whose
-    fake kernel is the same Python body; there the launch is skipped when the tensors are fake."""
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) on the current stream, for kernel = wrap_triton(jit_function).
+    In the interpreter the ops are opaque custom ops whose fake kernel is the same Python body, so
+    there the launch is skipped when the tensors are fake (only their metadata exists)."""
     if grid[0] == 0:
         return
-    if INTERPRET:
-        if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
-            return
-        kernel[grid](*args, **kwargs)
-    else:
-        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    if INTERPRET and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+        return
+    kernel[grid](*args, **kwargs)
 
 
 def define_op(name: str, fn: Callable):

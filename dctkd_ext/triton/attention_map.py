@@ -32,6 +32,7 @@ from ._common import (
     pow_code,
     reciprocal,
     slot_args,
+    wrap_triton,
 )
 
 # Tile shapes (not tuned on a GPU: none was available when they were chosen). 2048 elements per
@@ -129,7 +130,7 @@ def reduce_into(out: torch.Tensor, items: Sequence, p: float, mean: bool = True)
                 end += b * triton.cdiv(h * w, block_hw)
                 slots.append((x, c, h * w, end, off))
             args = slot_args(slots, pad=(part[0][0], 1, 1, end, 0))
-            launch(reduce_kernel, (end,), out, *args, float(p), NS=len(part), POW=pow_code(p),
+            launch(wrap_triton(reduce_kernel), (end,), out, *args, float(p), NS=len(part), POW=pow_code(p),
                    MEAN=mean, CL=cl, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
 
 
@@ -237,7 +238,7 @@ def backward_into(items: Sequence, p: float, mean: bool = True, grad_loss=None) 
             args = slot_args(slots, pad=(x0, dx0, g0, 1, 1, end))
             gl = grad_loss if grad_loss is not None else g0
             gl_stride = grad_loss.stride(0) if grad_loss is not None else 0
-            launch(backward_kernel, (end,), gl, gl_stride, *args, float(p), NS=len(part), POW=pow_code(p),
+            launch(wrap_triton(backward_kernel), (end,), gl, gl_stride, *args, float(p), NS=len(part), POW=pow_code(p),
                    MEAN=mean, CL=cl, HAS_GL=grad_loss is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
                    num_warps=NUM_WARPS)
 

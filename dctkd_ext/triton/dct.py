@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, basis, define_op, launch, next_pow2
+from ._common import acc_dtype, basis, define_op, launch, next_pow2, wrap_triton
 
 # Tiling, chosen from the register counts of sm_90 builds (triton 3.8, no GPU to time them):
 MAX_TILE = 32  # output tile side
@@ -249,7 +249,7 @@ def dct2d_apply(a: torch.Tensor, inverse: bool) -> torch.Tensor:
     acc = acc_dtype(a)
     th, tw, regs = plan(h, w)
     scratch = y if regs else torch.empty(a.shape, dtype=acc, device=a.device)  # not read with REGS
-    launch(dct2d_kernel, (a.numel() // (h * w),), a, y, scratch, basis("dct", h, acc, a), basis("dct", w, acc, a),
+    launch(wrap_triton(dct2d_kernel), (a.numel() // (h * w),), a, y, scratch, basis("dct", h, acc, a), basis("dct", w, acc, a),
            h, w, BACKWARD=inverse, REGS=regs, TH=th, TW=tw, KB=K_CHUNK, num_warps=warps_for(th, tw),
            num_stages=NUM_STAGES)
     return y

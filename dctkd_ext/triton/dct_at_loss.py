@@ -5,11 +5,18 @@ Forward, three launches for up to MAX_SLOTS levels (more levels: more launches o
       (the only pass over the features: all the bytes are here);
   (b) phi_kernel: one program per (level, sample) for all levels: phi of both maps (normalise,
       centre, transform, abs, normalise), the distance, and by hand-written reverse mode
-      dL_b/dA_S (the gradient w.r.t. the student's map, saved for backward), exactly as
-      csrc/cpu/dct_at_loss.cpp does (first index wins min/max ties; l2 distance 0 -> gradient 0);
+      dL_b/dA_S (the gradient w.r.t. the student's map, saved for backward), as
+      csrc/cpu/dct_at_loss.cpp does: first index wins min/max ties, l2 distance 0 -> gradient 0;
   (c) the per-sample loss sum_l w_l dist_l (a sum over the small (L, B) table).
 Backward, one launch: attention_map.backward_kernel, dS = g[b] * dL/dA[b,h,w] * (p/C) |S|^(p-1) sign(S)
 for every level.
+
+Two exact identities keep fp32 close to the float64 reference when the map is centred (and the
+transform is dct or fft_real): the DC coefficient of a zero-mean map is 0, so it is stored as 0
+rather than as rounding noise (which could even win the coefficients' min); and the gradient that
+reaches the DC coefficient maps back to a constant, which the centring's backward removes, so it is
+dropped before the transposed transform rather than subtracted in fp32 afterwards (which cost ~1e-5
+of relative error at 56 x 56; the results are otherwise the same).
 """
 
 from typing import List, Tuple
@@ -18,8 +25,19 @@ import torch
 import triton
 import triton.language as tl
 
-from . import attention_map as _am
-from ._common import MAX_SLOTS, acc_dtype, basis, chunks, define_op, kernel_layout, launch, slot_args, sqrt_ieee
+from ._common import (
+    MAX_SLOTS,
+    acc_dtype,
+    basis,
+    chunks,
+    define_op,
+    kernel_layout,
+    launch,
+    slot_args,
+    sqrt_ieee,
+    wrap_triton,
+)
+from .attention_map import backward_into, reduce_into
 from .dct import (
     K_CHUNK,
     NUM_STAGES,
@@ -253,8 +271,10 @@ def phi_kernel(maps_ptr, scr_ptr, dist_ptr, dist_off, B, eps,
     Level l: maps at maps_ptr + M_l (the B student maps, then the B teacher maps, H_l x W_l each),
     bases bh_l / bw_l, weight w_l, scratch at scr_ptr + S_l (NB maps per sample), output gmap g_l
     (B, H_l, W_l) and dist_ptr[dist_off + l * B + b] = w_l dist_l. Tiles (TH_l, TW_l); O_l: the map is held in registers (dct.plan).
-    Bytes: reads 2 H W (maps) and writes H W (gradient) per program, plus scratch traffic in L2
-    (<= ~12 H W). Flops: 3 transforms of 2 H W (H + W) (x2 for fft_real) per program."""
+    Per program: reads the 2 maps (2 H W fp32) and writes the gradient map (H W); its passes re-read
+    the maps and move ~20 H W of scratch (L1/L2-resident), plus the transform's intermediates
+    (t1, t2) for maps larger than 16 x 16. Flops: 3 transforms of 2 H W (H + W) each (twice that for fft_real), on the
+    tile-padded sizes; the rest is O(H W). Latency-bound: the feature reduction (a) dominates."""
     pid = tl.program_id(0)
     lvl = pid // B
     b = pid - lvl * B
@@ -352,7 +372,7 @@ def _dct_at_loss(student: List[torch.Tensor], teacher: List[torch.Tensor], weigh
     for l, (s, t) in enumerate(zip(student, teacher)):
         items.append((kernel_layout(s)[0], map_off[l]))
         items.append((kernel_layout(t)[0], map_off[l] + bsz * sizes[l][0] * sizes[l][1]))
-    _am.reduce_into(maps, items, p, mean=True)
+    reduce_into(maps, items, p, mean=True)
 
     # (b) phi, distances and dL/dA_S: one program per (level, sample), all levels in one launch.
     # Levels with empty maps contribute 0 (as the CPU kernel): the kernel sees the others only,
@@ -375,7 +395,7 @@ def _dct_at_loss(student: List[torch.Tensor], teacher: List[torch.Tensor], weigh
         for i in range(len(part), MAX_SLOTS):
             consts.update({f"O{i}": True, f"TH{i}": 16, f"TW{i}": 16})
         warps = 4 if all(plans[l][0] * plans[l][1] <= PHI_REG_TILE for l in part) else 8
-        launch(phi_kernel, (len(part) * bsz,), maps, scratch, dist, k * MAX_SLOTS * bsz, bsz, float(eps),
+        launch(wrap_triton(phi_kernel), (len(part) * bsz,), maps, scratch, dist, k * MAX_SLOTS * bsz, bsz, float(eps),
                *slot_args(slots, pad=slots[0]), NS=len(part), MAP_NORM=n1, CENTER=bool(center), TRANSFORM=tr,
                COEF_ABS=bool(coef_abs), COEF_NORM=n2, DISTANCE=dist_code, NB=nb, KB=K_CHUNK, num_warps=warps,
                num_stages=NUM_STAGES, **consts)
@@ -401,7 +421,7 @@ def _dct_at_loss_backward(grad_loss: torch.Tensor, grad_maps: List[torch.Tensor]
         dx = torch.empty_like(x)
         items.append((x, dx, g.to(acc_dtype(x, g)).contiguous()))
         grads.append(dx)
-    _am.backward_into(items, p, mean=True, grad_loss=grad_loss)
+    backward_into(items, p, mean=True, grad_loss=grad_loss)
     return grads
 
 
