@@ -353,6 +353,21 @@ def test_imports_without_triton():
     assert "True" in r.stdout and "ImportError:" in r.stdout and "pip install triton" in r.stdout
 
 
+def test_compiles_for_sm90():
+    """The kernels compile for sm_90 (H100/H200) with the installed triton, GPU or not: the
+    interpreter does not check types, constexpr use or resources (dctkd_ext/triton/_compile_check.py)."""
+    import triton.backends.nvidia as nv
+
+    if not os.path.exists(os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")):
+        pytest.skip("triton's bundled ptxas is missing")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    r = subprocess.run([sys.executable, "-m", "dctkd_ext.triton._compile_check", "--arch", "90"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "kernel variants compiled" in r.stdout
+
+
 # --------------------------------------------------------------------------------------- GPU only
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_capture(gen):

@@ -122,11 +122,11 @@ def reduce_into(out: torch.Tensor, items: Sequence, p: float, mean: bool = True)
         if not group:
             continue
         block_c, block_hw = _tile(cl)
-        group.sort(key=lambda it: -it[0].shape[1] * min(it[0].shape[2] * it[0].shape[3], block_hw))
+        group.sort(key=lambda it: -int(it[0].shape[1]) * min(int(it[0].shape[2] * it[0].shape[3]), block_hw))
         for part in chunks(group):
             slots, end = [], 0
             for x, off in part:
-                b, c, h, w = x.shape
+                b, c, h, w = (int(n) for n in x.shape)  # concrete sizes (specialised when traced)
                 end += b * triton.cdiv(h * w, block_hw)
                 slots.append((x, c, h * w, end, off))
             args = slot_args(slots, pad=(part[0][0], 1, 1, end, 0))
@@ -231,7 +231,7 @@ def backward_into(items: Sequence, p: float, mean: bool = True, grad_loss=None) 
         for part in chunks(group):
             slots, end = [], 0
             for x, dx, g in part:
-                b, c, h, w = x.shape
+                b, c, h, w = (int(n) for n in x.shape)
                 end += b * triton.cdiv(c, block_c) * triton.cdiv(h * w, block_hw)
                 slots.append((x, dx, g, c, h * w, end))
             x0, dx0, g0 = part[0]

@@ -243,13 +243,13 @@ def dct2d_apply(a: torch.Tensor, inverse: bool) -> torch.Tensor:
         raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {a.dtype}")
     a = a.contiguous()
     y = torch.empty_like(a)
-    h, w = a.shape[-2], a.shape[-1]
+    h, w = int(a.shape[-2]), int(a.shape[-1])
     if a.numel() == 0:
         return y
     acc = acc_dtype(a)
     th, tw, regs = plan(h, w)
     scratch = y if regs else torch.empty(a.shape, dtype=acc, device=a.device)  # not read with REGS
-    launch(wrap_triton(dct2d_kernel), (a.numel() // (h * w),), a, y, scratch, basis("dct", h, acc, a), basis("dct", w, acc, a),
+    launch(wrap_triton(dct2d_kernel), (int(a.numel()) // (h * w),), a, y, scratch, basis("dct", h, acc, a), basis("dct", w, acc, a),
            h, w, BACKWARD=inverse, REGS=regs, TH=th, TW=tw, KB=K_CHUNK, num_warps=warps_for(th, tw),
            num_stages=NUM_STAGES)
     return y

@@ -354,8 +354,8 @@ def _dct_at_loss(student: List[torch.Tensor], teacher: List[torch.Tensor], weigh
     tr, dist_code = _option(TRANSFORMS, transform, "transform"), _option(DISTANCES, distance, "distance")
     acc = acc_dtype(*student, *teacher)
     dev = student[0].device
-    bsz = student[0].shape[0]
-    sizes = [(s.shape[2], s.shape[3]) for s in student]
+    bsz = int(student[0].shape[0])  # concrete sizes (specialised when traced)
+    sizes = [(int(s.shape[2]), int(s.shape[3])) for s in student]
     plans = [plan(h, w, PHI_REG_TILE) for h, w in sizes]  # (TH, TW, in registers?)
     nb = NBUF[0] if all(regs for _, _, regs in plans) else NBUF[tr]  # the transform's scratch if needed
 
