@@ -201,7 +201,8 @@ def test_loss_56x56(gen, preset):
 
 
 def test_loss_large_non_square(gen):
-    s, t = level_feats(gen, [(2, 2, 40, 70)], batch=1, channels_last=True)
+    # 40 x 70: 2 x 3 tiles of 32; 24 x 20: one tile, too large to be held in registers
+    s, t = level_feats(gen, [(2, 2, 40, 70), (3, 2, 24, 20)], batch=1, channels_last=True)
     check_loss(gen, s, t, preset="dct", transform="fft_real")
 
 
@@ -269,7 +270,8 @@ def test_loss_empty_level(gen, tops):
 def test_opcheck(gen, tops):
     x = features(2, 3, 5, 9, device=DEVICE, generator=gen, requires_grad=True)
     torch.library.opcheck(tops.attention_map.default, (x, 2.0, "mean"))
-    torch.library.opcheck(tops.attention_map_backward.default, (torch.randn(2, 5, 9, device=DEVICE), x.detach(), 1.5, "sum"))
+    grad = torch.randn(2, 5, 9, device=DEVICE)
+    torch.library.opcheck(tops.attention_map_backward.default, (grad, x.detach(), 1.5, "sum"))
     a = torch.randn(3, 5, 9, device=DEVICE, requires_grad=True)
     torch.library.opcheck(tops.dct2d.default, (a,))
     torch.library.opcheck(tops.idct2d.default, (a,))

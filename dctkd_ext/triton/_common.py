@@ -66,12 +66,15 @@ def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def kernel_layout(x: torch.Tensor):
-    """(tensor the kernels read, channels_last?) for a (B, C, H, W) tensor: NCHW-contiguous and
-    channels_last are read in place, anything else is copied to NCHW (as the C++ kernels do)."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return x, True
-    return x.contiguous(), False
+def is_channels_last(x: torch.Tensor) -> bool:
+    """A (B, C, H, W) tensor the kernels read as NHWC (channels_last and not also NCHW-contiguous)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """The tensor the kernels read for a (B, C, H, W) tensor: NCHW-contiguous and channels_last are
+    read in place, anything else is copied to NCHW (as the C++ kernels do)."""
+    return x if is_channels_last(x) else x.contiguous()
 
 
 # ----------------------------------------------------------------------------------------- bases

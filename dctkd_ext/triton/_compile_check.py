@@ -66,8 +66,8 @@ class Compiler:
         from triton.compiler import ASTSource
 
         signature, constexprs, attrs = _specialise(kernel, args, kwargs)
-        key = (kernel.__name__, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())),
-               tuple(sorted(attrs)), num_warps, num_stages)
+        key = (kernel.__name__, tuple(sorted(signature.items())),
+               tuple(sorted((k, str(v)) for k, v in constexprs.items())), tuple(sorted(attrs)), num_warps, num_stages)
         if key in self.seen:
             return
         t0 = time.time()

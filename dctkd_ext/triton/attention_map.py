@@ -14,18 +14,18 @@ each thread moves contiguous 16-byte vectors when the sizes allow it (the compil
 the pointer contiguity and the divisibility of C / HW by 16, which Triton specialises on).
 """
 
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    MAX_SLOTS,
     abs_pow,
     abs_pow_grad,
     chunks,
     define_op,
+    is_channels_last,
     kernel_layout,
     acc_dtype,
     launch,
@@ -118,7 +118,7 @@ def reduce_into(out: torch.Tensor, items: Sequence, p: float, mean: bool = True)
     launches (MAX_SLOTS each); programs with the most bytes per item come first, so that the long
     items start early and the short ones fill the tail."""
     for cl in (False, True):
-        group = [(x, off) for x, off in items if _is_cl(x) == cl and x.numel() > 0]
+        group = [(x, off) for x, off in items if is_channels_last(x) == cl and x.numel() > 0]
         if not group:
             continue
         block_c, block_hw = _tile(cl)
@@ -132,10 +132,6 @@ def reduce_into(out: torch.Tensor, items: Sequence, p: float, mean: bool = True)
             args = slot_args(slots, pad=(part[0][0], 1, 1, end, 0))
             launch(wrap_triton(reduce_kernel), (end,), out, *args, float(p), NS=len(part), POW=pow_code(p),
                    MEAN=mean, CL=cl, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
-
-
-def _is_cl(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 # -------------------------------------------------------------------------------------- backward
@@ -224,7 +220,7 @@ def backward_into(items: Sequence, p: float, mean: bool = True, grad_loss=None) 
     contiguous (B, H, W) map gradient in the accumulation dtype. grad_loss: optional (B,) tensor that
     multiplies sample b's gradient (any stride)."""
     for cl in (False, True):
-        group = [it for it in items if _is_cl(it[0]) == cl and it[0].numel() > 0]
+        group = [it for it in items if is_channels_last(it[0]) == cl and it[0].numel() > 0]
         if not group:
             continue
         block_c, block_hw = _tile(cl)
@@ -238,9 +234,9 @@ def backward_into(items: Sequence, p: float, mean: bool = True, grad_loss=None) 
             args = slot_args(slots, pad=(x0, dx0, g0, 1, 1, end))
             gl = grad_loss if grad_loss is not None else g0
             gl_stride = grad_loss.stride(0) if grad_loss is not None else 0
-            launch(wrap_triton(backward_kernel), (end,), gl, gl_stride, *args, float(p), NS=len(part), POW=pow_code(p),
-                   MEAN=mean, CL=cl, HAS_GL=grad_loss is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
-                   num_warps=NUM_WARPS)
+            launch(wrap_triton(backward_kernel), (end,), gl, gl_stride, *args, float(p), NS=len(part),
+                   POW=pow_code(p), MEAN=mean, CL=cl, HAS_GL=grad_loss is not None, BLOCK_C=block_c,
+                   BLOCK_HW=block_hw, num_warps=NUM_WARPS)
 
 
 # ------------------------------------------------------------------------------------------- ops
@@ -262,7 +258,7 @@ def _check_features(x: torch.Tensor, name: str = "x") -> None:
 def _attention_map(x: torch.Tensor, p: float, reduce: str) -> torch.Tensor:
     mean = _check_p_reduce(p, reduce)
     _check_features(x)
-    x, _ = kernel_layout(x)
+    x = kernel_layout(x)
     b, _, h, w = x.shape
     out = torch.empty((b, h, w), dtype=acc_dtype(x), device=x.device)
     reduce_into(out, [(x, 0)], p, mean)
@@ -275,7 +271,7 @@ def _attention_map_backward(grad: torch.Tensor, x: torch.Tensor, p: float, reduc
     b, _, h, w = x.shape
     if tuple(grad.shape) != (b, h, w):
         raise ValueError(f"grad: expected shape {(b, h, w)} to match x, got {tuple(grad.shape)}")
-    x, _ = kernel_layout(x)
+    x = kernel_layout(x)
     g = grad.to(acc_dtype(x)).contiguous()
     dx = torch.empty_like(x)
     backward_into([(x, dx, g)], p, mean)
@@ -287,4 +283,4 @@ attention_map = define_op("attention_map", _attention_map)
 attention_map_backward = define_op("attention_map_backward", _attention_map_backward)
 
 __all__ = ["reduce_into", "backward_into", "reduce_kernel", "backward_kernel", "attention_map",
-           "attention_map_backward", "MAX_SLOTS"]
+           "attention_map_backward"]

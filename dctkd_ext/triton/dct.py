@@ -249,9 +249,9 @@ def dct2d_apply(a: torch.Tensor, inverse: bool) -> torch.Tensor:
     acc = acc_dtype(a)
     th, tw, regs = plan(h, w)
     scratch = y if regs else torch.empty(a.shape, dtype=acc, device=a.device)  # not read with REGS
-    launch(wrap_triton(dct2d_kernel), (int(a.numel()) // (h * w),), a, y, scratch, basis("dct", h, acc, a), basis("dct", w, acc, a),
-           h, w, BACKWARD=inverse, REGS=regs, TH=th, TW=tw, KB=K_CHUNK, num_warps=warps_for(th, tw),
-           num_stages=NUM_STAGES)
+    launch(wrap_triton(dct2d_kernel), (int(a.numel()) // (h * w),), a, y, scratch, basis("dct", h, acc, a),
+           basis("dct", w, acc, a), h, w, BACKWARD=inverse, REGS=regs, TH=th, TW=tw, KB=K_CHUNK,
+           num_warps=warps_for(th, tw), num_stages=NUM_STAGES)
     return y
 
 

@@ -261,7 +261,8 @@ def phi_kernel(maps_ptr, scr_ptr, dist_ptr, dist_off, B, eps,
                g6, bh6, bw6, H6, W6, w6, M6, S6, g7, bh7, bw7, H7, W7, w7, M7, S7,
                NS: tl.constexpr, MAP_NORM: tl.constexpr, CENTER: tl.constexpr, TRANSFORM: tl.constexpr,
                COEF_ABS: tl.constexpr, COEF_NORM: tl.constexpr, DISTANCE: tl.constexpr, NB: tl.constexpr,
-               KB: tl.constexpr, O0: tl.constexpr, TH0: tl.constexpr, TW0: tl.constexpr, O1: tl.constexpr, TH1: tl.constexpr,
+               KB: tl.constexpr,
+               O0: tl.constexpr, TH0: tl.constexpr, TW0: tl.constexpr, O1: tl.constexpr, TH1: tl.constexpr,
                TW1: tl.constexpr, O2: tl.constexpr, TH2: tl.constexpr, TW2: tl.constexpr, O3: tl.constexpr,
                TH3: tl.constexpr, TW3: tl.constexpr, O4: tl.constexpr, TH4: tl.constexpr, TW4: tl.constexpr,
                O5: tl.constexpr, TH5: tl.constexpr, TW5: tl.constexpr, O6: tl.constexpr, TH6: tl.constexpr,
@@ -270,7 +271,8 @@ def phi_kernel(maps_ptr, scr_ptr, dist_ptr, dist_off, B, eps,
 
     Level l: maps at maps_ptr + M_l (the B student maps, then the B teacher maps, H_l x W_l each),
     bases bh_l / bw_l, weight w_l, scratch at scr_ptr + S_l (NB maps per sample), output gmap g_l
-    (B, H_l, W_l) and dist_ptr[dist_off + l * B + b] = w_l dist_l. Tiles (TH_l, TW_l); O_l: the map is held in registers (dct.plan).
+    (B, H_l, W_l) and dist_ptr[dist_off + l * B + b] = w_l dist_l. Tiles (TH_l, TW_l); O_l: the map
+    is held in registers (dct.plan); KB: K per tl.dot otherwise.
     Per program: reads the 2 maps (2 H W fp32) and writes the gradient map (H W); its passes re-read
     the maps and move ~20 H W of scratch (L1/L2-resident), plus the transform's intermediates
     (t1, t2) for maps larger than 16 x 16. Flops: 3 transforms of 2 H W (H + W) each (twice that for fft_real), on the
@@ -370,8 +372,8 @@ def _dct_at_loss(student: List[torch.Tensor], teacher: List[torch.Tensor], weigh
     maps = torch.empty(total_maps, dtype=acc, device=dev)
     items = []
     for l, (s, t) in enumerate(zip(student, teacher)):
-        items.append((kernel_layout(s)[0], map_off[l]))
-        items.append((kernel_layout(t)[0], map_off[l] + bsz * sizes[l][0] * sizes[l][1]))
+        items.append((kernel_layout(s), map_off[l]))
+        items.append((kernel_layout(t), map_off[l] + bsz * sizes[l][0] * sizes[l][1]))
     reduce_into(maps, items, p, mean=True)
 
     # (b) phi, distances and dL/dA_S: one program per (level, sample), all levels in one launch.
@@ -417,7 +419,7 @@ def _dct_at_loss_backward(grad_loss: torch.Tensor, grad_maps: List[torch.Tensor]
             raise ValueError(f"grad_loss: expected {b} values, got {grad_loss.shape[0]}")
         if tuple(g.shape) != (b, h, w):
             raise ValueError(f"grad_maps[{l}]: expected shape {(b, h, w)}, got {tuple(g.shape)}")
-        x, _ = kernel_layout(s)
+        x = kernel_layout(s)
         dx = torch.empty_like(x)
         items.append((x, dx, g.to(acc_dtype(x, g)).contiguous()))
         grads.append(dx)
