@@ -55,57 +55,70 @@ def _(grad_loss, grad_maps, student, p):
 
 
 # ------------------------------------------------------------------------------------------ autograd
-def _attention_map_setup(ctx, inputs, output):
-    x, p, reduce = inputs
-    ctx.save_for_backward(x)
-    ctx.p, ctx.reduce = p, reduce
+def register_autograd(ns: str) -> None:
+    """Register the backward formulas of the op family on the ops of namespace `ns` (torch.ops.<ns>):
+    the C++ ops ("dctkd_ext") and the Triton ops ("dctkd_ext_triton", same schemas) share them."""
+    ops = getattr(torch.ops, ns)
+
+    def attention_map_setup(ctx, inputs, output):
+        x, p, reduce = inputs
+        ctx.save_for_backward(x)
+        ctx.p, ctx.reduce = p, reduce
+
+    def attention_map_backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return ops.attention_map_backward(grad, x, ctx.p, ctx.reduce), None, None
+
+    torch.library.register_autograd(
+        f"{ns}::attention_map", attention_map_backward, setup_context=attention_map_setup
+    )
+
+    # The orthonormal DCT and its inverse are each other's transpose, hence each other's backward.
+    torch.library.register_autograd(
+        f"{ns}::dct2d", lambda ctx, g: ops.idct2d(g), setup_context=lambda ctx, inputs, output: None
+    )
+    torch.library.register_autograd(
+        f"{ns}::idct2d", lambda ctx, g: ops.dct2d(g), setup_context=lambda ctx, inputs, output: None
+    )
+
+    def loss_setup(ctx, inputs, output):
+        student, _teacher, _weights, p = inputs[:4]
+        _loss, grad_maps = output
+        ctx.save_for_backward(*grad_maps, *student)
+        ctx.levels, ctx.p = len(student), p
+
+    def loss_backward(ctx, grad_loss, _grad_of_grad_maps):
+        saved = ctx.saved_tensors
+        grad_maps, student = list(saved[: ctx.levels]), list(saved[ctx.levels :])
+        d_student = ops.dct_at_loss_backward(grad_loss, grad_maps, student, ctx.p)
+        # student, teacher (a constant), then the non-tensor options
+        return (d_student, [None] * ctx.levels) + (None,) * 9
+
+    torch.library.register_autograd(f"{ns}::dct_at_loss", loss_backward, setup_context=loss_setup)
 
 
-def _attention_map_backward(ctx, grad):
-    (x,) = ctx.saved_tensors
-    return _ops.attention_map_backward(grad, x, ctx.p, ctx.reduce), None, None
-
-
-torch.library.register_autograd(
-    "dctkd_ext::attention_map", _attention_map_backward, setup_context=_attention_map_setup
-)
-
-# The orthonormal DCT and its inverse are each other's transpose, hence each other's backward.
-torch.library.register_autograd(
-    "dctkd_ext::dct2d", lambda ctx, g: _ops.idct2d(g), setup_context=lambda ctx, inputs, output: None
-)
-torch.library.register_autograd(
-    "dctkd_ext::idct2d", lambda ctx, g: _ops.dct2d(g), setup_context=lambda ctx, inputs, output: None
-)
-
-
-def _loss_setup(ctx, inputs, output):
-    student, _teacher, _weights, p = inputs[:4]
-    _loss, grad_maps = output
-    ctx.save_for_backward(*grad_maps, *student)
-    ctx.levels, ctx.p = len(student), p
-
-
-def _loss_backward(ctx, grad_loss, _grad_of_grad_maps):
-    saved = ctx.saved_tensors
-    grad_maps, student = list(saved[: ctx.levels]), list(saved[ctx.levels :])
-    d_student = _ops.dct_at_loss_backward(grad_loss, grad_maps, student, ctx.p)
-    # student, teacher (a constant), then the non-tensor options
-    return (d_student, [None] * ctx.levels) + (None,) * 9
-
-
-torch.library.register_autograd("dctkd_ext::dct_at_loss", _loss_backward, setup_context=_loss_setup)
+register_autograd("dctkd_ext")
 
 
 # -------------------------------------------------------------------------------------- backends
 def _compiled_backend(device: torch.device) -> str:
-    name = _backend.resolve(device.type, _FAMILY, available=("cpu", "cuda", "reference"))
+    name = _backend.resolve(device.type, _FAMILY, available=("cpu", "cuda", "triton", "reference"))
     if name == "cuda" and not BUILD_INFO["with_cuda"]:
         raise RuntimeError(
             "dctkd_ext was built without CUDA kernels; rebuild on a machine with a CUDA toolkit "
             "(CUDA_HOME set) or with FORCE_CUDA=1, or select DCTKD_BACKEND=reference"
         )
     return name
+
+
+def _kernels(backend: str):
+    """The ops that run `backend`: torch.ops.dctkd_ext (C++: cpu, cuda) or torch.ops.dctkd_ext_triton
+    (same schemas; triton is imported on first use, so dctkd_ext imports without it)."""
+    if backend == "triton":
+        from .. import triton as triton_backend
+
+        return triton_backend.load()
+    return _ops
 
 
 # --------------------------------------------------------------------------------------- public API
@@ -119,9 +132,10 @@ def attention_map(x: torch.Tensor, p: float = 2.0, reduce: str = "mean") -> torc
         raise ValueError(f"p: expected a positive number, got {p!r}")
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce: expected 'mean' or 'sum', got {reduce!r}")
-    if _compiled_backend(x.device) == "reference":
+    backend = _compiled_backend(x.device)
+    if backend == "reference":
         return reference.attention_map(x, float(p), reduce)
-    return _ops.attention_map(x, float(p), reduce)
+    return _kernels(backend).attention_map(x, float(p), reduce)
 
 
 def _check_map(a: torch.Tensor, name: str) -> None:
@@ -134,17 +148,19 @@ def dct2d(a: torch.Tensor) -> torch.Tensor:
     """Orthonormal 2D DCT-II over the last two dims (scipy.fft.dctn(a, type=2, norm="ortho", axes=(-2, -1))).
     Any H, W >= 1; any leading dims; returns a's dtype, computed in fp32 (fp64 for fp64)."""
     _check_map(a, "a")
-    if _compiled_backend(a.device) == "reference":
+    backend = _compiled_backend(a.device)
+    if backend == "reference":
         return reference.dct2d(a)
-    return _ops.dct2d(a)
+    return _kernels(backend).dct2d(a)
 
 
 def idct2d(c: torch.Tensor) -> torch.Tensor:
     """Inverse of dct2d (orthonormal DCT-III over the last two dims)."""
     _check_map(c, "c")
-    if _compiled_backend(c.device) == "reference":
+    backend = _compiled_backend(c.device)
+    if backend == "reference":
         return reference.idct2d(c)
-    return _ops.idct2d(c)
+    return _kernels(backend).idct2d(c)
 
 
 def _as_levels(feats, name: str):
@@ -233,7 +249,7 @@ def dct_at_loss(
     if backend == "reference":
         per_sample = reference.dct_at_loss(student, teacher, preset=preset, weights=weights, reduction="none", **overrides)
     else:
-        per_sample, _grad_maps = _ops.dct_at_loss(
+        per_sample, _grad_maps = _kernels(backend).dct_at_loss(
             student, [t.detach() for t in teacher], weights, opts["p"], opts["map_norm"], opts["center"],
             opts["transform"], opts["coef_abs"], opts["coef_norm"], opts["distance"], opts["eps"],
         )

@@ -1,0 +1,41 @@
+"""Triton backend of dctkd_ext: the kernels of attention_map, dct2d / idct2d and the multi-level
+dct_at_loss, as the custom ops torch.ops.dctkd_ext_triton.* (same schemas as torch.ops.dctkd_ext.*).
+
+Nothing here is imported by `import dctkd_ext`: the backend API calls load() the first time the
+"triton" backend is used, so the package works where triton is not installed.
+
+Files, one per kernel family (kernels + launcher + op): attention_map.py (channel reduction and
+its elementwise backward, multi-tensor), dct.py (dct2d / idct2d as small matmuls, and the transform
+passes the loss reuses), dct_at_loss.py (phi, distances and dL/dA of all levels in one launch).
+"""
+
+import threading
+
+_lock = threading.Lock()
+_ops = None
+
+
+def load():
+    """Import triton, define the ops and their autograd (once); returns torch.ops.dctkd_ext_triton.
+    Raises ImportError with what to do where triton is missing."""
+    global _ops
+    if _ops is not None:
+        return _ops
+    with _lock:
+        if _ops is None:
+            try:
+                import triton  # noqa: F401
+            except ImportError as exc:
+                raise ImportError(
+                    "dctkd_ext: the 'triton' backend needs the triton package (pip install triton; it comes "
+                    "with CUDA builds of torch). Select another backend with dctkd_ext.set_backend('auto') "
+                    f"or DCTKD_BACKEND=auto. ({exc})"
+                ) from None
+            import torch
+
+            from . import attention_map, dct, dct_at_loss  # noqa: F401  (define the ops)
+            from ..ops.dct_at import register_autograd
+
+            register_autograd("dctkd_ext_triton")
+            _ops = torch.ops.dctkd_ext_triton
+    return _ops
