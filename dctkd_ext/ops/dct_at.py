@@ -26,9 +26,16 @@ def _(x, p, reduce):
     return x.new_empty((b, h, w), dtype=_acc_dtype(x))
 
 
+def kernel_layout_like(x):
+    """The layout the kernels write gradients in: channels_last when x is, else NCHW-contiguous
+    (any other stride pattern is copied to NCHW first)."""
+    cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty_like(x, memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
 @torch.library.register_fake("dctkd_ext::attention_map_backward")
 def _(grad, x, p, reduce):
-    return torch.empty_like(x)
+    return kernel_layout_like(x)
 
 
 @torch.library.register_fake("dctkd_ext::dct2d")
@@ -51,7 +58,7 @@ def _(student, teacher, weights, p, map_norm, center, transform, coef_abs, coef_
 
 @torch.library.register_fake("dctkd_ext::dct_at_loss_backward")
 def _(grad_loss, grad_maps, student, p):
-    return [torch.empty_like(s) for s in student]
+    return [kernel_layout_like(s) for s in student]
 
 
 # ------------------------------------------------------------------------------------------ autograd
