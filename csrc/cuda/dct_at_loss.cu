@@ -497,7 +497,8 @@ void launch_phi(const std::vector<PhiLevel<T>>& levels, int B, T* wdist, const P
     const dim3 grid(static_cast<unsigned>(blocks));
     // Shared memory when the largest level fits (56 x 56 does, even in fp64, on Hopper); else a
     // per-block global scratch, whose size depends on the shapes only.
-    if (bytes + int64_t(sizeof(RedScratch<T>)) <= smem_optin) {
+    // (+256: the static RedScratch as the compiler pads it)
+    if (bytes + int64_t(sizeof(RedScratch<T>)) + 256 <= smem_optin) {
       P.scratch = nullptr;
       P.scratch_stride = 0;
       auto kernel = phi_kernel<T, true>;
