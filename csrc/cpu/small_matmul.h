@@ -9,19 +9,10 @@
 namespace dctkd {
 namespace cpu {
 
-// C (M x N) = A (M x K) * B (K x N), all row-major.
-template <typename T>
-inline void matmul(const T* A, const T* B, T* C, int64_t M, int64_t K, int64_t N) {
-  for (int64_t i = 0; i < M; ++i) {
-    T* c = C + i * N;
-    for (int64_t j = 0; j < N; ++j) c[j] = T(0);
-    for (int64_t k = 0; k < K; ++k) {
-      const T a = A[i * K + k];
-      const T* b = B + k * N;
-      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
-    }
-  }
-}
+// C (M x N) = A (M x K) * B (K x N), all row-major (small_matmul.cpp: an AVX2/FMA clone is picked at
+// load time where the CPU has it, the baseline x86-64 code elsewhere).
+void matmul(const float* A, const float* B, float* C, int64_t M, int64_t K, int64_t N);
+void matmul(const double* A, const double* B, double* C, int64_t M, int64_t K, int64_t N);
 
 // The bases as explicit N x N matrices (and their transposes), evaluated in double then rounded.
 template <typename T>
