@@ -89,6 +89,7 @@ setup(
     package_dir=package_dir,
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["dctkd-train = dctkd_train.cli:main"]},
     python_requires=">=3.9",
     # Keep the cap: the CI machine's disk holds torch <= 2.14.1.
     install_requires=["torch>=2.4,<=2.14.1", "numpy"],

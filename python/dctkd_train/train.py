@@ -1,0 +1,757 @@
+"""The training loop: an ordinary PyTorch SGD loop with the losses from ``dctkd_ext``.
+
+``train(config)`` runs one training (the ``train`` command and the demo call it); ``evaluate_checkpoint``
+is the ``evaluate`` command. Multi-GPU / multi-node runs go through ``torchrun`` (DDP with a
+DistributedSampler; gloo on CPU, nccl on GPU): every process runs the same ``train(config)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from . import __version__
+from .checkpoint import (FORMAT, atomic_write, describe_mismatch, extract_state_dict, load_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state, write_json)
+from .data import DataBundle, EpochDataset, EpochSampler, build_data
+from .errors import UserError
+from .features import FeatureHooks, default_feature_layers, probe_feature_shapes
+from .methods import METHODS, Method, MethodConfig, parse_loss_options
+from .models import build_model, count_parameters, model_family
+from .plots import plot_curves
+from .progress import Progress
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+# Every option of a training run. None = "decide from the recipe / the machine" (see resolve_config).
+DEFAULTS: dict[str, Any] = {
+    "data": None, "model": None, "method": "ce", "teacher": None, "teacher_model": None,
+    "epochs": None, "batch_size": None, "device": "auto", "out": None, "resume": False, "overwrite": False,
+    "lr": None, "momentum": 0.9, "weight_decay": None, "schedule": "step", "milestones": None,
+    "lr_decay": 0.1, "warmup_epochs": 0, "nesterov": False,
+    "amp": "auto", "compile": False, "channels_last": None, "workers": None, "seed": 0,
+    "train_size": None, "val_size": None, "image_size": None, "sync_bn": False,
+    "ce_weight": None, "kd_weight": None, "feat_weight": None, "kd_temperature": 4.0, "guide": False,
+    "level_weights": None, "loss_opt": None, "fam_mid_channels": 64, "fam_cuton": 0.1, "feat_warmup": None,
+    "student_layers": None, "teacher_layers": None,
+    "progress": True, "eval_teacher": True, "quiet": False,
+}
+
+# Options that may change when a run is resumed (the rest must match the saved run).
+RESUME_MUTABLE = {"epochs", "workers", "device", "progress", "compile", "out", "resume", "overwrite", "quiet",
+                  "eval_teacher"}
+
+RECIPES = {
+    # RepDistiller / mdistiller CIFAR-100: SGD 0.05, momentum 0.9, wd 5e-4, batch 64, 240 epochs,
+    # x0.1 at 150/180/210 (milestones scale with --epochs).
+    "cifar": {"lr": 0.05, "weight_decay": 5e-4, "batch_size": 64, "epochs": 240,
+              "milestone_fractions": (150 / 240, 180 / 240, 210 / 240)},
+    # ImageNet-style (torchvision models, image folders): SGD 0.1 per 256 images, wd 1e-4, 100 epochs,
+    # x0.1 at 30/60/90.
+    "imagenet": {"lr_per_256": 0.1, "weight_decay": 1e-4, "batch_size": 64, "epochs": 100,
+                 "milestone_fractions": (0.3, 0.6, 0.9)},
+}
+
+
+def _is_imagefolder(spec: str) -> bool:
+    return str(spec).split(":", 1)[0].strip().lower() == "imagefolder"
+
+
+def resolve_config(raw: dict, world_size: int = 1) -> dict:
+    """Fill the defaults of a run from the recipe; raise :class:`UserError` for bad values."""
+    unknown = set(raw) - set(DEFAULTS)
+    if unknown:
+        raise UserError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    cfg = dict(DEFAULTS)
+    cfg.update({k: v for k, v in raw.items() if v is not None})
+    if not cfg["data"]:
+        raise UserError("--data is required")
+    if not cfg["model"]:
+        raise UserError("--model is required")
+    if cfg["method"] not in METHODS:
+        raise UserError(f"unknown method {cfg['method']!r}; methods: {', '.join(METHODS)}")
+    if cfg["amp"] not in ("auto", "bf16", "fp16", "none"):
+        raise UserError(f"--amp must be auto, bf16, fp16 or none, not {cfg['amp']!r}")
+    if cfg["device"] not in ("auto", "cpu", "cuda") and not str(cfg["device"]).startswith("cuda:"):
+        raise UserError(f"--device must be auto, cpu or cuda, not {cfg['device']!r}")
+    if cfg["schedule"] not in ("step", "cosine"):
+        raise UserError(f"--schedule must be step or cosine, not {cfg['schedule']!r}")
+    recipe_name = "imagenet" if (_is_imagefolder(cfg["data"]) or model_family(cfg["model"]) == "imagenet") else "cifar"
+    recipe = RECIPES[recipe_name]
+    cfg["recipe"] = recipe_name
+    for k in ("batch_size", "epochs", "weight_decay"):
+        if cfg[k] is None:
+            cfg[k] = recipe[k]
+    if int(cfg["epochs"]) < 1 or int(cfg["batch_size"]) < 1:
+        raise UserError("--epochs and --batch-size must be >= 1")
+    cfg["epochs"], cfg["batch_size"] = int(cfg["epochs"]), int(cfg["batch_size"])
+    if cfg["lr"] is None:
+        cfg["lr"] = recipe["lr"] if "lr" in recipe else recipe["lr_per_256"] * cfg["batch_size"] * world_size / 256
+    if float(cfg["lr"]) <= 0:
+        raise UserError("--lr must be > 0")
+    if cfg["milestones"] is None:
+        cfg["milestones"] = sorted({max(1, int(round(f * cfg["epochs"]))) for f in recipe["milestone_fractions"]})
+    cfg["milestones"] = [int(m) for m in cfg["milestones"]]
+    if cfg["feat_warmup"] is None:
+        # FAM-KD / ReviewKD warm the feature weight up over 20 of 240 epochs; keep that fraction on short runs.
+        cfg["feat_warmup"] = min(20, max(0, round(cfg["epochs"] * 20 / 240))) if cfg["method"] == "fam" else 0
+    mc = make_method_config(cfg)
+    cfg["ce_weight"], cfg["kd_weight"], cfg["feat_weight"] = mc.ce_weight, mc.kd_weight, mc.feat_weight
+    if mc.needs_teacher and not cfg["teacher"]:
+        raise UserError(f"method {cfg['method']!r} needs a teacher: --teacher CKPT (train one with --method ce)")
+    if cfg["out"] is None:
+        raise UserError("--out DIR is required")
+    return cfg
+
+
+def make_method_config(cfg: dict) -> MethodConfig:
+    lw = cfg.get("level_weights")
+    if isinstance(lw, str):
+        try:
+            lw = [float(v) for v in lw.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--level-weights expects comma-separated numbers, got {cfg['level_weights']!r}") from None
+    opts = cfg.get("loss_opt")
+    return MethodConfig.make(
+        cfg["method"], cfg.get("ce_weight"), cfg.get("kd_weight"), cfg.get("feat_weight"),
+        temperature=float(cfg.get("kd_temperature") or 4.0), guide=bool(cfg.get("guide")), level_weights=lw,
+        loss_options=opts if isinstance(opts, dict) else parse_loss_options(opts),
+        fam_mid_channels=int(cfg.get("fam_mid_channels") or 64), fam_cuton=float(cfg.get("fam_cuton", 0.1)),
+        feat_warmup=int(cfg.get("feat_warmup") or 0),
+    )
+
+
+def lr_at(cfg: dict, epoch: int) -> float:
+    """Learning rate of (1-based) epoch ``epoch``: a pure function of the config (resume-safe)."""
+    base = float(cfg["lr"])
+    warm = int(cfg.get("warmup_epochs") or 0)
+    if warm and epoch <= warm:
+        return base * epoch / warm
+    if cfg["schedule"] == "cosine":
+        e, E = epoch - 1 - warm, max(1, cfg["epochs"] - warm)
+        return 0.5 * base * (1 + math.cos(math.pi * e / E))
+    k = sum(1 for m in cfg["milestones"] if epoch > m)
+    return base * cfg["lr_decay"] ** k
+
+
+def data_identity(spec: str) -> str:
+    """A data spec without its subset sizes (a teacher trained on more images of the same data fits)."""
+    name, _, arg = str(spec).partition(":")
+    if name.strip().lower() in ("synthetic-scenes", "synthetic", "scenes"):
+        keep = sorted(kv.strip() for kv in arg.split(",") if kv.strip() and kv.split("=")[0].strip() not in ("train", "val"))
+        return "synthetic-scenes:" + ",".join(keep)
+    return f"{name.strip().lower()}:{arg}"
+
+
+def _split_layers(v) -> list[str] | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return [s.strip() for s in v.split(",") if s.strip()]
+    return list(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed / device
+# ---------------------------------------------------------------------------------------------
+
+
+class Env:
+    def __init__(self, device: torch.device, rank: int, world: int, local_rank: int, owns_pg: bool):
+        self.device, self.rank, self.world, self.local_rank, self.owns_pg = device, rank, world, local_rank, owns_pg
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def setup_env(device_arg: str) -> Env:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for, but CUDA is not available here (use --device cpu or auto)")
+        idx = int(device_arg.split(":", 1)[1]) if ":" in device_arg else (local_rank if world > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(idx)
+        device = torch.device("cuda", idx)
+    else:
+        device = torch.device("cpu")
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, init_method="env://")
+        owns = True
+    return Env(device, rank, world, local_rank, owns)
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN/inf."""
+
+
+def _all_reduce(t: torch.Tensor, env: Env) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(t)
+    return t
+
+
+def _log(env: Env, msg: str, quiet: bool = False) -> None:
+    if env.main and not quiet:
+        print(msg, flush=True)
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def _autocast(device: torch.device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class LossTimer:
+    """Wall time of the distillation-loss calls. On CUDA it records events (no host sync per step)
+    and sums them at ``collect()``."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: list = []
+        self.total = 0.0
+        self.calls = 0
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self.cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            yield
+            e.record()
+            self.pending.append((s, e))
+        else:
+            t = time.perf_counter()
+            yield
+            self.total += time.perf_counter() - t
+        self.calls += 1
+
+    def collect(self) -> tuple[float, int]:
+        if self.pending:
+            torch.cuda.synchronize()
+            self.total += sum(s.elapsed_time(e) for s, e in self.pending) / 1000.0
+            self.pending = []
+        out = (self.total, self.calls)
+        self.total, self.calls = 0.0, 0
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+class StudentModule(nn.Module):
+    """Student + feature hooks + optional distiller head, as one module (what DDP wraps), so that
+    every trainable parameter is used inside the wrapped forward."""
+
+    def __init__(self, student: nn.Module, layers: list[str] | None, head: nn.Module | None, timer: LossTimer | None):
+        super().__init__()
+        self.student = student
+        self.head = head
+        self.hooks = FeatureHooks(student, layers) if layers else None
+        self.timer = timer
+        self.run_student = student  # replaced by a compiled version with --compile
+
+    def forward(self, x):
+        logits = self.run_student(x)
+        feats = self.hooks.pop() if self.hooks is not None else []
+        head_out = None
+        if self.head is not None:
+            with (self.timer() if self.timer is not None else contextlib.nullcontext()):
+                head_out = self.head(feats)
+        return logits, feats, head_out
+
+
+def load_teacher(path: str, arch: str | None, num_classes: int, data_spec: str | None = None) -> tuple[nn.Module, dict]:
+    """Build the teacher from a checkpoint of this trainer, or from a foreign state dict with
+    ``arch`` (``--teacher-model``). :class:`UserError` when it does not fit."""
+    ckpt = load_checkpoint(path, "teacher checkpoint")
+    ck_arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
+    if arch and ck_arch and arch != ck_arch:
+        raise UserError(f"teacher checkpoint {path!r} is a {ck_arch}, not the --teacher-model {arch}")
+    arch = arch or ck_arch
+    if not arch:
+        raise UserError(f"teacher checkpoint {path!r} does not name its architecture; pass --teacher-model NAME")
+    ck_nc = ckpt.get("num_classes") if isinstance(ckpt, dict) else None
+    if ck_nc is not None and int(ck_nc) != num_classes:
+        raise UserError(f"teacher checkpoint {path!r} has {ck_nc} classes but the data has {num_classes}")
+    model = build_model(arch, num_classes)
+    sd = extract_state_dict(ckpt)
+    bad = describe_mismatch(model, sd)
+    if bad:
+        raise UserError(f"teacher checkpoint {path!r} does not fit a {arch} with {num_classes} classes: {bad}")
+    model.load_state_dict(sd)
+    info = {"arch": arch, "path": str(path)}
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("data"), dict):
+        info["data_spec"] = ckpt["data"].get("spec")
+    return model, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, env: Env, num_classes: int, amp_dtype=None, channels_last=False) -> dict:
+    """Top-1, top-5 (top-min(5, classes)), mean class accuracy and CE over the loader; the counts
+    are summed over all processes (each evaluates its own shard, no duplicates)."""
+    was = model.training
+    model.eval()
+    k = min(5, num_classes)
+    per_class = torch.zeros(2, num_classes, dtype=torch.float64, device=env.device)  # correct, count
+    sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # top-k correct, loss sum, n
+    for x, y in loader:
+        x = x.to(env.device, non_blocking=True)
+        y = y.to(env.device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(env.device, amp_dtype):
+            logits = model(x)
+        logits = logits.float()
+        topk = logits.topk(k, dim=1).indices
+        correct1 = (topk[:, 0] == y).double()
+        per_class[0].index_add_(0, y, correct1)
+        per_class[1].index_add_(0, y, torch.ones_like(correct1))
+        sums[0] += (topk == y[:, None]).any(1).double().sum()
+        sums[1] += F.cross_entropy(logits, y, reduction="sum").double()
+        sums[2] += y.numel()
+    _all_reduce(per_class, env)
+    _all_reduce(sums, env)
+    model.train(was)
+    n = max(sums[2].item(), 1.0)
+    present = per_class[1] > 0
+    mca = (per_class[0][present] / per_class[1][present]).mean().item() if present.any() else 0.0
+    return {
+        "top1": 100.0 * per_class[0].sum().item() / n,
+        "top5": 100.0 * sums[0].item() / n,
+        "mca": 100.0 * mca,
+        "loss": sums[1].item() / n,
+        "n": int(sums[2].item()),
+    }
+
+
+def _val_loader(ds, env: Env, batch_size: int, workers: int, pin: bool):
+    shard = Subset(ds, list(range(env.rank, len(ds), env.world))) if env.distributed else ds
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin,
+                      persistent_workers=workers > 0)
+
+
+def _default_workers(data: DataBundle, device: torch.device, env: Env) -> int:
+    cpus = os.cpu_count() or 1
+    per_proc = max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", env.world))))
+    if data.name == "imagefolder":
+        return min(8, per_proc)
+    return 0 if device.type == "cpu" else min(4, per_proc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not (out / "last.pt").is_file():
+            raise UserError(f"--resume: there is no {out / 'last.pt'} to resume from")
+        return
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} exists and is not a folder")
+    if (out / "last.pt").exists() and not overwrite:
+        raise UserError(f"{str(out)!r} already holds a run (last.pt); pass --resume to continue it, "
+                        "--overwrite to start over, or choose another --out")
+
+
+def _merge_resume_config(saved: dict, given: dict) -> dict:
+    """The saved run's config, with the options that may change on resume taken from ``given``."""
+    diffs = []
+    for k, v in given.items():
+        if v is None or k in RESUME_MUTABLE or k not in saved:
+            continue
+        sv = saved[k]
+        if k in ("student_layers", "teacher_layers"):
+            v, sv = _split_layers(v), _split_layers(sv)
+        if isinstance(sv, float) or isinstance(v, float):
+            try:
+                if math.isclose(float(v), float(sv), rel_tol=1e-9):
+                    continue
+            except (TypeError, ValueError):
+                pass
+        if isinstance(v, (list, tuple)) and isinstance(sv, (list, tuple)) and list(v) == list(sv):
+            continue
+        if v != sv and not (k == "teacher" and Path(str(v)).expanduser().resolve() == Path(str(sv)).expanduser().resolve()):
+            diffs.append(f"{k} ({sv!r} in the saved run, {v!r} now)")
+    if diffs:
+        raise UserError("--resume continues the saved run, whose options differ from the ones given: "
+                        + "; ".join(diffs) + ". Drop them, or start a new run in another --out")
+    cfg = dict(saved)
+    for k in RESUME_MUTABLE:
+        if given.get(k) is not None:
+            cfg[k] = given[k]
+    return cfg
+
+
+def train(raw: dict) -> dict:
+    """Run one training; returns the summary dict (also written to OUT/summary.json)."""
+    env = setup_env(raw.get("device") or "auto")
+    try:
+        return _train(raw, env)
+    finally:
+        if env.owns_pg and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(raw: dict, env: Env) -> dict:
+    t_start = time.perf_counter()
+    out = Path(raw.get("out") or ".").expanduser()
+    resume = bool(raw.get("resume"))
+    if raw.get("out") is None:
+        raise UserError("--out DIR is required")
+    _check_out_dir(out, resume, bool(raw.get("overwrite")))
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(out / "last.pt", "checkpoint")
+        if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+            raise UserError(f"{out / 'last.pt'} is not a dctkd_train checkpoint")
+        cfg = _merge_resume_config(ckpt["config"], raw)
+        cfg["resume"] = True
+    else:
+        cfg = resolve_config(raw, env.world)
+    quiet = bool(cfg.get("quiet"))
+    log = lambda msg: _log(env, msg, quiet)  # noqa: E731
+    device = env.device
+
+    seed = int(cfg["seed"])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+    # ---- data
+    data = build_data(cfg["data"], image_size=cfg.get("image_size"), train_size=cfg.get("train_size"),
+                      val_size=cfg.get("val_size"), seed=seed)
+    log(f"data: {data.describe()}")
+
+    # ---- method, models
+    mcfg = make_method_config(cfg)
+    method = Method(mcfg)
+    student = build_model(cfg["model"], data.num_classes)
+    teacher = None
+    t_info = None
+    if mcfg.needs_teacher:
+        teacher, t_info = load_teacher(cfg["teacher"], cfg.get("teacher_model"), data.num_classes)
+        if t_info.get("data_spec") and data_identity(t_info["data_spec"]) != data_identity(data.spec):
+            log(f"warning: the teacher was trained on --data {t_info['data_spec']!r}, this run uses {data.spec!r}")
+    elif cfg.get("teacher"):
+        log(f"note: method {cfg['method']!r} does not use the teacher; ignoring --teacher")
+
+    s_layers = t_layers = None
+    head = None
+    if method.uses_features:
+        s_layers = _split_layers(cfg.get("student_layers")) or default_feature_layers(student, data.image_size)
+        t_layers = _split_layers(cfg.get("teacher_layers")) or default_feature_layers(teacher, data.image_size)
+        s_shapes = probe_feature_shapes(student, s_layers, data.image_size, "cpu")
+        t_shapes = probe_feature_shapes(teacher, t_layers, data.image_size, "cpu")
+        head = method.build_head(s_shapes, t_shapes)
+        log(f"features: student {list(zip(s_layers, s_shapes))}")
+        log(f"          teacher {list(zip(t_layers, t_shapes))}")
+    cfg["student_layers"], cfg["teacher_layers"] = s_layers, t_layers
+
+    if cfg.get("sync_bn") and env.distributed:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    channels_last = cfg["channels_last"] if cfg.get("channels_last") is not None else device.type == "cuda"
+    mem = torch.channels_last if channels_last else torch.contiguous_format
+    student.to(device, memory_format=mem)
+    if head is not None:
+        head.to(device)
+    if teacher is not None:
+        teacher.to(device, memory_format=mem).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    timer = LossTimer(device)
+    smod = StudentModule(student, s_layers, head, timer)
+    t_hooks = FeatureHooks(teacher, t_layers) if (teacher is not None and t_layers) else None
+    run_teacher = teacher
+    if cfg.get("compile"):
+        smod.run_student = torch.compile(student)
+        if teacher is not None:
+            run_teacher = torch.compile(teacher)
+    model = smod
+    if env.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            smod, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # The papers' recipes apply weight decay to every parameter (BN and biases included).
+    params = [p for p in smod.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=float(cfg["lr"]),
+                                momentum=float(cfg["momentum"]), weight_decay=float(cfg["weight_decay"]),
+                                nesterov=bool(cfg.get("nesterov")))
+    amp_dtype = _amp_dtype(cfg["amp"], device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    # ---- loaders
+    workers = cfg["workers"] if cfg.get("workers") is not None else _default_workers(data, device, env)
+    pin = device.type == "cuda"
+    n_train = len(data.train)
+    per_rank = math.ceil(n_train / env.world)
+    batch_size = int(cfg["batch_size"])
+    if per_rank < 2:
+        raise UserError(f"the training set has {n_train} images: too few for {env.world} process(es)")
+    if batch_size > per_rank:
+        log(f"warning: --batch-size {batch_size} exceeds the {per_rank} training images per process; using {per_rank}")
+        batch_size = per_rank
+    sampler = EpochSampler(DistributedSampler(data.train, num_replicas=env.world, rank=env.rank, shuffle=True,
+                                              seed=seed, drop_last=False), n_train)
+    train_loader = DataLoader(EpochDataset(data.train), batch_size=batch_size, sampler=sampler,
+                              num_workers=workers, pin_memory=pin, drop_last=True, persistent_workers=workers > 0)
+    val_loader = _val_loader(data.val, env, batch_size, workers, pin)
+
+    # ---- state
+    start_epoch, best_top1, metrics = 1, -1.0, []
+    if ckpt is not None:
+        student.load_state_dict(ckpt["model"])
+        if head is not None and ckpt.get("head") is not None:
+            head.load_state_dict(ckpt["head"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = int(ckpt["epoch"]) + 1
+        best_top1 = float(ckpt.get("best_top1", -1.0))
+        metrics = list(ckpt.get("metrics", []))
+        set_rng_state(ckpt.get("rng"))
+        log(f"resuming {out / 'last.pt'} after epoch {ckpt['epoch']}")
+
+    data_info = {"spec": data.spec, "name": data.name, "num_classes": data.num_classes, "class_names": data.class_names,
+                 "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std),
+                 "train_size": len(data.train), "val_size": len(data.val)}
+    if env.main:
+        out.mkdir(parents=True, exist_ok=True)
+        env_info = {"torch": torch.__version__, "python": platform.python_version(), "dctkd_train": __version__,
+                    "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+                    "world_size": env.world, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
+                    "channels_last": channels_last, "workers": workers, "argv": sys.argv}
+        try:
+            import dctkd_ext
+
+            env_info["dctkd_ext"] = getattr(dctkd_ext, "__version__", "present")
+        except Exception:
+            env_info["dctkd_ext"] = None
+        write_json({"config": cfg, "data": data_info, "environment": env_info, "teacher": t_info,
+                    "student_params": count_parameters(student)}, out / "config.json")
+        # metrics.jsonl always mirrors the checkpoint's history (drops epochs logged after last.pt).
+        atomic_write(out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(m) + "\n" for m in metrics)), mode="w")
+
+    log(f"model: {cfg['model']} ({count_parameters(student) / 1e6:.2f} M params), method {cfg['method']} "
+        f"(ce {mcfg.ce_weight:g}, kd {mcfg.kd_weight:g}, feat {mcfg.feat_weight:g}{', guide' if mcfg.guide else ''}), "
+        f"{env.world} process(es) on {device}, batch {batch_size}/process, amp {cfg['amp']}")
+
+    teacher_eval = None
+    if teacher is not None and cfg.get("eval_teacher", True) and start_epoch == 1:
+        teacher_eval = evaluate(teacher, val_loader, env, data.num_classes, amp_dtype, channels_last)
+        log(f"teacher {t_info['arch']}: val top-1 {teacher_eval['top1']:.2f}  top-5 {teacher_eval['top5']:.2f}  "
+            f"MCA {teacher_eval['mca']:.2f}")
+    elif ckpt is not None:
+        teacher_eval = ckpt.get("teacher_eval")
+
+    show_progress = bool(cfg.get("progress", True)) and env.main and not quiet
+    epochs = int(cfg["epochs"])
+    last_plot = time.perf_counter()
+    for epoch in range(start_epoch, epochs + 1):
+        lr = lr_at(cfg, epoch)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        sampler.set_epoch(epoch)
+        smod.train()
+        sums: dict[str, torch.Tensor] = {}
+        n_seen = 0
+        correct = torch.zeros((), dtype=torch.float64, device=device)
+        bar = Progress(len(train_loader), f"epoch {epoch}/{epochs}", enabled=show_progress)
+        shown: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for x, y in train_loader:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            t_logits = t_feats = None
+            with _autocast(device, amp_dtype):
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = run_teacher(x)
+                        t_feats = t_hooks.pop() if t_hooks is not None else None
+                s_logits, s_feats, head_out = model(x)
+            s_logits = s_logits.float()
+            ce = F.cross_entropy(s_logits, y)
+            with timer():
+                terms = method.distill_terms(y, s_logits, s_feats, head_out,
+                                             t_logits.float() if t_logits is not None else None, t_feats, epoch)
+            loss = method.total(ce, terms, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+            b = y.numel()
+            with torch.no_grad():
+                for k, v in (("loss", loss), ("ce", ce), *terms.items()):
+                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=device)) + v.detach().double() * b
+                correct += (s_logits.argmax(1) == y).sum()
+            n_seen += b
+            if show_progress:
+                if bar.step % 10 == 0:  # reading the loss syncs the device: not every step
+                    shown = {"loss": float(loss.item())}
+                bar.update(b * env.world, **shown)
+        train_time = time.perf_counter() - t0
+        bar.close()
+        loss_time, loss_calls = timer.collect()
+
+        # reduce the epoch's statistics over processes
+        keys = sorted(sums)
+        vec = torch.stack([sums[k] for k in keys] + [torch.tensor(float(n_seen), dtype=torch.float64, device=device),
+                          correct, torch.tensor(loss_time, dtype=torch.float64, device=device)])
+        _all_reduce(vec, env)
+        if not math.isfinite(vec[keys.index("loss")].item()):
+            raise TrainingDiverged(f"the training loss became non-finite in epoch {epoch} (last.pt keeps epoch "
+                                   f"{epoch - 1}); lower --lr, or use --amp none / bf16")
+        tt = torch.tensor([train_time], dtype=torch.float64, device=device)
+        if env.distributed:
+            dist.all_reduce(tt, op=dist.ReduceOp.MAX)
+        n_all = vec[len(keys)].item()
+        row: dict[str, Any] = {"epoch": epoch, "lr": lr}
+        for i, k in enumerate(keys):
+            row["train_loss" if k == "loss" else f"train_loss_{k}"] = vec[i].item() / max(n_all, 1)
+        row["train_top1"] = 100.0 * vec[len(keys) + 1].item() / max(n_all, 1)
+        row["images_per_sec"] = n_all / max(tt.item(), 1e-9)
+        row["epoch_time_s"] = tt.item()
+        row["loss_time_s"] = vec[-1].item() / env.world  # per process (each computes its own shard)
+        row["steps"] = len(train_loader)
+        row["loss_ms_per_step"] = 1000 * row["loss_time_s"] / max(1, len(train_loader))
+        if env.distributed:
+            # BatchNorm statistics: each rank updated its own after the last step; evaluate (and save) rank 0's.
+            for buf in student.buffers():
+                dist.broadcast(buf, 0)
+        ev = evaluate(smod.student, val_loader, env, data.num_classes, amp_dtype, channels_last)
+        row.update({"val_top1": ev["top1"], "val_top5": ev["top5"], "val_mca": ev["mca"], "val_loss": ev["loss"],
+                    "val_images": ev["n"]})
+        if head is not None:
+            row["feat_weight_scale"] = method.feat_scale(epoch)
+        metrics.append(row)
+        is_best = ev["top1"] > best_top1
+        best_top1 = max(best_top1, ev["top1"])
+        row["best_val_top1"] = best_top1
+
+        if env.main:
+            state = {
+                "format": FORMAT, "arch": cfg["model"], "num_classes": data.num_classes,
+                "model": student.state_dict(), "head": head.state_dict() if head is not None else None,
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "best_top1": best_top1, "metrics": metrics, "config": cfg, "data": data_info,
+                "feature_layers": s_layers, "teacher_eval": teacher_eval, "rng": rng_state(),
+                "val": ev,
+            }
+            save_checkpoint(state, out / "last.pt")
+            if is_best:
+                save_checkpoint(state, out / "best.pt")
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            # a plot takes ~1 s: redraw at most once a minute, and after the last epoch
+            if epoch == epochs or time.perf_counter() - last_plot >= 60:
+                try:
+                    plot_curves(metrics, out / "curves.png", f"{cfg['model']} / {cfg['method']} / {data.spec}")
+                except Exception as e:  # a plot must never stop a run
+                    log(f"warning: curves.png not written ({type(e).__name__}: {e})")
+                last_plot = time.perf_counter()
+        terms_txt = " ".join(f"{k} {row[f'train_loss_{k}']:.4f}" for k in keys if k != "loss")
+        log(f"epoch {epoch}/{epochs}: loss {row['train_loss']:.4f} ({terms_txt}) | val top-1 {ev['top1']:.2f} "
+            f"top-5 {ev['top5']:.2f} MCA {ev['mca']:.2f} | {row['images_per_sec']:.0f} img/s, "
+            f"loss time {row['loss_time_s']:.2f}s, lr {lr:.4g}")
+        if env.distributed:
+            dist.barrier()
+
+    if t_hooks is not None:
+        t_hooks.remove()
+    final = metrics[-1] if metrics else {}
+    best = max(metrics, key=lambda m: m["val_top1"]) if metrics else {}
+    summary = {
+        "model": cfg["model"], "method": cfg["method"], "data": data.spec, "epochs": epochs,
+        "final": final, "best": best, "teacher_eval": teacher_eval,
+        "loss_time_s": sum(m.get("loss_time_s", 0.0) for m in metrics),
+        "steps": sum(m.get("steps", 0) for m in metrics),
+        "train_time_s": sum(m.get("epoch_time_s", 0.0) for m in metrics),
+        "wall_time_s": time.perf_counter() - t_start, "out": str(out),
+    }
+    if env.main:
+        write_json(summary, out / "summary.json")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate command
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_checkpoint(checkpoint: str, data_spec: str, *, batch_size: int = 256, device: str = "auto",
+                        workers: int | None = None, val_size: int | None = None, amp: str = "none",
+                        image_size: int | None = None, model: str | None = None) -> dict:
+    env = setup_env(device)
+    try:
+        ckpt = load_checkpoint(checkpoint)
+        arch = model or (ckpt.get("arch") if isinstance(ckpt, dict) else None)
+        if not arch:
+            raise UserError(f"checkpoint {checkpoint!r} does not name its architecture; pass --model NAME")
+        ck_data = ckpt.get("data", {}) if isinstance(ckpt, dict) else {}
+        if image_size is None and ck_data.get("image_size") and not data_spec.startswith(("cifar", "synthetic")):
+            image_size = ck_data["image_size"]
+        data = build_data(data_spec, image_size=image_size, val_size=val_size, with_train=False)
+        ck_nc = ckpt.get("num_classes") if isinstance(ckpt, dict) else None
+        if ck_nc is not None and int(ck_nc) != data.num_classes:
+            raise UserError(f"checkpoint {checkpoint!r} has {ck_nc} classes but {data_spec!r} has {data.num_classes}")
+        net = build_model(arch, data.num_classes)
+        sd = extract_state_dict(ckpt)
+        bad = describe_mismatch(net, sd)
+        if bad:
+            raise UserError(f"checkpoint {checkpoint!r} does not fit a {arch} with {data.num_classes} classes: {bad}")
+        net.load_state_dict(sd)
+        net.to(env.device).eval()
+        w = workers if workers is not None else _default_workers(data, env.device, env)
+        loader = _val_loader(data.val, env, batch_size, w, env.device.type == "cuda")
+        res = evaluate(net, loader, env, data.num_classes, _amp_dtype(amp, env.device))
+        res.update({"checkpoint": str(checkpoint), "arch": arch, "data": data_spec})
+        return res
+    finally:
+        if env.owns_pg and dist.is_initialized():
+            dist.destroy_process_group()
