@@ -1,0 +1,352 @@
+"""global_filter and spectral_conv, the spectral filters of FAM-KD / GFNet (DESIGN §3.4): argument checks,
+fake kernels, autograd (PyTorch's conjugate convention), backend choice; plus the FAM filter pieces the
+nn modules use: the symmetrised half-plane weight and the fused small-map filter (Triton).
+
+Kernels: torch.ops.dctkd_ext.{global_filter, spectral_conv}[_backward] (CPU: csrc/cpu/spectral.cpp,
+CUDA: csrc/cuda/spectral.cu), their Triton twins dctkd_ext::*_triton (dctkd_ext/triton/spectral.py,
+registered here as Python custom ops), the reference in dctkd_ext/reference.py."""
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend, reference
+from .._extension import BUILD_INFO
+
+_ops = torch.ops.dctkd_ext
+_FAMILY = "spectral"
+_COMPLEX = (torch.complex64, torch.complex128)
+
+
+# ------------------------------------------------------------------------------------------- checks
+def _check_complex(t, name: str, ndim: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a {layout} complex64 tensor, got {type(t).__name__}")
+    if t.dtype not in _COMPLEX:
+        hint = ""
+        if not t.is_complex():
+            hint = (" (a real tensor: pass its spectrum, e.g. torch.fft.rfft2(x, norm='ortho'), or "
+                    "torch.view_as_complex of a (..., 2) float tensor)")
+        raise TypeError(f"{name}: expected a complex64 (or complex128) tensor {layout}, got {t.dtype}{hint}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D {layout} tensor, got shape {tuple(t.shape)}")
+
+
+def _check_mask(mask, xf: Tensor) -> Optional[Tensor]:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a real (H, K) tensor or None, got {type(mask).__name__}")
+    h, k = xf.shape[-2:]
+    if mask.is_complex():
+        raise TypeError(f"mask: expected a real or bool tensor, got {mask.dtype}")
+    if tuple(mask.shape) != (h, k):
+        raise ValueError(f"mask: expected shape ({h}, {k}) = (H, K) of xf, got {tuple(mask.shape)}")
+    if mask.device != xf.device:
+        raise ValueError(f"mask: expected a tensor on {xf.device} like xf, got one on {mask.device}")
+    if not mask.is_floating_point():
+        mask = mask.to(xf.real.dtype)
+    return mask
+
+
+def _check_w(w, xf: Tensor, ndim: int, layout: str, expected) -> None:
+    _check_complex(w, "w", ndim, layout)
+    if w.dtype != xf.dtype:
+        raise TypeError(f"w: expected dtype {xf.dtype} like xf, got {w.dtype}")
+    if w.device != xf.device:
+        raise ValueError(f"w: expected a tensor on {xf.device} like xf, got one on {w.device}")
+    if any(e is not None and e != s for e, s in zip(expected, w.shape)):
+        want = ", ".join("*" if e is None else str(e) for e in expected)
+        raise ValueError(f"w: expected shape ({want}) = {layout} to match xf {tuple(xf.shape)}, got {tuple(w.shape)}")
+
+
+# ------------------------------------------------------------------------------------ fake kernels
+def _gf_channels_last(xf: Tensor) -> bool:
+    # the rule of csrc/spectral_common.h: a permuted (B, H, K, C)-contiguous tensor that is not NCHW-contiguous
+    return xf.dim() == 4 and not xf.is_contiguous() and xf.permute(0, 2, 3, 1).is_contiguous()
+
+
+def _gf_out_like(xf: Tensor) -> Tensor:
+    if _gf_channels_last(xf):
+        b, c, h, k = xf.shape
+        return xf.new_empty((b, h, k, c)).permute(0, 3, 1, 2)
+    return xf.new_empty(xf.shape)
+
+
+def _gf_fake(xf, w, mask):
+    return _gf_out_like(xf)
+
+
+def _gf_backward_fake(grad, xf, w, mask, need_xf, need_w):
+    dx = _gf_out_like(xf) if need_xf else xf.new_empty((0,))
+    if not need_w:
+        return dx, w.new_empty((0,))
+    if _gf_channels_last(xf):
+        c, h, k = w.shape
+        return dx, w.new_empty((h, k, c)).permute(2, 0, 1)
+    return dx, w.new_empty(w.shape)
+
+
+def _sc_fake(xf, w, mask):
+    b, _, h, k = xf.shape
+    return xf.new_empty((b, w.shape[1], h, k))
+
+
+def _sc_backward_fake(grad, xf, w, mask, need_xf, need_w):
+    return (xf.new_empty(xf.shape) if need_xf else xf.new_empty((0,)),
+            w.new_empty(w.shape) if need_w else w.new_empty((0,)))
+
+
+torch.library.register_fake("dctkd_ext::global_filter")(_gf_fake)
+torch.library.register_fake("dctkd_ext::global_filter_backward")(_gf_backward_fake)
+torch.library.register_fake("dctkd_ext::spectral_conv")(_sc_fake)
+torch.library.register_fake("dctkd_ext::spectral_conv_backward")(_sc_backward_fake)
+
+
+# ----------------------------------------------------------------------- the Triton twins (custom ops)
+# Same schemas and fakes as the C++ ops; the kernels are imported (with triton) on first use.
+@torch.library.custom_op("dctkd_ext::global_filter_triton", mutates_args=())
+def _global_filter_triton(xf: Tensor, w: Tensor, mask: Optional[Tensor]) -> Tensor:
+    from ..triton import spectral as ts
+
+    return ts.global_filter(xf, w, mask)
+
+
+@torch.library.custom_op("dctkd_ext::global_filter_backward_triton", mutates_args=())
+def _global_filter_backward_triton(grad: Tensor, xf: Tensor, w: Tensor, mask: Optional[Tensor], need_xf: bool,
+                                   need_w: bool) -> tuple[Tensor, Tensor]:
+    from ..triton import spectral as ts
+
+    return ts.global_filter_backward(grad, xf, w, mask, need_xf, need_w)
+
+
+@torch.library.custom_op("dctkd_ext::spectral_conv_triton", mutates_args=())
+def _spectral_conv_triton(xf: Tensor, w: Tensor, mask: Optional[Tensor]) -> Tensor:
+    from ..triton import spectral as ts
+
+    return ts.spectral_conv(xf, w, mask)
+
+
+@torch.library.custom_op("dctkd_ext::spectral_conv_backward_triton", mutates_args=())
+def _spectral_conv_backward_triton(grad: Tensor, xf: Tensor, w: Tensor, mask: Optional[Tensor], need_xf: bool,
+                                   need_w: bool) -> tuple[Tensor, Tensor]:
+    from ..triton import spectral as ts
+
+    return ts.spectral_conv_backward(grad, xf, w, mask, need_xf, need_w)
+
+
+torch.library.register_fake("dctkd_ext::global_filter_triton")(_gf_fake)
+torch.library.register_fake("dctkd_ext::global_filter_backward_triton")(_gf_backward_fake)
+torch.library.register_fake("dctkd_ext::spectral_conv_triton")(_sc_fake)
+torch.library.register_fake("dctkd_ext::spectral_conv_backward_triton")(_sc_backward_fake)
+
+
+# ------------------------------------------------------------------------------------------ autograd
+def _save(ctx, inputs, output):
+    xf, w, mask = inputs
+    ctx.save_for_backward(xf, w, mask)
+
+
+def _mask_grad(grad: Tensor, y_unmasked: Tensor, mask: Tensor) -> Tensor:
+    # y = z * mask with mask real: dmask = Re(sum over batch and channels of grad * conj(z))
+    return (grad * y_unmasked.conj()).real.sum(dim=(0, 1)).to(mask.dtype)
+
+
+def _make_backward(backward_op, forward_op):
+    def backward(ctx, grad):
+        xf, w, mask = ctx.saved_tensors
+        need_xf, need_w, need_mask = ctx.needs_input_grad
+        dxf = dw = dmask = None
+        if need_xf or need_w:
+            dxf, dw = backward_op(grad, xf, w, mask, need_xf, need_w)
+        if need_mask and mask is not None:
+            dmask = _mask_grad(grad, forward_op(xf, w, None), mask)
+        return (dxf if need_xf else None), (dw if need_w else None), dmask
+
+    return backward
+
+
+torch.library.register_autograd(
+    "dctkd_ext::global_filter", _make_backward(_ops.global_filter_backward, _ops.global_filter), setup_context=_save)
+torch.library.register_autograd(
+    "dctkd_ext::spectral_conv", _make_backward(_ops.spectral_conv_backward, _ops.spectral_conv), setup_context=_save)
+torch.library.register_autograd(
+    "dctkd_ext::global_filter_triton",
+    _make_backward(_ops.global_filter_backward_triton, _ops.global_filter_triton), setup_context=_save)
+torch.library.register_autograd(
+    "dctkd_ext::spectral_conv_triton",
+    _make_backward(_ops.spectral_conv_backward_triton, _ops.spectral_conv_triton), setup_context=_save)
+
+
+# -------------------------------------------------------------------------------------- backends
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(device: torch.device) -> str:
+    """The backend the spectral ops run on for tensors on `device` ("cpu", "cuda", "triton", "reference")."""
+    requested = _backend.get_backend()
+    name = _backend.resolve(device.type, _FAMILY, available=("cpu", "cuda", "triton", "reference"))
+    if name == "cuda" and not BUILD_INFO["with_cuda"]:
+        if requested == "auto" and _triton_importable():
+            return "triton"
+        raise RuntimeError(
+            "dctkd_ext was built without CUDA kernels; rebuild on a machine with a CUDA toolkit "
+            "(CUDA_HOME set) or with FORCE_CUDA=1, or select DCTKD_BACKEND=triton or reference"
+        )
+    if name == "triton" and not _triton_importable():
+        raise RuntimeError("backend 'triton' was selected but triton is not installed (pip install triton)")
+    return name
+
+
+def _impls(device: torch.device):
+    """(global_filter, global_filter_backward, spectral_conv, spectral_conv_backward) of the backend."""
+    name = resolve_backend(device)
+    if name == "triton":
+        return (_ops.global_filter_triton, _ops.global_filter_backward_triton, _ops.spectral_conv_triton,
+                _ops.spectral_conv_backward_triton)
+    if name == "reference":
+        return reference.global_filter, None, reference.spectral_conv, None
+    return _ops.global_filter, _ops.global_filter_backward, _ops.spectral_conv, _ops.spectral_conv_backward
+
+
+# --------------------------------------------------------------------------------------- public API
+def global_filter(xf: Tensor, w: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Depthwise filter in the frequency domain (GFNet's global filter):
+    y[b, c, h, k] = xf[b, c, h, k] * w[c, h, k] * mask[h, k].
+
+    xf: (B, C, H, K) complex64 (complex128 for testing), e.g. torch.fft.rfft2(x, norm="ortho") of
+    (B, C, H, W) features, K = W // 2 + 1; NCHW-contiguous or channels-last (a permuted contiguous
+    (B, H, K, C) tensor, GFNet's layout), and y has the same layout. w: (C, H, K), same dtype.
+    mask: optional real (H, K). Differentiable in xf, w (dxf = dy conj(w), dw = sum_b dy conj(xf)) and mask."""
+    _check_complex(xf, "xf", 4, "(B, C, H, K)")
+    b, c, h, k = xf.shape
+    _check_w(w, xf, 3, "(C, H, K)", (c, h, k))
+    mask = _check_mask(mask, xf)
+    return _impls(xf.device)[0](xf, w, mask)
+
+
+def spectral_conv(xf: Tensor, w: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Channel mixing per frequency (a batched complex GEMM over the H*K frequencies):
+    y[b, o, h, k] = mask[h, k] * sum_i xf[b, i, h, k] * w[i, o, h, k].
+
+    xf: (B, I, H, K) complex64 (complex128 for testing); w: (I, O, H, K), same dtype (the layout of
+    the FNO / FAM weights); mask: optional real (H, K). Differentiable in xf, w and mask
+    (dxf[b, i] = sum_o dy[b, o] conj(w[i, o]), dw[i, o] = sum_b conj(xf[b, i]) dy[b, o])."""
+    _check_complex(xf, "xf", 4, "(B, I, H, K)")
+    b, i, h, k = xf.shape
+    _check_w(w, xf, 4, "(I, O, H, K)", (i, None, h, k))
+    mask = _check_mask(mask, xf)
+    return _impls(xf.device)[2](xf, w, mask)
+
+
+# ------------------------------------------------------------------------------- FAM filter pieces
+_index_cache = {}
+
+
+def _neg_index(size: int, device) -> Tensor:
+    key = (size, str(device))
+    idx = _index_cache.get(key)
+    if idx is None:
+        idx = (-torch.arange(size, device=device)) % size
+        _index_cache[key] = idx
+    return idx
+
+
+def fam_mask_radius(n: int, cuton: float) -> int:
+    """r of the FAM high-pass box for one dim of size n: int(cuton * int(n / 2)) as the released code."""
+    return int(cuton * int(n / 2))
+
+
+def fam_half_weight(weights: Tensor, cuton: float) -> Tensor:
+    """W'(k) = (M(k) W(k) + conj(M(-k) W(-k))) / 2 on the rfft half plane (DESIGN §3.4), differentiable
+    in weights. weights: (..., S, S) complex -> (..., S, S//2+1). Equals reference.fam_half_weight."""
+    sh, sw = weights.shape[-2:]
+    kw = sw // 2 + 1
+    rh, rw = fam_mask_radius(sh, cuton), fam_mask_radius(sw, cuton)
+    mw = weights
+    if rh > 0 and rw > 0:
+        mw = weights * reference.fam_highpass_mask(sh, sw, cuton, weights.real.dtype, weights.device)
+    ih, iw = _neg_index(sh, weights.device), _neg_index(sw, weights.device)[:kw]
+    neg = mw[..., ih[:, None], iw[None, :]]
+    return 0.5 * (mw[..., :kw] + neg.conj())
+
+
+# The fused small-map filter rfft2 -> filter -> irfft2 in one Triton kernel (dctkd_ext/triton/spectral.py).
+@torch.library.custom_op("dctkd_ext::fam_filter_fused", mutates_args=())
+def _fam_filter_fused(x: Tensor, w: Tensor, depthwise: bool, adjoint: bool) -> Tensor:
+    from ..triton import spectral as ts
+
+    return ts.fam_filter_fused(x, w, depthwise, adjoint)
+
+
+@torch.library.register_fake("dctkd_ext::fam_filter_fused")
+def _(x, w, depthwise, adjoint):
+    b, i, s, _ = x.shape
+    o = i if depthwise else (w.shape[0] if adjoint else w.shape[1])
+    return x.new_empty((b, o, s, s))
+
+
+def _c2r_multiplicity(s: int, device, dtype) -> Tensor:
+    # irfft's backward doubles the columns that stand for two conjugate frequencies
+    mult = torch.full((s // 2 + 1,), 2.0, dtype=dtype, device=device)
+    mult[0] = 1.0
+    if s % 2 == 0:
+        mult[-1] = 1.0
+    return mult
+
+
+def _fam_fused_setup(ctx, inputs, output):
+    x, w, depthwise, adjoint = inputs
+    ctx.save_for_backward(x, w)
+    ctx.depthwise, ctx.adjoint = depthwise, adjoint
+
+
+def _fam_fused_backward(ctx, grad):
+    x, w = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    dx = dw = None
+    if need_x:  # the map is linear in x: its adjoint is the same filter, conjugated and transposed
+        dx = _ops.fam_filter_fused(grad.contiguous(), w, ctx.depthwise, not ctx.adjoint)
+    if need_w:
+        if ctx.adjoint:
+            raise RuntimeError("fam_filter_fused: the weight gradient of the adjoint (double backward) is not supported")
+        s = x.shape[-1]
+        xf = torch.fft.rfft2(x, norm="ortho")
+        gf = torch.fft.rfft2(grad, norm="ortho") * _c2r_multiplicity(s, grad.device, grad.dtype)
+        impl = _impls(x.device)
+        if ctx.depthwise:
+            dw = _backward_w(impl[1], reference.global_filter, gf, xf, w)
+        else:
+            dw = _backward_w(impl[3], reference.spectral_conv, gf, xf, w)
+    return dx, dw, None, None
+
+
+def _backward_w(backward_op, ref, grad, xf, w):
+    if backward_op is None:  # reference backend
+        with torch.enable_grad():
+            wr = w.detach().requires_grad_()
+            return torch.autograd.grad(ref(xf, wr), wr, grad)[0]
+    return backward_op(grad, xf, w, None, False, True)[1]
+
+
+torch.library.register_autograd("dctkd_ext::fam_filter_fused", _fam_fused_backward, setup_context=_fam_fused_setup)
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether the fused small-map kernel can run on `device` (Triton on CUDA, or the interpreter)."""
+    if not _triton_importable():
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fam_filter_fused(x: Tensor, w_half: Tensor, depthwise: bool = False) -> Tensor:
+    """irfft2(mix(w_half, rfft2(x, ortho)), s=(S, S), ortho) for x (B, I, S, S) float32, S <= 32, in one
+    Triton kernel; w_half (I, O, S, S//2+1) complex64 (channel mixing) or (C, S, S//2+1) (depthwise)."""
+    return _ops.fam_filter_fused(x, w_half, depthwise, False)
