@@ -1,0 +1,436 @@
+"""Triton kernels of the spectral filters (DESIGN §3.4) and their launchers.
+
+- global_filter forward / backward: one streaming pass over (B, C, H, K) complex data, NCHW or
+  channels-last (GFNet's layout); the backward reads dy, xf once, writes dxf and reduces dw over the
+  batch in a fixed order (per-split partial sums, then one sum).
+- spectral_conv (forward and both gradients): a batched complex GEMM over the H*K frequencies,
+  out[m, n, f] = mask[f] * sum_k opA(A[m, k, f]) opB(B[k, n, f]); one program per (frequency,
+  m-tile, n-tile), four real tl.dot per k-step (the matrix units). fp32 dots use DOT_PRECISION
+  ("tf32x3" by default: three TF32 tensor-core products, about fp32 accuracy).
+- fam_filter_fused: the whole small-map chain rfft2 -> filter (channel mixing or depthwise, the
+  symmetrised half-plane weight with the mask folded in) -> irfft2 in one kernel, the DFTs as small
+  matmuls, so no (B, C, S, S//2+1) complex intermediate touches memory. For S <= 32.
+
+Importing this module imports triton; dctkd_ext imports it only when the Triton path runs. Under
+TRITON_INTERPRET=1 the kernels run on CPU tensors (tests), in fp32/fp64.
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# fp32 tl.dot precision on the GPU: "tf32x3" (tensor cores, ~fp32 accuracy), "ieee" (exact fp32 FMA,
+# no tensor cores) or "tf32" (fast, ~1e-3 relative: not within the fp32 tolerance of the tests).
+DOT_PRECISION = os.environ.get("DCTKD_TRITON_DOT_PRECISION", "tf32x3")
+if DOT_PRECISION not in ("tf32x3", "ieee", "tf32"):
+    raise ValueError(f"DCTKD_TRITON_DOT_PRECISION: expected tf32x3, ieee or tf32, got {DOT_PRECISION!r}")
+
+FUSED_MAX_SIZE = 32  # largest S of the fused small-map kernel
+_ACC_ELEMS = 4096  # complex accumulator elements per program in the fused kernel (registers)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float64 or _interpret():
+        return "ieee"
+    return DOT_PRECISION
+
+
+def _real_view(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t.resolve_conj().resolve_neg())
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------- global filter
+@triton.jit
+def _gf_fwd_kernel(x_ptr, w_ptr, m_ptr, y_ptr, total, N, HK, C,
+                   MASK_MODE: tl.constexpr, BLOCK: tl.constexpr):
+    # x, y: B*N complex values as (re, im) pairs; w: N; MASK_MODE 0: none, 1: mask[j % HK] (NCHW),
+    # 2: mask[j // C] (channels-last), j the index within a sample.
+    pid = tl.program_id(0)
+    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = idx < total
+    j = idx % N
+    two = tl.arange(0, 2)
+    xo = idx[:, None] * 2 + two[None, :]
+    x = tl.load(x_ptr + xo, mask=valid[:, None], other=0.0)
+    w = tl.load(w_ptr + j[:, None] * 2 + two[None, :], mask=valid[:, None], other=0.0)
+    xr, xi = tl.split(x)
+    wr, wi = tl.split(w)
+    yr = xr * wr - xi * wi
+    yi = xr * wi + xi * wr
+    if MASK_MODE == 1:
+        m = tl.load(m_ptr + j % HK, mask=valid, other=0.0)
+        yr = yr * m
+        yi = yi * m
+    elif MASK_MODE == 2:
+        m = tl.load(m_ptr + j // C, mask=valid, other=0.0)
+        yr = yr * m
+        yi = yi * m
+    tl.store(y_ptr + xo, tl.join(yr, yi), mask=valid[:, None])
+
+
+@triton.jit
+def _gf_bwd_kernel(g_ptr, x_ptr, w_ptr, m_ptr, dx_ptr, dw_ptr, B, N, HK, C, b_per_split,
+                   MASK_MODE: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr, BLOCK: tl.constexpr):
+    # dx[b, j] = g * conj(w[j]) * m; dw_part[split, j] = m * sum_{b in split} g * conj(x)
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    j = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = j < N
+    two = tl.arange(0, 2)
+    jo = j[:, None] * 2 + two[None, :]
+    if MASK_MODE == 1:
+        m = tl.load(m_ptr + j % HK, mask=valid, other=0.0)
+    elif MASK_MODE == 2:
+        m = tl.load(m_ptr + j // C, mask=valid, other=0.0)
+    else:
+        m = tl.full((BLOCK,), 1.0, w_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + jo, mask=valid[:, None], other=0.0)
+    wr, wi = tl.split(w)
+    wr = wr * m
+    wi = wi * m
+    acc_r = tl.zeros((BLOCK,), w_ptr.dtype.element_ty)
+    acc_i = tl.zeros((BLOCK,), w_ptr.dtype.element_ty)
+    b0 = split * b_per_split
+    b1 = tl.minimum(B, b0 + b_per_split)
+    b0_64 = split.to(tl.int64) * b_per_split
+    for b in range(b0, b1):
+        off = ((b0_64 + (b - b0)) * N) * 2 + jo
+        g = tl.load(g_ptr + off, mask=valid[:, None], other=0.0)
+        gr, gi = tl.split(g)
+        if NEED_X:
+            tl.store(dx_ptr + off, tl.join(gr * wr + gi * wi, gi * wr - gr * wi).to(g.dtype), mask=valid[:, None])
+        if NEED_W:
+            x = tl.load(x_ptr + off, mask=valid[:, None], other=0.0)
+            xr, xi = tl.split(x)
+            acc_r += gr * xr + gi * xi
+            acc_i += gi * xr - gr * xi
+    if NEED_W:
+        dwo = (split.to(tl.int64) * N) * 2 + jo
+        tl.store(dw_ptr + dwo, tl.join(acc_r * m, acc_i * m).to(w.dtype), mask=valid[:, None])
+
+
+def _gf_plan(xf: torch.Tensor):
+    """(channels_last, B, C, H, K, N) and the kernel-order view of a (B, C, H, K) logical tensor."""
+    cl = xf.dim() == 4 and not xf.is_contiguous() and xf.permute(0, 2, 3, 1).is_contiguous()
+    b, c, h, k = xf.shape
+    return cl, b, c, h, k, c * h * k
+
+
+def _gf_data(t: torch.Tensor, cl: bool) -> torch.Tensor:
+    t = t.resolve_conj().resolve_neg()
+    return t.permute(0, 2, 3, 1).contiguous() if cl else t.contiguous()
+
+
+def _gf_weight(w: torch.Tensor, cl: bool) -> torch.Tensor:
+    w = w.resolve_conj().resolve_neg()
+    return w.permute(1, 2, 0).contiguous() if cl else w.contiguous()
+
+
+def _gf_new_data(shape, cl, like):
+    b, c, h, k = shape
+    return torch.empty((b, h, k, c), dtype=like.dtype, device=like.device).permute(0, 3, 1, 2) if cl else \
+        torch.empty((b, c, h, k), dtype=like.dtype, device=like.device)
+
+
+def _mask_arg(mask, xf):
+    if mask is None:
+        return None
+    return mask.to(dtype=xf.real.dtype).contiguous()
+
+
+def global_filter(xf: torch.Tensor, w: torch.Tensor, mask=None) -> torch.Tensor:
+    cl, b, c, h, k, n = _gf_plan(xf)
+    y = _gf_new_data(xf.shape, cl, xf)
+    if y.numel() == 0:
+        return y
+    xd, wd, m = _gf_data(xf, cl), _gf_weight(w, cl), _mask_arg(mask, xf)
+    mode = 0 if m is None else (2 if cl else 1)
+    total = b * n
+    block = 1024
+    _gf_fwd_kernel[(triton.cdiv(total, block),)](
+        torch.view_as_real(xd), torch.view_as_real(wd), m if m is not None else torch.view_as_real(xd), torch.view_as_real(y),
+        total, n, h * k, c, MASK_MODE=mode, BLOCK=block, num_warps=4)
+    return y
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def global_filter_backward(grad, xf, w, mask, need_xf: bool, need_w: bool):
+    cl, b, c, h, k, n = _gf_plan(xf)
+    dx = _gf_new_data(xf.shape, cl, xf) if need_xf else xf.new_empty((0,))
+    if need_w:
+        dw = torch.empty((h, k, c), dtype=w.dtype, device=w.device).permute(2, 0, 1) if cl else \
+            torch.empty((c, h, k), dtype=w.dtype, device=w.device)
+    else:
+        dw = w.new_empty((0,))
+    if not (need_xf or need_w):
+        return dx, dw
+    if xf.numel() == 0:
+        if need_w:
+            dw.zero_()
+        return dx, dw
+    gd, xd, wd, m = _gf_data(grad, cl), _gf_data(xf, cl), _gf_weight(w, cl), _mask_arg(mask, xf)
+    mode = 0 if m is None else (2 if cl else 1)
+    block = 512
+    blocks = triton.cdiv(n, block)
+    # enough programs to fill the GPU: split the batch when there are few frequency blocks
+    splits = max(1, min(b, triton.cdiv(4 * _num_sms(xf.device), blocks))) if need_w else max(1, min(b, 64))
+    b_per = triton.cdiv(b, splits)
+    splits = triton.cdiv(b, b_per)
+    part = torch.empty((splits, n), dtype=w.dtype, device=w.device) if need_w else None
+    _gf_bwd_kernel[(blocks, splits)](
+        torch.view_as_real(gd), torch.view_as_real(xd), torch.view_as_real(wd),
+        m if m is not None else torch.view_as_real(xd),
+        torch.view_as_real(dx) if need_xf else torch.view_as_real(gd),
+        torch.view_as_real(part) if need_w else torch.view_as_real(gd),
+        b, n, h * k, c, b_per, MASK_MODE=mode, NEED_X=need_xf, NEED_W=need_w, BLOCK=block, num_warps=4)
+    if need_w:
+        red = part[0] if splits == 1 else part.sum(0)
+        if cl:
+            dw.permute(1, 2, 0).copy_(red.view(h, k, c))
+        else:
+            dw.copy_(red.view(c, h, k))
+    return dx, dw
+
+
+# ---------------------------------------------------------------------------------------- spectral conv
+@triton.jit
+def _cgemm_freq_kernel(a_ptr, b_ptr, m_ptr, o_ptr, M, N, K, F, sAm, sAk, sBk, sBn,
+                       CONJ_A: tl.constexpr, CONJ_B: tl.constexpr, HAS_MASK: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    # out[m, n, f] = mask[f] * sum_k opA(A[m, k, f]) * opB(B[k, n, f]); strides in complex elements,
+    # the frequency contiguous; out contiguous (M, N, F). One program: one frequency, a BM x BN tile.
+    f = tl.program_id(0).to(tl.int64)
+    rm = tl.program_id(1).to(tl.int64) * BM + tl.arange(0, BM)
+    rn = tl.program_id(2).to(tl.int64) * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc_r = tl.zeros((BM, BN), tl.float32 if o_ptr.dtype.element_ty == tl.float32 else tl.float64)
+    acc_i = tl.zeros((BM, BN), tl.float32 if o_ptr.dtype.element_ty == tl.float32 else tl.float64)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        a_off = (rm[:, None] * sAm + kk[None, :] * sAk + f) * 2
+        a_msk = (rm[:, None] < M) & (kk[None, :] < K)
+        ar = tl.load(a_ptr + a_off, mask=a_msk, other=0.0)
+        ai = tl.load(a_ptr + a_off + 1, mask=a_msk, other=0.0)
+        if CONJ_A:
+            ai = -ai
+        b_off = (kk[:, None] * sBk + rn[None, :] * sBn + f) * 2
+        b_msk = (kk[:, None] < K) & (rn[None, :] < N)
+        br = tl.load(b_ptr + b_off, mask=b_msk, other=0.0)
+        bi = tl.load(b_ptr + b_off + 1, mask=b_msk, other=0.0)
+        if CONJ_B:
+            bi = -bi
+        acc_r = tl.dot(ar, br, acc_r, input_precision=PREC)
+        acc_r = tl.dot(-ai, bi, acc_r, input_precision=PREC)
+        acc_i = tl.dot(ar, bi, acc_i, input_precision=PREC)
+        acc_i = tl.dot(ai, br, acc_i, input_precision=PREC)
+    if HAS_MASK:
+        mv = tl.load(m_ptr + f)
+        acc_r = acc_r * mv
+        acc_i = acc_i * mv
+    o_off = ((rm[:, None] * N + rn[None, :]) * F + f) * 2
+    o_msk = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(o_ptr + o_off, acc_r, mask=o_msk)
+    tl.store(o_ptr + o_off + 1, acc_i, mask=o_msk)
+
+
+def _tile(n: int, cap: int = 64) -> int:
+    return max(16, min(cap, _next_pow2(n)))
+
+
+def _cgemm_freq(a, sAm, sAk, b, sBk, sBn, mask, out, M, N, K, F, conj_a, conj_b):
+    if out.numel() == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    bm, bn, bk = _tile(M), _tile(N), _tile(K, 32)
+    grid = (F, triton.cdiv(M, bm), triton.cdiv(N, bn))
+    ar, br_ = _real_view(a), _real_view(b)
+    _cgemm_freq_kernel[grid](
+        ar, br_, mask if mask is not None else ar, torch.view_as_real(out), M, N, K, F, sAm, sAk, sBk, sBn,
+        CONJ_A=conj_a, CONJ_B=conj_b, HAS_MASK=mask is not None, BM=bm, BN=bn, BK=bk,
+        PREC=_precision(ar.dtype), num_warps=4)
+    return out
+
+
+def spectral_conv(xf, w, mask=None):
+    b, i, h, k = xf.shape
+    o = w.shape[1]
+    f = h * k
+    x, wc, m = xf.resolve_conj().contiguous(), w.resolve_conj().contiguous(), _mask_arg(mask, xf)
+    y = torch.empty((b, o, h, k), dtype=xf.dtype, device=xf.device)
+    return _cgemm_freq(x, i * f, f, wc, o * f, f, m, y, b, o, i, f, False, False)
+
+
+def spectral_conv_backward(grad, xf, w, mask, need_xf: bool, need_w: bool):
+    b, i, h, k = xf.shape
+    o = w.shape[1]
+    f = h * k
+    g, x, wc, m = (grad.resolve_conj().contiguous(), xf.resolve_conj().contiguous(), w.resolve_conj().contiguous(),
+                   _mask_arg(mask, xf))
+    dx = xf.new_empty((0,))
+    dw = w.new_empty((0,))
+    if need_xf:  # dx[b, i] = sum_o g[b, o] conj(w[i, o])
+        dx = _cgemm_freq(g, o * f, f, wc, f, o * f, m, torch.empty_like(x), b, i, o, f, False, True)
+    if need_w:  # dw[i, o] = sum_b conj(x[b, i]) g[b, o]
+        dw = _cgemm_freq(x, f, i * f, g, o * f, f, m, torch.empty_like(wc), i, o, b, f, True, False)
+    return dx, dw
+
+
+# ------------------------------------------------------------------------------ fused small-map filter
+@triton.jit
+def _trig(rows, cols, n_rows, n_cols, S, scale):
+    # cos/sin(2 pi (r * c mod S) / S) * scale on a (R, C) grid, zero outside [0, n_rows) x [0, n_cols)
+    p = (rows[:, None] * cols[None, :]) % S
+    ang = p.to(tl.float32) * (6.283185307179586 / S)
+    keep = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.where(keep, tl.cos(ang) * scale, 0.0), tl.where(keep, tl.sin(ang) * scale, 0.0)
+
+
+@triton.jit
+def _fwd_dft(x, S, K, SP: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr):
+    # x: (NB, SP, SP) real [n, h, w], zero outside S x S  ->  X^T = rfft2(x, ortho)^T: (NB, KP, SP) [n, k, m]
+    NB: tl.constexpr = x.shape[0]
+    inv = 1.0 / tl.sqrt(S.to(tl.float32))
+    sp = tl.arange(0, SP)
+    kp = tl.arange(0, KP)
+    cw, sw = _trig(sp, kp, S, K, S, inv)  # (SP_w, KP): along w
+    ch, sh = _trig(sp, sp, S, S, S, inv)  # (SP, SP): along h, symmetric
+    x2 = tl.reshape(x, (NB * SP, SP))
+    tr = tl.dot(x2, cw, input_precision=PREC)  # T[n, h, k] = sum_w x e^{-2 pi i wk/S}
+    ti = -tl.dot(x2, sw, input_precision=PREC)
+    tr = tl.reshape(tl.permute(tl.reshape(tr, (NB, SP, KP)), (0, 2, 1)), (NB * KP, SP))  # [n, k, h]
+    ti = tl.reshape(tl.permute(tl.reshape(ti, (NB, SP, KP)), (0, 2, 1)), (NB * KP, SP))
+    # X^T[n, k, m] = sum_h T^T[n, k, h] (cos - i sin)(2 pi hm / S)
+    xr = tl.dot(tr, ch, input_precision=PREC)
+    xr = tl.dot(ti, sh, xr, input_precision=PREC)
+    xi = tl.dot(ti, ch, input_precision=PREC)
+    xi = tl.dot(-tr, sh, xi, input_precision=PREC)
+    return tl.reshape(xr, (NB, KP, SP)), tl.reshape(xi, (NB, KP, SP))
+
+
+@triton.jit
+def _inv_dft(yr, yi, S, K, SP: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr):
+    # Y^T (NB, KP, SP) [n, k, m] on the half plane -> irfft2(Y, s=(S, S), ortho): (NB, SP, SP) [n, h, w]
+    NB: tl.constexpr = yr.shape[0]
+    inv = 1.0 / tl.sqrt(S.to(tl.float32))
+    sp = tl.arange(0, SP)
+    kp = tl.arange(0, KP)
+    ch, sh = _trig(sp, sp, S, S, S, inv)
+    ci, si = _trig(kp, sp, K, S, S, inv)  # (KP, SP_w)
+    # c2r weights: the columns k = 1 .. ceil(S/2)-1 stand for two conjugate frequencies
+    ck = tl.where((kp == 0) | (2 * kp == S), 1.0, 2.0)
+    ci = ci * ck[:, None]
+    si = si * ck[:, None]
+    yr2 = tl.reshape(yr, (NB * KP, SP))
+    yi2 = tl.reshape(yi, (NB * KP, SP))
+    # U^T[n, k, h] = sum_m Y^T[n, k, m] (cos + i sin)(2 pi mh / S)
+    ur = tl.dot(yr2, ch, input_precision=PREC)
+    ur = tl.dot(-yi2, sh, ur, input_precision=PREC)
+    ui = tl.dot(yi2, ch, input_precision=PREC)
+    ui = tl.dot(yr2, sh, ui, input_precision=PREC)
+    ur = tl.reshape(tl.permute(tl.reshape(ur, (NB, KP, SP)), (0, 2, 1)), (NB * SP, KP))  # [n, h, k]
+    ui = tl.reshape(tl.permute(tl.reshape(ui, (NB, KP, SP)), (0, 2, 1)), (NB * SP, KP))
+    # y[n, h, w] = sum_k c_k (Ur cos - Ui sin)(2 pi kw / S)   (Im of the k = 0 and S/2 columns drops out)
+    y = tl.dot(ur, ci, input_precision=PREC)
+    y = tl.dot(-ui, si, y, input_precision=PREC)
+    return tl.reshape(y, (NB, SP, SP))
+
+
+@triton.jit
+def _fam_fused_kernel(x_ptr, w_ptr, y_ptr, I, O, S, K, sWi, sWo,
+                      DEPTHWISE: tl.constexpr, CONJ: tl.constexpr, OT: tl.constexpr,
+                      SP: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr):
+    # y[b, o] = irfft2(sum_i W[i, o] * rfft2(x[b, i]))  (channel mixing), or
+    # y[b, c] = irfft2(W[c] * rfft2(x[b, c]))          (depthwise, I == O), all ortho, S x S maps.
+    # W is the half-plane weight (..., S, K) complex (mask and symmetrisation folded in), read at
+    # element offset i * sWi + o * sWo + m * K + k, conjugated when CONJ (the adjoint for dx).
+    b = tl.program_id(0).to(tl.int64)
+    o = tl.program_id(1) * OT + tl.arange(0, OT)
+    sp = tl.arange(0, SP)
+    kp = tl.arange(0, KP)
+    o_ok = o < O
+    # the weight tile in the frequency order of the kernel: [o, k, m]
+    w_off = o.to(tl.int64)[:, None, None] * sWo + kp[None, :, None] + sp[None, None, :] * K
+    w_msk = o_ok[:, None, None] & (kp[None, :, None] < K) & (sp[None, None, :] < S)
+    map_msk = (sp[:, None] < S) & (sp[None, :] < S)
+    if DEPTHWISE:
+        x_off = ((b * O + o.to(tl.int64))[:, None, None] * S + sp[None, :, None]) * S + sp[None, None, :]
+        x = tl.load(x_ptr + x_off, mask=o_ok[:, None, None] & map_msk[None, :, :], other=0.0)
+        xr, xi = _fwd_dft(x, S, K, SP, KP, PREC)
+        wr = tl.load(w_ptr + w_off * 2, mask=w_msk, other=0.0)
+        wi = tl.load(w_ptr + w_off * 2 + 1, mask=w_msk, other=0.0)
+        if CONJ:
+            wi = -wi
+        acc_r = xr * wr - xi * wi
+        acc_i = xr * wi + xi * wr
+    else:
+        acc_r = tl.zeros((OT, KP, SP), tl.float32)
+        acc_i = tl.zeros((OT, KP, SP), tl.float32)
+        for i in range(I):
+            x_off = ((b * I + i) * S + sp[:, None]) * S + sp[None, :]
+            x = tl.load(x_ptr + x_off, mask=map_msk, other=0.0)
+            xr, xi = _fwd_dft(x[None, :, :], S, K, SP, KP, PREC)
+            wo = (i * sWi + w_off) * 2
+            wr = tl.load(w_ptr + wo, mask=w_msk, other=0.0)
+            wi = tl.load(w_ptr + wo + 1, mask=w_msk, other=0.0)
+            if CONJ:
+                wi = -wi
+            acc_r += xr * wr - xi * wi
+            acc_i += xr * wi + xi * wr
+    y = _inv_dft(acc_r, acc_i, S, K, SP, KP, PREC)
+    y_off = ((b * O + o.to(tl.int64))[:, None, None] * S + sp[None, :, None]) * S + sp[None, None, :]
+    tl.store(y_ptr + y_off, y, mask=o_ok[:, None, None] & map_msk[None, :, :])
+
+
+def fused_tiles(size: int, out_channels: int):
+    """(SP, KP, OT): padded map size, padded half-plane width (both >= 16 for tl.dot) and the output
+    channels per program (the complex accumulator OT x KP x SP stays within _ACC_ELEMS)."""
+    sp = max(16, _next_pow2(size))
+    kp = max(16, _next_pow2(size // 2 + 1))
+    ot = max(1, min(_next_pow2(out_channels), _ACC_ELEMS // (sp * kp)))
+    return sp, kp, ot
+
+
+def fam_filter_fused(x: torch.Tensor, w: torch.Tensor, depthwise: bool, adjoint: bool) -> torch.Tensor:
+    """x (B, I, S, S) float32 -> (B, O, S, S) float32: irfft2(mix(W, rfft2(x, ortho)), s=(S, S), ortho).
+    w: (I, O, S, S//2+1) complex64 (channel mixing) or (C, S, S//2+1) (depthwise). adjoint=True applies
+    the adjoint map (the input gradient): the weight read as conj(w) with in/out swapped."""
+    b, i, s, _ = x.shape
+    k = s // 2 + 1
+    x = x.contiguous()
+    wv = _real_view(w.contiguous())
+    if depthwise:
+        o = i
+        s_wi, s_wo = 0, s * k
+    elif adjoint:
+        o = w.shape[0]
+        s_wi, s_wo = s * k, w.shape[1] * s * k
+    else:
+        o = w.shape[1]
+        s_wi, s_wo = o * s * k, s * k
+    y = torch.empty((b, o, s, s), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    if i == 0:
+        return y.zero_()
+    sp, kp, ot = fused_tiles(s, o)
+    grid = (b, triton.cdiv(o, ot))
+    _fam_fused_kernel[grid](x, wv, y, i, o, s, k, s_wi, s_wo, DEPTHWISE=depthwise, CONJ=adjoint, OT=ot,
+                            SP=sp, KP=kp, PREC=_precision(x.dtype), num_warps=8 if sp * kp * ot >= 4096 else 4)
+    return y
