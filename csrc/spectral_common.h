@@ -67,6 +67,33 @@ inline void check_grad(const at::Tensor& grad, at::IntArrayRef expected, const a
   TORCH_CHECK(grad.device() == xf.device(), "grad: expected a tensor on ", xf.device(), ", got one on ", grad.device());
 }
 
+// global_filter's data as the kernels read them. Data: B samples of R rows of L complex values, w: R rows
+// of L. NCHW: rows are channels (R = C, L = H*K); channels-last: rows are frequencies (R = H*K, L = C).
+// Tensors in the order the kernels read them: (B, C, H, K) or, channels-last, (B, H, K, C).
+struct GfPlan {
+  bool channels_last;
+  int64_t B, C, H, K, R, L;
+  explicit GfPlan(const at::Tensor& xf)
+      : channels_last(gf_channels_last(xf)), B(xf.size(0)), C(xf.size(1)), H(xf.size(2)), K(xf.size(3)) {
+    R = channels_last ? H * K : C;
+    L = channels_last ? C : H * K;
+  }
+  at::Tensor data(const at::Tensor& t) const {  // (B, C, H, K) logical -> kernel order, contiguous
+    const at::Tensor r = resolved(t);
+    return channels_last ? r.permute({0, 2, 3, 1}).contiguous() : r.contiguous();
+  }
+  at::Tensor weight(const at::Tensor& w) const {  // (C, H, K) logical -> kernel order, contiguous
+    const at::Tensor r = resolved(w);
+    return channels_last ? r.permute({1, 2, 0}).contiguous() : r.contiguous();
+  }
+  at::Tensor new_data(const at::TensorOptions& o) const {  // (B, C, H, K) logical, in kernel order
+    return channels_last ? at::empty({B, H, K, C}, o).permute({0, 3, 1, 2}) : at::empty({B, C, H, K}, o);
+  }
+  at::Tensor new_weight(const at::TensorOptions& o) const {  // (C, H, K) logical, in kernel order
+    return channels_last ? at::empty({H, K, C}, o).permute({2, 0, 1}) : at::empty({C, H, K}, o);
+  }
+};
+
 // The placeholder returned for an output that was not asked for (need_xf / need_w false).
 inline at::Tensor not_needed(const at::Tensor& like) { return at::empty({0}, like.options()); }
 

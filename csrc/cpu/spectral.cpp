@@ -94,31 +94,6 @@ void gf_backward(const T* g, const T* x, const T* w, const T* mask, T* dx, T* dw
   });
 }
 
-// Tensors in the order the kernels read them: (B, C, H, K) or, channels-last, (B, H, K, C).
-struct GfPlan {
-  bool channels_last;
-  int64_t B, C, H, K, R, L;
-  explicit GfPlan(const at::Tensor& xf)
-      : channels_last(gf_channels_last(xf)), B(xf.size(0)), C(xf.size(1)), H(xf.size(2)), K(xf.size(3)) {
-    R = channels_last ? H * K : C;
-    L = channels_last ? C : H * K;
-  }
-  at::Tensor data(const at::Tensor& t) const {  // (B, C, H, K) logical -> kernel order, contiguous
-    const at::Tensor r = resolved(t);
-    return channels_last ? r.permute({0, 2, 3, 1}).contiguous() : r.contiguous();
-  }
-  at::Tensor weight(const at::Tensor& w) const {  // (C, H, K) logical -> kernel order, contiguous
-    const at::Tensor r = resolved(w);
-    return channels_last ? r.permute({1, 2, 0}).contiguous() : r.contiguous();
-  }
-  at::Tensor new_data(const at::TensorOptions& o) const {  // (B, C, H, K) logical, in kernel order
-    return channels_last ? at::empty({B, H, K, C}, o).permute({0, 3, 1, 2}) : at::empty({B, C, H, K}, o);
-  }
-  at::Tensor new_weight(const at::TensorOptions& o) const {  // (C, H, K) logical, in kernel order
-    return channels_last ? at::empty({H, K, C}, o).permute({2, 0, 1}) : at::empty({C, H, K}, o);
-  }
-};
-
 template <typename F>
 void dispatch_complex(at::ScalarType t, const char* name, F&& f) {
   if (t == at::kComplexFloat) f(float(0));

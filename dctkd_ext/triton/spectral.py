@@ -99,8 +99,8 @@ def _gf_bwd_kernel(g_ptr, x_ptr, w_ptr, m_ptr, dx_ptr, dw_ptr, B, N, HK, C, b_pe
     wr, wi = tl.split(w)
     wr = wr * m
     wi = wi * m
-    acc_r = tl.zeros((BLOCK,), w_ptr.dtype.element_ty)
-    acc_i = tl.zeros((BLOCK,), w_ptr.dtype.element_ty)
+    acc_r = tl.full((BLOCK,), 0.0, w_ptr.dtype.element_ty)
+    acc_i = tl.full((BLOCK,), 0.0, w_ptr.dtype.element_ty)
     b0 = split * b_per_split
     b1 = tl.minimum(B, b0 + b_per_split)
     b0_64 = split.to(tl.int64) * b_per_split
@@ -219,8 +219,8 @@ def _cgemm_freq_kernel(a_ptr, b_ptr, m_ptr, o_ptr, M, N, K, F, sAm, sAk, sBk, sB
     rm = tl.program_id(1).to(tl.int64) * BM + tl.arange(0, BM)
     rn = tl.program_id(2).to(tl.int64) * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    acc_r = tl.zeros((BM, BN), tl.float32 if o_ptr.dtype.element_ty == tl.float32 else tl.float64)
-    acc_i = tl.zeros((BM, BN), tl.float32 if o_ptr.dtype.element_ty == tl.float32 else tl.float64)
+    acc_r = tl.full((BM, BN), 0.0, tl.float32 if o_ptr.dtype.element_ty == tl.float32 else tl.float64)
+    acc_i = tl.full((BM, BN), 0.0, tl.float32 if o_ptr.dtype.element_ty == tl.float32 else tl.float64)
     for k0 in range(0, K, BK):
         kk = k0 + rk
         a_off = (rm[:, None] * sAm + kk[None, :] * sAk + f) * 2
@@ -380,8 +380,8 @@ def _fam_fused_kernel(x_ptr, w_ptr, y_ptr, I, O, S, K, sWi, sWo,
         acc_r = xr * wr - xi * wi
         acc_i = xr * wi + xi * wr
     else:
-        acc_r = tl.zeros((OT, KP, SP), tl.float32)
-        acc_i = tl.zeros((OT, KP, SP), tl.float32)
+        acc_r = tl.full((OT, KP, SP), 0.0, tl.float32)
+        acc_i = tl.full((OT, KP, SP), 0.0, tl.float32)
         for i in range(I):
             x_off = ((b * I + i) * S + sp[:, None]) * S + sp[None, :]
             x = tl.load(x_ptr + x_off, mask=map_msk, other=0.0)
