@@ -20,4 +20,12 @@ TORCH_LIBRARY_FRAGMENT(dctkd_ext, m) {
   m.def(
       "spectral_conv_backward(Tensor grad, Tensor xf, Tensor w, Tensor? mask, bool need_xf, bool need_w) "
       "-> (Tensor, Tensor)");
+  // The FAM filter on the rfft half plane (DESIGN §3.4): w (..., H, W) complex ->
+  // W'[..., m, k] = (M[m, k] w[..., m, k] + conj(M[-m, -k] w[..., -m, -k])) / 2 for k <= W/2, with M the
+  // high-pass box of `cuton` (r = int(cuton * int(N / 2)) per dim, indices -r..r-1 zeroed in both dims).
+  // For real x, Re(ifft2(M * w * fft2(x))) == irfft2(W' * rfft2(x)).
+  m.def("fam_half_weight(Tensor w, float cuton) -> Tensor");
+  // Its backward (PyTorch's convention), a gather: dw[p, q] = M[p, q] / 2 *
+  // ([q < K] grad[p, q] + [-q mod W < K] conj(grad[-p, -q])), K = width // 2 + 1.
+  m.def("fam_half_weight_backward(Tensor grad, float cuton, int width) -> Tensor");
 }

@@ -94,6 +94,21 @@ struct GfPlan {
   }
 };
 
+inline void check_half_weight(const at::Tensor& w, double cuton) {
+  TORCH_CHECK(is_complex_kernel_dtype(w.scalar_type()), "w: expected a complex64 (or complex128) tensor, got ",
+              w.scalar_type());
+  TORCH_CHECK(w.dim() >= 2, "w: expected a tensor (..., H, W) with at least 2 dims, got shape ", w.sizes());
+  TORCH_CHECK(cuton >= 0.0 && cuton <= 1.0, "cuton: expected a number in [0, 1], got ", cuton);
+}
+
+inline void check_half_weight_grad(const at::Tensor& g, double cuton, int64_t width) {
+  TORCH_CHECK(is_complex_kernel_dtype(g.scalar_type()), "grad: expected a complex64 (or complex128) tensor, got ",
+              g.scalar_type());
+  TORCH_CHECK(g.dim() >= 2 && width >= 1 && g.size(-1) == width / 2 + 1, "grad: expected a tensor (..., H, ",
+              width / 2 + 1, ") for width ", width, ", got shape ", g.sizes());
+  TORCH_CHECK(cuton >= 0.0 && cuton <= 1.0, "cuton: expected a number in [0, 1], got ", cuton);
+}
+
 // The placeholder returned for an output that was not asked for (need_xf / need_w false).
 inline at::Tensor not_needed(const at::Tensor& like) { return at::empty({0}, like.options()); }
 

@@ -213,6 +213,25 @@ def test_half_plane_form_is_exact(size, cuton, gen):
     assert torch.equal(centred, box)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (7, 7), (8, 8), (20, 20), (21, 21), (6, 9)])
+def test_fam_half_weight_op(backend, shape, gen):
+    name, device = backend
+    w = crandn(3, 2, *shape, dtype=torch.complex128, generator=gen).to(device).requires_grad_()
+    wr = w.detach().cpu().requires_grad_()
+    for cuton in (0.0, 0.1, 0.5, 1.0):
+        out = sp.fam_half_weight(w, cuton)
+        ref = R.fam_half_weight(wr, cuton)
+        assert_rel(out.cpu(), ref.detach(), 1e-14, f"fam_half_weight cuton={cuton}")
+        g = crandn(*ref.shape, dtype=torch.complex128, generator=gen)
+        (d,), (dr,) = torch.autograd.grad(out, w, g.to(device)), torch.autograd.grad(ref, wr, g)
+        assert_rel(d.cpu(), dr, 1e-14, f"fam_half_weight backward cuton={cuton}")
+    if name == "cpu":
+        assert torch.autograd.gradcheck(lambda t: sp.fam_half_weight(t, 0.5), (w.detach()[:, :, :5, :5].requires_grad_(),))
+        torch.library.opcheck(torch.ops.dctkd_ext.fam_half_weight.default, (w, 0.3))
+        torch.library.opcheck(torch.ops.dctkd_ext.fam_half_weight_backward.default,
+                              (crandn(2, *shape[:1], shape[1] // 2 + 1, generator=gen), 0.3, shape[1]))
+
+
 def _released_and_ours(cin, cout, size, cuton, dtype, mix="channel", seed=0):
     torch.manual_seed(seed)
     ref = R.ReleasedFAM(cin, cout, size)
@@ -445,6 +464,10 @@ def test_bad_inputs(gen):
         dctkd_ext.global_filter(xf, w, torch.ones(4, 3, dtype=torch.complex64))
     with pytest.raises(TypeError, match=r"xf: expected a .*got list"):
         dctkd_ext.global_filter([1.0], w)
+    with pytest.raises(ValueError, match=r"cuton: expected a number in \[0, 1\]"):
+        sp.fam_half_weight(crandn(3, 4, 4, generator=gen), -0.1)
+    with pytest.raises(RuntimeError, match=r"cuton: expected a number in \[0, 1\]"):
+        torch.ops.dctkd_ext.fam_half_weight(crandn(3, 4, 4, generator=gen), 2.0)
     # the C++ ops check too when called directly
     with pytest.raises(RuntimeError, match=r"w: expected shape"):
         torch.ops.dctkd_ext.spectral_conv(xf, crandn(2, 5, 4, 3, generator=gen), None)

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../spectral_common.h"
+#include "../spectral_math.h"
 
 namespace dctkd {
 namespace cpu {
@@ -320,11 +321,96 @@ std::tuple<at::Tensor, at::Tensor> spectral_conv_backward_cpu(const at::Tensor& 
   return {dx, dw};
 }
 
+// ---------------------------------------------------------------------------------- fam_half_weight
+// P planes of (H, W) -> (H, K); both directions are gathers, one pass, parallel over planes x rows.
+template <typename T>
+void half_weight_forward(const T* w, T* out, int64_t P, int64_t H, int64_t W, int64_t rh, int64_t rw) {
+  const int64_t K = W / 2 + 1;
+  at::parallel_for(0, P * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t pr = begin; pr < end; ++pr) {
+      const int64_t pl = pr / H, m = pr % H, nm = mirror(m, H);
+      const T* plane = w + 2 * pl * H * W;
+      T* o = out + 2 * pr * K;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t nk = mirror(k, W);
+        const T a = fam_keep(m, k, H, W, rh, rw) ? T(0.5) : T(0);
+        const T b = fam_keep(nm, nk, H, W, rh, rw) ? T(0.5) : T(0);
+        const T* p = plane + 2 * (m * W + k);
+        const T* q = plane + 2 * (nm * W + nk);
+        o[2 * k] = a * p[0] + b * q[0];
+        o[2 * k + 1] = a * p[1] - b * q[1];
+      }
+    }
+  });
+}
+
+template <typename T>
+void half_weight_backward(const T* g, T* out, int64_t P, int64_t H, int64_t W, int64_t rh, int64_t rw) {
+  const int64_t K = W / 2 + 1;
+  at::parallel_for(0, P * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(W, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t pr = begin; pr < end; ++pr) {
+      const int64_t pl = pr / H, p = pr % H, np = mirror(p, H);
+      const T* plane = g + 2 * pl * H * K;
+      T* o = out + 2 * pr * W;
+      for (int64_t q = 0; q < W; ++q) {
+        T re = 0, im = 0;
+        if (fam_keep(p, q, H, W, rh, rw)) {
+          if (q < K) {
+            re += plane[2 * (p * K + q)];
+            im += plane[2 * (p * K + q) + 1];
+          }
+          const int64_t nq = mirror(q, W);
+          if (nq < K) {
+            re += plane[2 * (np * K + nq)];
+            im -= plane[2 * (np * K + nq) + 1];
+          }
+        }
+        o[2 * q] = T(0.5) * re;
+        o[2 * q + 1] = T(0.5) * im;
+      }
+    }
+  });
+}
+
+at::Tensor fam_half_weight_cpu(const at::Tensor& w_in, double cuton) {
+  check_half_weight(w_in, cuton);
+  const at::Tensor w = resolved(w_in).contiguous();
+  const int64_t H = w.size(-2), W = w.size(-1), K = W / 2 + 1;
+  std::vector<int64_t> shape(w.sizes().begin(), w.sizes().end());
+  shape.back() = K;
+  at::Tensor out = at::empty(shape, w.options());
+  if (out.numel() == 0) return out;
+  const int64_t P = w.numel() / (H * W);
+  dispatch_complex(w.scalar_type(), "fam_half_weight", [&](auto tag) {
+    using T = decltype(tag);
+    half_weight_forward<T>(real_ptr<T>(w), real_ptr<T>(out), P, H, W, fam_radius(H, cuton), fam_radius(W, cuton));
+  });
+  return out;
+}
+
+at::Tensor fam_half_weight_backward_cpu(const at::Tensor& g_in, double cuton, int64_t width) {
+  check_half_weight_grad(g_in, cuton, width);
+  const at::Tensor g = resolved(g_in).contiguous();
+  const int64_t H = g.size(-2), W = width;
+  std::vector<int64_t> shape(g.sizes().begin(), g.sizes().end());
+  shape.back() = W;
+  at::Tensor out = at::empty(shape, g.options());
+  if (out.numel() == 0) return out;
+  const int64_t P = out.numel() / (H * W);
+  dispatch_complex(g.scalar_type(), "fam_half_weight_backward", [&](auto tag) {
+    using T = decltype(tag);
+    half_weight_backward<T>(real_ptr<T>(g), real_ptr<T>(out), P, H, W, fam_radius(H, cuton), fam_radius(W, cuton));
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace dctkd
 
 TORCH_LIBRARY_IMPL(dctkd_ext, CPU, m) {
+  m.impl("fam_half_weight", &dctkd::cpu::fam_half_weight_cpu);
+  m.impl("fam_half_weight_backward", &dctkd::cpu::fam_half_weight_backward_cpu);
   m.impl("global_filter", &dctkd::cpu::global_filter_cpu);
   m.impl("global_filter_backward", &dctkd::cpu::global_filter_backward_cpu);
   m.impl("spectral_conv", &dctkd::cpu::spectral_conv_cpu);

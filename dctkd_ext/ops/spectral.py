@@ -247,35 +247,68 @@ def spectral_conv(xf: Tensor, w: Tensor, mask: Optional[Tensor] = None) -> Tenso
 
 
 # ------------------------------------------------------------------------------- FAM filter pieces
-_index_cache = {}
-
-
-def _neg_index(size: int, device) -> Tensor:
-    key = (size, str(device))
-    idx = _index_cache.get(key)
-    if idx is None:
-        idx = (-torch.arange(size, device=device)) % size
-        _index_cache[key] = idx
-    return idx
-
-
 def fam_mask_radius(n: int, cuton: float) -> int:
     """r of the FAM high-pass box for one dim of size n: int(cuton * int(n / 2)) as the released code."""
     return int(cuton * int(n / 2))
 
 
+def _half_weight_fake(w, cuton):
+    return w.new_empty(tuple(w.shape[:-1]) + (w.shape[-1] // 2 + 1,))
+
+
+def _half_weight_backward_fake(grad, cuton, width):
+    return grad.new_empty(tuple(grad.shape[:-1]) + (width,))
+
+
+@torch.library.custom_op("dctkd_ext::fam_half_weight_triton", mutates_args=())
+def _fam_half_weight_triton(w: Tensor, cuton: float) -> Tensor:
+    from ..triton import spectral as ts
+
+    return ts.fam_half_weight(w, cuton)
+
+
+@torch.library.custom_op("dctkd_ext::fam_half_weight_backward_triton", mutates_args=())
+def _fam_half_weight_backward_triton(grad: Tensor, cuton: float, width: int) -> Tensor:
+    from ..triton import spectral as ts
+
+    return ts.fam_half_weight_backward(grad, cuton, width)
+
+
+for _name, _fake in (("fam_half_weight", _half_weight_fake), ("fam_half_weight_triton", _half_weight_fake),
+                     ("fam_half_weight_backward", _half_weight_backward_fake),
+                     ("fam_half_weight_backward_triton", _half_weight_backward_fake)):
+    torch.library.register_fake(f"dctkd_ext::{_name}")(_fake)
+
+
+def _half_weight_setup(ctx, inputs, output):
+    w, cuton = inputs
+    ctx.cuton, ctx.width = cuton, w.shape[-1]
+
+
+torch.library.register_autograd(
+    "dctkd_ext::fam_half_weight",
+    lambda ctx, g: (_ops.fam_half_weight_backward(g, ctx.cuton, ctx.width), None), setup_context=_half_weight_setup)
+torch.library.register_autograd(
+    "dctkd_ext::fam_half_weight_triton",
+    lambda ctx, g: (_ops.fam_half_weight_backward_triton(g, ctx.cuton, ctx.width), None),
+    setup_context=_half_weight_setup)
+
+
 def fam_half_weight(weights: Tensor, cuton: float) -> Tensor:
-    """W'(k) = (M(k) W(k) + conj(M(-k) W(-k))) / 2 on the rfft half plane (DESIGN §3.4), differentiable
-    in weights. weights: (..., S, S) complex -> (..., S, S//2+1). Equals reference.fam_half_weight."""
-    sh, sw = weights.shape[-2:]
-    kw = sw // 2 + 1
-    rh, rw = fam_mask_radius(sh, cuton), fam_mask_radius(sw, cuton)
-    mw = weights
-    if rh > 0 and rw > 0:
-        mw = weights * reference.fam_highpass_mask(sh, sw, cuton, weights.real.dtype, weights.device)
-    ih, iw = _neg_index(sh, weights.device), _neg_index(sw, weights.device)[:kw]
-    neg = mw[..., ih[:, None], iw[None, :]]
-    return 0.5 * (mw[..., :kw] + neg.conj())
+    """W'(k) = (M(k) W(k) + conj(M(-k) W(-k))) / 2 on the rfft half plane (DESIGN §3.4), one pass each way,
+    differentiable in weights. weights: (..., S_h, S_w) complex -> (..., S_h, S_w//2+1). Equals
+    reference.fam_half_weight."""
+    if isinstance(weights, torch.Tensor) and weights.dim() < 2:
+        raise ValueError(f"weights: expected at least 2 dims (..., H, W), got shape {tuple(weights.shape)}")
+    _check_complex(weights, "weights", getattr(weights, "ndim", 2), "(..., H, W)")
+    if isinstance(cuton, bool) or not isinstance(cuton, (int, float)) or not 0.0 <= cuton <= 1.0:
+        raise ValueError(f"cuton: expected a number in [0, 1], got {cuton!r}")
+    backend = resolve_backend(weights.device)
+    if backend == "reference":
+        return reference.fam_half_weight(weights, cuton)
+    if backend == "triton":
+        return _ops.fam_half_weight_triton(weights, float(cuton))
+    return _ops.fam_half_weight(weights, float(cuton))
 
 
 # The fused small-map filter rfft2 -> filter -> irfft2 in one Triton kernel (dctkd_ext/triton/spectral.py).

@@ -434,3 +434,86 @@ def fam_filter_fused(x: torch.Tensor, w: torch.Tensor, depthwise: bool, adjoint:
     _fam_fused_kernel[grid](x, wv, y, i, o, s, k, s_wi, s_wo, DEPTHWISE=depthwise, CONJ=adjoint, OT=ot,
                             SP=sp, KP=kp, PREC=_precision(x.dtype), num_warps=8 if sp * kp * ot >= 4096 else 4)
     return y
+
+
+# --------------------------------------------------------------------------------- FAM half-plane weight
+@triton.jit
+def _fam_keep(p, q, H, W, RH, RW):
+    # M[p, q] of the FAM high-pass box (see csrc/spectral_math.h): 0 when both signed indices lie in -r..r-1
+    sp = tl.where(p >= H - H // 2, p - H, p)
+    sq = tl.where(q >= W - W // 2, q - W, q)
+    band = (sp >= -RH) & (sp <= RH - 1) & (sq >= -RW) & (sq <= RW - 1)
+    return band == 0
+
+
+@triton.jit
+def _half_weight_fwd_kernel(w_ptr, o_ptr, total, H, W, K, RH, RW, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = idx < total
+    k = idx % K
+    m = (idx // K) % H
+    pl = idx // (K * H)
+    nm = tl.where(m == 0, 0, H - m)
+    nk = tl.where(k == 0, 0, W - k)
+    a = tl.where(_fam_keep(m, k, H, W, RH, RW), 0.5, 0.0)
+    b = tl.where(_fam_keep(nm, nk, H, W, RH, RW), 0.5, 0.0)
+    two = tl.arange(0, 2)
+    p = tl.load(w_ptr + ((pl * H + m) * W + k)[:, None] * 2 + two[None, :], mask=valid[:, None], other=0.0)
+    q = tl.load(w_ptr + ((pl * H + nm) * W + nk)[:, None] * 2 + two[None, :], mask=valid[:, None], other=0.0)
+    pr, pi = tl.split(p)
+    qr, qi = tl.split(q)
+    out = tl.join(a * pr + b * qr, a * pi - b * qi).to(p.dtype)
+    tl.store(o_ptr + idx[:, None] * 2 + two[None, :], out, mask=valid[:, None])
+
+
+@triton.jit
+def _half_weight_bwd_kernel(g_ptr, o_ptr, total, H, W, K, RH, RW, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = idx < total
+    q = idx % W
+    p = (idx // W) % H
+    pl = idx // (W * H)
+    keep = _fam_keep(p, q, H, W, RH, RW)
+    nq = tl.where(q == 0, 0, W - q)
+    npp = tl.where(p == 0, 0, H - p)
+    two = tl.arange(0, 2)
+    m1 = valid & keep & (q < K)
+    m2 = valid & keep & (nq < K)
+    a = tl.load(g_ptr + ((pl * H + p) * K + q)[:, None] * 2 + two[None, :], mask=m1[:, None], other=0.0)
+    b = tl.load(g_ptr + ((pl * H + npp) * K + nq)[:, None] * 2 + two[None, :], mask=m2[:, None], other=0.0)
+    ar, ai = tl.split(a)
+    br, bi = tl.split(b)
+    out = tl.join(0.5 * (ar + br), 0.5 * (ai - bi)).to(a.dtype)
+    tl.store(o_ptr + idx[:, None] * 2 + two[None, :], out, mask=valid[:, None])
+
+
+def _fam_radius(n: int, cuton: float) -> int:
+    return int(cuton * int(n / 2))
+
+
+def fam_half_weight(w: torch.Tensor, cuton: float) -> torch.Tensor:
+    w = w.resolve_conj().resolve_neg().contiguous()
+    h, wd = w.shape[-2:]
+    k = wd // 2 + 1
+    out = torch.empty(w.shape[:-1] + (k,), dtype=w.dtype, device=w.device)
+    total = out.numel()
+    if total:
+        block = 1024
+        _half_weight_fwd_kernel[(triton.cdiv(total, block),)](
+            torch.view_as_real(w), torch.view_as_real(out), total, h, wd, k, _fam_radius(h, cuton),
+            _fam_radius(wd, cuton), BLOCK=block, num_warps=4)
+    return out
+
+
+def fam_half_weight_backward(g: torch.Tensor, cuton: float, width: int) -> torch.Tensor:
+    g = g.resolve_conj().resolve_neg().contiguous()
+    h = g.shape[-2]
+    k = width // 2 + 1
+    out = torch.empty(g.shape[:-1] + (width,), dtype=g.dtype, device=g.device)
+    total = out.numel()
+    if total:
+        block = 1024
+        _half_weight_bwd_kernel[(triton.cdiv(total, block),)](
+            torch.view_as_real(g), torch.view_as_real(out), total, h, width, k, _fam_radius(h, cuton),
+            _fam_radius(width, cuton), BLOCK=block, num_warps=4)
+    return out
