@@ -4,8 +4,10 @@
 // Launched on the current stream, no host syncs; the only allocation besides the outputs is the
 // per-split partial sum of global_filter's weight gradient (sized from the shapes only).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -117,7 +119,15 @@ T* rptr(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
 }
 
-int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+// Multiprocessors of the current device (a cached attribute query: no sync, no allocation).
+int64_t sm_count() {
+  int dev = 0, n = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  return n > 0 ? n : 1;
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 at::Tensor global_filter_cuda(const at::Tensor& xf, const at::Tensor& w, const c10::optional<at::Tensor>& mask) {
   check_global_filter(xf, w);
@@ -131,7 +141,7 @@ at::Tensor global_filter_cuda(const at::Tensor& xf, const at::Tensor& w, const c
   const int mode = m.defined() ? (p.channels_last ? 2 : 1) : 0;
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, sm_count() * 32);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   dispatch_complex(xf.scalar_type(), "global_filter", [&](auto tag) {
     using T = decltype(tag);
     gf_forward_kernel<T><<<blocks, threads, 0, stream>>>(vptr<T>(xd), vptr<T>(wd), rptr<T>(m), vptr<T>(y), total, N,
@@ -167,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> global_filter_backward_cuda(const at::Tensor&
   const int64_t b_per = (p.B + splits - 1) / splits;
   splits = (p.B + b_per - 1) / b_per;
   at::Tensor part = need_w ? at::empty({splits, N}, w.options()) : at::Tensor();
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   dispatch_complex(xf.scalar_type(), "global_filter_backward", [&](auto tag) {
     using T = decltype(tag);
     const dim3 grid(static_cast<unsigned>(jblocks), static_cast<unsigned>(splits));
@@ -204,7 +214,7 @@ struct KChunk {
 };
 
 template <typename T, bool kConjA, bool kConjB>
-__global__ void __launch_bounds__(kFT* kTY) cgemm_freq_kernel(const typename Vec2<T>::type* __restrict__ A, int64_t sAm,
+__global__ void __launch_bounds__(kFT* kTY, sizeof(T) == 4 ? 2 : 1) cgemm_freq_kernel(const typename Vec2<T>::type* __restrict__ A, int64_t sAm,
                                                                int64_t sAk, const typename Vec2<T>::type* __restrict__ Bm,
                                                                int64_t sBk, int64_t sBn, const T* __restrict__ mask,
                                                                typename Vec2<T>::type* __restrict__ out, int64_t M,
@@ -299,7 +309,7 @@ void cgemm_freq(const at::Tensor& A, int64_t sAm, int64_t sAk, const at::Tensor&
   TORCH_CHECK(gy <= 65535 && gz <= 65535, "spectral_conv: too many rows or columns for one launch (", M, ", ", N, ")");
   const dim3 grid(static_cast<unsigned>((F + kFT - 1) / kFT), static_cast<unsigned>(gy), static_cast<unsigned>(gz));
   const dim3 block(kFT, kTY);
-  cgemm_freq_kernel<T, kConjA, kConjB><<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(
+  cgemm_freq_kernel<T, kConjA, kConjB><<<grid, block, 0, current_stream()>>>(
       vptr<T>(A), sAm, sAk, vptr<T>(Bt), sBk, sBn, rptr<T>(mask), vptr<T>(out), M, N, K, F);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -403,7 +413,7 @@ at::Tensor fam_half_weight_cuda(const at::Tensor& w_in, double cuton) {
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, sm_count() * 32);
   dispatch_complex(w.scalar_type(), "fam_half_weight", [&](auto tag) {
     using T = decltype(tag);
-    half_weight_forward_kernel<T><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    half_weight_forward_kernel<T><<<blocks, threads, 0, current_stream()>>>(
         vptr<T>(w), vptr<T>(out), total, H, W, fam_radius(H, cuton), fam_radius(W, cuton));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -424,7 +434,7 @@ at::Tensor fam_half_weight_backward_cuda(const at::Tensor& g_in, double cuton, i
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, sm_count() * 32);
   dispatch_complex(g.scalar_type(), "fam_half_weight_backward", [&](auto tag) {
     using T = decltype(tag);
-    half_weight_backward_kernel<T><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    half_weight_backward_kernel<T><<<blocks, threads, 0, current_stream()>>>(
         vptr<T>(g), vptr<T>(out), total, H, W, fam_radius(H, cuton), fam_radius(W, cuton));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -352,7 +352,8 @@ def _inv_dft(yr, yi, S, K, SP: tl.constexpr, KP: tl.constexpr, PREC: tl.constexp
     return tl.reshape(y, (NB, SP, SP))
 
 
-@triton.jit
+# S and K are used as tensors (S.to(...)): keep them runtime values even when they equal 1
+@triton.jit(do_not_specialize=["I", "O", "S", "K"])
 def _fam_fused_kernel(x_ptr, w_ptr, y_ptr, I, O, S, K, sWi, sWo,
                       DEPTHWISE: tl.constexpr, CONJ: tl.constexpr, OT: tl.constexpr,
                       SP: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr):
