@@ -462,6 +462,10 @@ def test_bad_inputs(gen):
         dctkd_ext.spectral_conv(xf, w2, torch.ones(3))
     with pytest.raises(TypeError, match=r"mask: expected a real"):
         dctkd_ext.global_filter(xf, w, torch.ones(4, 3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"w: expected a tensor on cpu like xf, got one on meta"):
+        dctkd_ext.global_filter(xf, w.to("meta"))
+    with pytest.raises(ValueError, match=r"mask: expected a tensor on cpu like xf, got one on meta"):
+        dctkd_ext.spectral_conv(xf, w2, torch.ones(4, 3, device="meta"))
     with pytest.raises(TypeError, match=r"xf: expected a .*got list"):
         dctkd_ext.global_filter([1.0], w)
     with pytest.raises(ValueError, match=r"cuton: expected a number in \[0, 1\]"):

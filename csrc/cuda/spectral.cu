@@ -43,22 +43,29 @@ __device__ __forceinline__ T mask_at(const T* mask, int mode, int64_t j, int64_t
 
 // ------------------------------------------------------------------------------------ global_filter
 // x, y: B samples of N = C*H*K complex values (NCHW or channels-last order); w: N values.
-// mode 0: no mask; 1: mask[j % HK] (NCHW); 2: mask[j / C] (channels-last).
+// mode 0: no mask; 1: mask[j % HK] (NCHW); 2: mask[j / C] (channels-last). A thread owns one position j
+// (its weight and mask stay in registers: one index division per thread, none per element) and
+// streams it through the samples b0..b1 of its block row; consecutive threads, consecutive j.
 template <typename T>
 __global__ void gf_forward_kernel(const typename Vec2<T>::type* __restrict__ x, const typename Vec2<T>::type* __restrict__ w,
-                                  const T* __restrict__ mask, typename Vec2<T>::type* __restrict__ y, int64_t total,
-                                  int64_t N, int64_t HK, int64_t C, int mode) {
+                                  const T* __restrict__ mask, typename Vec2<T>::type* __restrict__ y, int64_t B,
+                                  int64_t N, int64_t HK, int64_t C, int64_t b_per_block, int mode) {
   using V = typename Vec2<T>::type;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t j = idx % N;
-    const V a = x[idx];
-    const V b = __ldg(&w[j]);
-    const T m = mask_at(mask, mode, j, HK, C);
+  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (j >= N) return;
+  const int64_t b0 = blockIdx.y * b_per_block;
+  const int64_t b1 = min(B, b0 + b_per_block);
+  const T m = mask_at(mask, mode, j, HK, C);
+  V wv = __ldg(&w[j]);
+  wv.x *= m;
+  wv.y *= m;
+#pragma unroll 4
+  for (int64_t b = b0; b < b1; ++b) {
+    const V a = x[b * N + j];
     V r;
-    r.x = (a.x * b.x - a.y * b.y) * m;
-    r.y = (a.x * b.y + a.y * b.x) * m;
-    y[idx] = r;
+    r.x = a.x * wv.x - a.y * wv.y;
+    r.y = a.x * wv.y + a.y * wv.x;
+    y[b * N + j] = r;
   }
 }
 
@@ -137,15 +144,21 @@ at::Tensor global_filter_cuda(const at::Tensor& xf, const at::Tensor& w, const c
   at::Tensor y = p.new_data(xf.options());
   if (y.numel() == 0) return y;
   const at::Tensor xd = p.data(xf), wd = p.weight(w);
-  const int64_t N = p.R * p.L, total = p.B * N;
+  const int64_t N = p.R * p.L;
   const int mode = m.defined() ? (p.channels_last ? 2 : 1) : 0;
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, sm_count() * 32);
+  const int64_t jblocks = (N + threads - 1) / threads;
+  // ~8 blocks per SM in all; each block streams a chunk of the batch
+  int64_t rows = std::max<int64_t>(1, std::min<int64_t>(p.B, (8 * sm_count() + jblocks - 1) / jblocks));
+  rows = std::min<int64_t>(rows, 65535);
+  const int64_t b_per = (p.B + rows - 1) / rows;
+  rows = (p.B + b_per - 1) / b_per;
   const cudaStream_t stream = current_stream();
   dispatch_complex(xf.scalar_type(), "global_filter", [&](auto tag) {
     using T = decltype(tag);
-    gf_forward_kernel<T><<<blocks, threads, 0, stream>>>(vptr<T>(xd), vptr<T>(wd), rptr<T>(m), vptr<T>(y), total, N,
-                                                         p.H * p.K, p.C, mode);
+    const dim3 grid(static_cast<unsigned>(jblocks), static_cast<unsigned>(rows));
+    gf_forward_kernel<T><<<grid, threads, 0, stream>>>(vptr<T>(xd), vptr<T>(wd), rptr<T>(m), vptr<T>(y), p.B, N,
+                                                       p.H * p.K, p.C, b_per, mode);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;

@@ -52,31 +52,34 @@ def _next_pow2(n: int) -> int:
 
 # ---------------------------------------------------------------------------------------- global filter
 @triton.jit
-def _gf_fwd_kernel(x_ptr, w_ptr, m_ptr, y_ptr, total, N, HK, C,
+def _gf_fwd_kernel(x_ptr, w_ptr, m_ptr, y_ptr, B, N, HK, C, b_per_prog,
                    MASK_MODE: tl.constexpr, BLOCK: tl.constexpr):
-    # x, y: B*N complex values as (re, im) pairs; w: N; MASK_MODE 0: none, 1: mask[j % HK] (NCHW),
-    # 2: mask[j // C] (channels-last), j the index within a sample.
-    pid = tl.program_id(0)
-    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    valid = idx < total
-    j = idx % N
+    # x, y: B samples of N complex values as (re, im) pairs; w: N. MASK_MODE 0: none, 1: mask[j % HK]
+    # (NCHW), 2: mask[j // C] (channels-last). A program owns BLOCK positions j (weight and mask stay
+    # in registers: no index division per element) and streams them through its chunk of samples.
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = j < N
     two = tl.arange(0, 2)
-    xo = idx[:, None] * 2 + two[None, :]
-    x = tl.load(x_ptr + xo, mask=valid[:, None], other=0.0)
-    w = tl.load(w_ptr + j[:, None] * 2 + two[None, :], mask=valid[:, None], other=0.0)
-    xr, xi = tl.split(x)
+    jo = j[:, None] * 2 + two[None, :]
+    w = tl.load(w_ptr + jo, mask=valid[:, None], other=0.0)
     wr, wi = tl.split(w)
-    yr = xr * wr - xi * wi
-    yi = xr * wi + xi * wr
     if MASK_MODE == 1:
         m = tl.load(m_ptr + j % HK, mask=valid, other=0.0)
-        yr = yr * m
-        yi = yi * m
+        wr = wr * m
+        wi = wi * m
     elif MASK_MODE == 2:
         m = tl.load(m_ptr + j // C, mask=valid, other=0.0)
-        yr = yr * m
-        yi = yi * m
-    tl.store(y_ptr + xo, tl.join(yr, yi), mask=valid[:, None])
+        wr = wr * m
+        wi = wi * m
+    chunk = tl.program_id(1)
+    b0 = chunk * b_per_prog
+    b1 = tl.minimum(B, b0 + b_per_prog)
+    b0_64 = chunk.to(tl.int64) * b_per_prog
+    for b in range(b0, b1):
+        off = ((b0_64 + (b - b0)) * N) * 2 + jo
+        x = tl.load(x_ptr + off, mask=valid[:, None], other=0.0)
+        xr, xi = tl.split(x)
+        tl.store(y_ptr + off, tl.join(xr * wr - xi * wi, xr * wi + xi * wr).to(x.dtype), mask=valid[:, None])
 
 
 @triton.jit
@@ -156,11 +159,14 @@ def global_filter(xf: torch.Tensor, w: torch.Tensor, mask=None) -> torch.Tensor:
         return y
     xd, wd, m = _gf_data(xf, cl), _gf_weight(w, cl), _mask_arg(mask, xf)
     mode = 0 if m is None else (2 if cl else 1)
-    total = b * n
     block = 1024
-    _gf_fwd_kernel[(triton.cdiv(total, block),)](
-        torch.view_as_real(xd), torch.view_as_real(wd), m if m is not None else torch.view_as_real(xd), torch.view_as_real(y),
-        total, n, h * k, c, MASK_MODE=mode, BLOCK=block, num_warps=4)
+    blocks = triton.cdiv(n, block)
+    chunks = max(1, min(b, triton.cdiv(8 * _num_sms(xf.device), blocks)))
+    b_per = triton.cdiv(b, chunks)
+    chunks = triton.cdiv(b, b_per)
+    _gf_fwd_kernel[(blocks, chunks)](
+        torch.view_as_real(xd), torch.view_as_real(wd), m if m is not None else torch.view_as_real(xd),
+        torch.view_as_real(y), b, n, h * k, c, b_per, MASK_MODE=mode, BLOCK=block, num_warps=4)
     return y
 
 
