@@ -134,10 +134,11 @@ std::tuple<at::Tensor, at::Tensor> global_filter_backward_cpu(const at::Tensor& 
   if (!need_xf && !need_w) return {dx, dw};
   if (need_w && p.B == 0) dw.zero_();
   if (xf.numel() == 0) return {dx, dw};
-  const at::Tensor gd = p.data(grad), xd = p.data(xf), wd = p.weight(w);
+  // xf is read only for dw (a caller that wants dxf alone may pass a shape-only, e.g. expanded, xf)
+  const at::Tensor gd = p.data(grad), xd = need_w ? p.data(xf) : at::Tensor(), wd = p.weight(w);
   dispatch_complex(xf.scalar_type(), "global_filter_backward", [&](auto tag) {
     using T = decltype(tag);
-    gf_backward<T>(real_ptr<T>(gd), real_ptr<T>(xd), real_ptr<T>(wd), m.defined() ? real_ptr<T>(m) : nullptr,
+    gf_backward<T>(real_ptr<T>(gd), need_w ? real_ptr<T>(xd) : nullptr, real_ptr<T>(wd), m.defined() ? real_ptr<T>(m) : nullptr,
                    need_xf ? real_ptr<T>(dx) : nullptr, need_w ? real_ptr<T>(dw) : nullptr, p.B, p.R, p.L,
                    p.channels_last);
   });
@@ -310,7 +311,9 @@ std::tuple<at::Tensor, at::Tensor> spectral_conv_backward_cpu(const at::Tensor& 
   at::Tensor dx = need_xf ? at::empty({B, I, H, K}, xf.options()) : not_needed(xf);
   at::Tensor dw = need_w ? at::empty({I, O, H, K}, w.options()) : not_needed(w);
   if (!need_xf && !need_w) return {dx, dw};
-  const at::Tensor g = resolved(grad).contiguous(), x = resolved(xf).contiguous(), wc = resolved(w).contiguous();
+  // xf is read only for dw (a caller that wants dxf alone may pass a shape-only, e.g. expanded, xf)
+  const at::Tensor g = resolved(grad).contiguous(), wc = resolved(w).contiguous();
+  const at::Tensor x = need_w ? resolved(xf).contiguous() : at::Tensor();
   dispatch_complex(xf.scalar_type(), "spectral_conv_backward", [&](auto tag) {
     using T = decltype(tag);
     // dx[b, i] = sum_o g[b, o] conj(w[i, o]):  A = g (m=b, k=o), B[k=o, n=i] = w[i, o]

@@ -179,7 +179,8 @@ std::tuple<at::Tensor, at::Tensor> global_filter_backward_cuda(const at::Tensor&
     if (need_w) dw.zero_();
     return {dx, dw};
   }
-  const at::Tensor gd = p.data(grad), xd = p.data(xf), wd = p.weight(w);
+  // xf is read only for dw (a caller that wants dxf alone may pass a shape-only, e.g. expanded, xf)
+  const at::Tensor gd = p.data(grad), xd = need_w ? p.data(xf) : at::Tensor(), wd = p.weight(w);
   const int64_t N = p.R * p.L;
   const int mode = m.defined() ? (p.channels_last ? 2 : 1) : 0;
   const int threads = 256;
@@ -194,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> global_filter_backward_cuda(const at::Tensor&
   dispatch_complex(xf.scalar_type(), "global_filter_backward", [&](auto tag) {
     using T = decltype(tag);
     const dim3 grid(static_cast<unsigned>(jblocks), static_cast<unsigned>(splits));
-    gf_backward_kernel<T><<<grid, threads, 0, stream>>>(vptr<T>(gd), vptr<T>(xd), vptr<T>(wd), rptr<T>(m),
+    gf_backward_kernel<T><<<grid, threads, 0, stream>>>(vptr<T>(gd), need_w ? vptr<T>(xd) : nullptr, vptr<T>(wd), rptr<T>(m),
                                                         need_xf ? vptr<T>(dx) : nullptr,
                                                         need_w ? vptr<T>(part) : nullptr, p.B, N, p.H * p.K, p.C,
                                                         b_per, mode);
@@ -352,7 +353,9 @@ std::tuple<at::Tensor, at::Tensor> spectral_conv_backward_cuda(const at::Tensor&
   at::Tensor dx = need_xf ? at::empty({B, I, H, K}, xf.options()) : not_needed(xf);
   at::Tensor dw = need_w ? at::empty({I, O, H, K}, w.options()) : not_needed(w);
   if (!need_xf && !need_w) return {dx, dw};
-  const at::Tensor g = resolved(grad).contiguous(), x = resolved(xf).contiguous(), wc = resolved(w).contiguous();
+  // xf is read only for dw (a caller that wants dxf alone may pass a shape-only, e.g. expanded, xf)
+  const at::Tensor g = resolved(grad).contiguous(), wc = resolved(w).contiguous();
+  const at::Tensor x = need_w ? resolved(xf).contiguous() : at::Tensor();
   dispatch_complex(xf.scalar_type(), "spectral_conv_backward", [&](auto tag) {
     using T = decltype(tag);
     if (need_xf) cgemm_freq<T, false, true>(g, O * F, F, wc, F, O * F, m, dx, B, I, O, F);

@@ -172,20 +172,13 @@ class FrequencyAttention(nn.Module):
         cuton = self.cuton if cuton is None else _check_cuton(cuton)
         dev = x.device.type
         autocast_on = torch.is_autocast_enabled(dev) if dev in ("cuda", "cpu") else False
-        s = self.size
         with torch.autocast(device_type=dev, enabled=False):
             xg = x if x.dtype in (torch.float32, torch.float64) else x.float()
             w = self.weights1
             if w.dtype != _complex_of(xg.dtype):
                 w = w.to(_complex_of(xg.dtype))
-            w_half = _sp.fam_half_weight(w, cuton)
-            depthwise = self.mix == "depthwise"
-            if xg.dtype == torch.float32 and self.choose_path(x) == "fused":
-                g = _sp.fam_filter_fused(xg.contiguous(), w_half, depthwise)
-            else:
-                xf = torch.fft.rfft2(xg, norm="ortho")
-                yf = _sp.global_filter(xf, w_half) if depthwise else _sp.spectral_conv(xf, w_half)
-                g = torch.fft.irfft2(yf, s=(s, s), norm="ortho")
+            fused = xg.dtype == torch.float32 and self.choose_path(x) == "fused"
+            g = _sp.fam_global(xg, w, cuton, self.mix == "depthwise", fused)
         if not autocast_on and g.dtype != x.dtype:
             g = g.to(x.dtype)
         return g

@@ -383,3 +383,92 @@ def fam_filter_fused(x: Tensor, w_half: Tensor, depthwise: bool = False) -> Tens
     """irfft2(mix(w_half, rfft2(x, ortho)), s=(S, S), ortho) for x (B, I, S, S) float32, S <= 32, in one
     Triton kernel; w_half (I, O, S, S//2+1) complex64 (channel mixing) or (C, S, S//2+1) (depthwise)."""
     return _ops.fam_filter_fused(x, w_half, depthwise, False)
+
+
+# ---------------------------------------------------------------------------------- the FAM global branch
+# One custom op for the whole filter x -> irfft2(mix(W', rfft2(x))), W' = fam_half_weight(weights, cuton),
+# so that autograd keeps only x and weights (which exist anyway): W', rfft2(x) and the spectra are
+# transients, recomputed in the backward (one gather for W', one rfft2 of x). The backward:
+#   dx = irfft2(mix^H(W', rfft2(dg)))                   (the adjoint; the fused kernel with adjoint=True)
+#   dW' = sum_b conj(rfft2(x)) * rfft2(dg) * c_k         (c_k = 2 on the columns that stand for two)
+#   dweights = fam_half_weight_backward(dW')
+def _half_impl(device):
+    return _ops.fam_half_weight_triton if resolve_backend(device) == "triton" else _ops.fam_half_weight
+
+
+def _half_backward_impl(device):
+    if resolve_backend(device) == "triton":
+        return _ops.fam_half_weight_backward_triton
+    return _ops.fam_half_weight_backward
+
+
+@torch.library.custom_op("dctkd_ext::fam_global", mutates_args=())
+def _fam_global(x: Tensor, weights: Tensor, cuton: float, depthwise: bool, fused: bool) -> Tensor:
+    s = x.shape[-1]
+    w_half = _half_impl(x.device)(weights, cuton)
+    if fused:
+        return _ops.fam_filter_fused(x.contiguous(), w_half, depthwise, False)
+    impl = _impls(x.device)
+    xf = torch.fft.rfft2(x, norm="ortho")
+    yf = impl[0](xf, w_half, None) if depthwise else impl[2](xf, w_half, None)
+    return torch.fft.irfft2(yf, s=(s, s), norm="ortho")
+
+
+@torch.library.register_fake("dctkd_ext::fam_global")
+def _(x, weights, cuton, depthwise, fused):
+    b, i, s, _ = x.shape
+    o = i if depthwise else weights.shape[1]
+    return x.new_empty((b, o, s, s))
+
+
+def _fam_global_setup(ctx, inputs, output):
+    x, weights, cuton, depthwise, fused = inputs
+    ctx.save_for_backward(x, weights)
+    ctx.cuton, ctx.depthwise, ctx.fused = cuton, depthwise, fused
+
+
+def _fam_global_backward(ctx, dg):
+    x, weights = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    s = x.shape[-1]
+    k = s // 2 + 1
+    impl = _impls(x.device)
+    backward = impl[1] if ctx.depthwise else impl[3]
+    w_half = _half_impl(x.device)(weights, ctx.cuton)
+    dg = dg.contiguous()
+    dx = dweights = gf = None
+    if need_x:
+        if ctx.fused:
+            dx = _ops.fam_filter_fused(dg, w_half, ctx.depthwise, True)
+        else:
+            gf = torch.fft.rfft2(dg, norm="ortho")
+            # only the shape of xf matters when its gradient alone is asked for
+            xf_shape = gf.new_zeros(()).expand(x.shape[0], x.shape[1], s, k)
+            dxf, _ = backward(gf, xf_shape, w_half, None, True, False)
+            dx = torch.fft.irfft2(dxf, s=(s, s), norm="ortho")
+    if need_w:
+        if gf is None:
+            gf = torch.fft.rfft2(dg, norm="ortho")
+        xf = torch.fft.rfft2(x, norm="ortho")
+        mult = _c2r_multiplicity(s, x.device, x.dtype).expand(s, k)
+        _, dw_half = backward(gf, xf, w_half, mult, False, True)
+        dweights = _half_backward_impl(x.device)(dw_half, ctx.cuton, s)
+    return dx, dweights, None, None, None
+
+
+torch.library.register_autograd("dctkd_ext::fam_global", _fam_global_backward, setup_context=_fam_global_setup)
+
+
+def fam_global(x: Tensor, weights: Tensor, cuton: float, depthwise: bool = False, fused: bool = False) -> Tensor:
+    """FAM's global branch Re(ifft2(M * mix(weights, fft2(x, ortho)), ortho)), computed exactly as
+    irfft2(mix(W', rfft2(x))) (DESIGN §3.4). x: (B, I, S, S) float32 (float64 for testing); weights:
+    (I, O, S, S) complex (channel mixing) or (C, S, S) (depthwise), of x's complex dtype. fused=True:
+    the fused small-map Triton kernel (float32, S <= 32). Differentiable in x and weights; autograd keeps
+    only x and weights. On the "reference" backend: plain autograd of the reference formulas."""
+    if resolve_backend(x.device) == "reference":
+        s = x.shape[-1]
+        w_half = reference.fam_half_weight(weights, cuton)
+        xf = torch.fft.rfft2(x, norm="ortho")
+        yf = reference.global_filter(xf, w_half) if depthwise else reference.spectral_conv(xf, w_half)
+        return torch.fft.irfft2(yf, s=(s, s), norm="ortho")
+    return _ops.fam_global(x, weights, float(cuton), bool(depthwise), bool(fused))

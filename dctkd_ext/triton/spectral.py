@@ -190,7 +190,9 @@ def global_filter_backward(grad, xf, w, mask, need_xf: bool, need_w: bool):
         if need_w:
             dw.zero_()
         return dx, dw
-    gd, xd, wd, m = _gf_data(grad, cl), _gf_data(xf, cl), _gf_weight(w, cl), _mask_arg(mask, xf)
+    # xf is read only for dw (a caller that wants dxf alone may pass a shape-only, e.g. expanded, xf)
+    gd, wd, m = _gf_data(grad, cl), _gf_weight(w, cl), _mask_arg(mask, xf)
+    xd = _gf_data(xf, cl) if need_w else gd
     mode = 0 if m is None else (2 if cl else 1)
     block = 512
     blocks = triton.cdiv(n, block)
@@ -287,12 +289,13 @@ def spectral_conv_backward(grad, xf, w, mask, need_xf: bool, need_w: bool):
     b, i, h, k = xf.shape
     o = w.shape[1]
     f = h * k
-    g, x, wc, m = (grad.resolve_conj().contiguous(), xf.resolve_conj().contiguous(), w.resolve_conj().contiguous(),
-                   _mask_arg(mask, xf))
+    # xf is read only for dw (a caller that wants dxf alone may pass a shape-only, e.g. expanded, xf)
+    g, wc, m = grad.resolve_conj().contiguous(), w.resolve_conj().contiguous(), _mask_arg(mask, xf)
+    x = xf.resolve_conj().contiguous() if need_w else None
     dx = xf.new_empty((0,))
     dw = w.new_empty((0,))
     if need_xf:  # dx[b, i] = sum_o g[b, o] conj(w[i, o])
-        dx = _cgemm_freq(g, o * f, f, wc, f, o * f, m, torch.empty_like(x), b, i, o, f, False, True)
+        dx = _cgemm_freq(g, o * f, f, wc, f, o * f, m, xf.new_empty((b, i, h, k)), b, i, o, f, False, True)
     if need_w:  # dw[i, o] = sum_b conj(x[b, i]) g[b, o]
         dw = _cgemm_freq(x, f, i * f, g, o * f, f, m, torch.empty_like(wc), i, o, b, f, True, False)
     return dx, dw
