@@ -232,6 +232,21 @@ def test_fam_half_weight_op(backend, shape, gen):
                               (crandn(2, *shape[:1], shape[1] // 2 + 1, generator=gen), 0.3, shape[1]))
 
 
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_fam_global_op_gradcheck_and_opcheck(depthwise, gen):
+    size = 5
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=gen, requires_grad=True)
+    shape = (3, size, size) if depthwise else (3, 2, size, size)
+    w = crandn(*shape, dtype=torch.complex128, generator=gen, requires_grad=True)
+    with dctkd_ext.use_backend("cpu"):
+        assert torch.autograd.gradcheck(lambda a, b_: sp.fam_global(a, b_, 0.5, depthwise), (x, w))
+        assert_rel(sp.fam_global(x, w, 0.5, depthwise), R.fam_global(x, w, 0.5, "depthwise" if depthwise else "channel"),
+                   1e-12, "fam_global")
+        torch.library.opcheck(torch.ops.dctkd_ext.fam_global.default, (x.float().detach().requires_grad_(),
+                                                                       w.to(torch.complex64).detach().requires_grad_(),
+                                                                       0.5, depthwise, False))
+
+
 def _released_and_ours(cin, cout, size, cuton, dtype, mix="channel", seed=0):
     torch.manual_seed(seed)
     ref = R.ReleasedFAM(cin, cout, size)

@@ -7,11 +7,14 @@ Cases:
   256@8, 256@1), ImageNet ResNet34 -> ResNet18 (64@56, 128@28, 256@14, 512@7, 512@1).
   Impls: "ours" (dctkd_ext.nn.FrequencyAttention, path="auto"), "ours_fft" / "ours_fused" (the two
   paths of ours forced, so that the measured switch of nn/spectral.py can be set from them),
+  on GPU also "ours_fft_triton" (the FFT path on the Triton kernels instead of the CUDA ones),
   "eager_module" (the authors' formulation, dctkd_ext.reference.ReleasedFAM) and "compiled_module"
   (torch.compile of it); identical parameters (loaded from one state_dict) and inputs.
 - "global_filter": the depthwise filter op (ours: dctkd_ext.global_filter) against the eager
   `xf * w * mask` multiply, at GFNet and FAM sizes.
 - "spectral_conv": the channel-mixing op (ours: dctkd_ext.spectral_conv) against the eager einsum.
+  On GPU both ops also time "ours_triton" (backend "triton"; "ours" is the default backend, CUDA), to
+  set DEFAULT_GPU_BACKEND["spectral"] in dctkd_ext/_backend.py from measurements.
 
 Minimal bytes: forward reads x (and the weights) and writes y; backward reads dy, x and the weights
 and writes dx and the weight gradient; fwd+bwd is their sum. All fp32 (the FFTs of the module run in
@@ -79,15 +82,16 @@ def _fam_case(shape_name, b, cin, cout, s, device, allow_compile=True) -> Case:
     state = released.state_dict()
     x0 = torch.randn(b, cin, s, s, device=device)
 
-    def prepare(module):
+    def prepare(module, backend=None):
         x = x0.detach().clone().requires_grad_()
-        return Prepared(fwd=lambda: module(x), leaves=[x] + list(module.parameters()))
+        fwd = (lambda: module(x)) if backend is None else _with_backend(backend, lambda: module(x))
+        return Prepared(fwd=fwd, leaves=[x] + list(module.parameters()))
 
-    def ours(path=None):
+    def ours(path=None, backend=None):
         def make():
             m = FrequencyAttention(cin, cout, s, path=path).to(device)
             m.load_state_dict(state)
-            return prepare(m)
+            return prepare(m, backend)
 
         return make
 
@@ -110,6 +114,8 @@ def _fam_case(shape_name, b, cin, cout, s, device, allow_compile=True) -> Case:
     fused_ok = s <= 32 and sp.fused_available(x0.device) and sp.resolve_backend(x0.device) in ("cuda", "triton")
     if fused_ok:
         impls.append(Impl("ours_fused", ours("fused")))
+    if device.type == "cuda" and _has_triton():
+        impls.append(Impl("ours_fft_triton", ours("fft", "triton")))
     impls.append(Impl("eager_module", eager))
     if allow_compile:
         impls.append(Impl("compiled_module", compiled))
@@ -124,6 +130,29 @@ def _fam_case(shape_name, b, cin, cout, s, device, allow_compile=True) -> Case:
         notes="FAM module fwd/bwd: global (FFT filter) + local (1x1 conv) branches; x and all parameters differentiated",
         extra={"in_channels": cin, "out_channels": cout, "size": s, "cuton": 0.1, "ours_path": auto_path},
     )
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def _with_backend(name, fn):
+    # the backend is chosen when the forward runs; the backward follows the op the forward used
+    def run():
+        with dctkd_ext.use_backend(name):
+            return fn()
+
+    return run
+
+
+def _with_backend_fn(name, op):
+    def run(*args):
+        with dctkd_ext.use_backend(name):
+            return op(*args)
+
+    return run
 
 
 def _crandn(*shape, device):
@@ -150,7 +179,9 @@ def _gf_case(name, b, c, h, w, device) -> Case:
         batch=b,
         dtype=torch.complex64,
         min_bytes={"fwd": 2 * n + nw, "bwd": 3 * n + 2 * nw, "fwd+bwd": 5 * n + 3 * nw},
-        impls=[Impl("ours", make(dctkd_ext.global_filter)), Impl("eager", make(lambda a, b_, m: a * b_ * m))],
+        impls=[Impl("ours", make(dctkd_ext.global_filter)), Impl("eager", make(lambda a, b_, m: a * b_ * m))]
+        + ([Impl("ours_triton", make(_with_backend_fn("triton", dctkd_ext.global_filter)))]
+           if device.type == "cuda" and _has_triton() else []),
         notes="y = xf * w * mask on the rfft half plane, complex64; bwd: dxf and dw",
         extra={"channels": c, "h": h, "k": k},
     )
@@ -176,7 +207,9 @@ def _sc_case(name, b, c, h, w, device) -> Case:
         dtype=torch.complex64,
         min_bytes={"fwd": 2 * nx + nw, "bwd": 3 * nx + 2 * nw, "fwd+bwd": 5 * nx + 3 * nw},
         impls=[Impl("ours", make(dctkd_ext.spectral_conv)),
-               Impl("eager", make(lambda a, b_: torch.einsum("bihk,iohk->bohk", a, b_)))],
+               Impl("eager", make(lambda a, b_: torch.einsum("bihk,iohk->bohk", a, b_)))]
+        + ([Impl("ours_triton", make(_with_backend_fn("triton", dctkd_ext.spectral_conv)))]
+           if device.type == "cuda" and _has_triton() else []),
         notes="per-frequency channel mixing (batched complex GEMM), complex64",
         extra={"in_channels": c, "out_channels": c, "h": h, "k": k,
                "gflop": 8 * b * c * c * h * k / 1e9},
