@@ -6,6 +6,7 @@ Kernels: torch.ops.dctkd_ext.{global_filter, spectral_conv}[_backward] (CPU: csr
 CUDA: csrc/cuda/spectral.cu), their Triton twins dctkd_ext::*_triton (dctkd_ext/triton/spectral.py,
 registered here as Python custom ops), the reference in dctkd_ext/reference.py."""
 
+import importlib.util
 import os
 from typing import Optional
 
@@ -181,12 +182,18 @@ torch.library.register_autograd(
 
 
 # -------------------------------------------------------------------------------------- backends
-def _triton_importable() -> bool:
+def _find_triton() -> bool:
     try:
-        import triton  # noqa: F401
-    except ImportError:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
         return False
-    return True
+
+
+_HAS_TRITON = _find_triton()  # looked up once, without importing triton
+
+
+def _triton_importable() -> bool:
+    return _HAS_TRITON
 
 
 def resolve_backend(device: torch.device) -> str:
