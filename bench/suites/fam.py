@@ -30,10 +30,10 @@ from dctkd_ext import reference as R
 from dctkd_ext.nn import FrequencyAttention
 from dctkd_ext.ops import spectral as sp
 
-try:  # bench/ as a package (python -m bench.run) or bench/ on sys.path (python bench/run.py)
-    from bench.common import Case, Impl, Prepared
-except ImportError:  # pragma: no cover
+try:  # bench/run.py puts bench/ on sys.path
     from common import Case, Impl, Prepared
+except ImportError:  # pragma: no cover  (imported as bench.suites.fam from the repository root)
+    from bench.common import Case, Impl, Prepared
 
 # (name, batch of the recipe, [(in_channels, out_channels, size), ...]) — from the FAM-KD configs
 FAM_SHAPES = [
@@ -100,13 +100,16 @@ def _fam_case(shape_name, b, cin, cout, s, device, allow_compile=True) -> Case:
         m.load_state_dict(state)
         return prepare(m)
 
+    # one compiled function per case, shared by the rotated input sets (parameters passed as inputs)
+    compiled_forward = torch.compile(R.released_fam_forward)
+
     def compiled():
         m = R.ReleasedFAM(cin, cout, s).to(device)
         m.load_state_dict(state)
         p = prepare(m)
-        cm = torch.compile(m)
         x = p.leaves[0]
-        return Prepared(fwd=lambda: cm(x), leaves=p.leaves)
+        return Prepared(fwd=lambda: compiled_forward(x, m.weights1, m.w0.weight, m.w0.bias, m.rate1, m.rate2, 0.1),
+                        leaves=p.leaves)
 
     impls = [Impl("ours", ours()), Impl("ours_fft", ours("fft"))]
     with torch.device("meta"):

@@ -2,12 +2,14 @@
 fake kernels, autograd (PyTorch's conjugate convention), backend choice; plus the FAM filter pieces the
 nn modules use: the symmetrised half-plane weight and the fused small-map filter (Triton).
 
-Kernels: torch.ops.dctkd_ext.{global_filter, spectral_conv}[_backward] (CPU: csrc/cpu/spectral.cpp,
-CUDA: csrc/cuda/spectral.cu), their Triton twins dctkd_ext::*_triton (dctkd_ext/triton/spectral.py,
-registered here as Python custom ops), the reference in dctkd_ext/reference.py."""
+Kernels: torch.ops.dctkd_ext.{global_filter, spectral_conv, fam_half_weight}[_backward] (CPU:
+csrc/cpu/spectral.cpp, CUDA: csrc/cuda/spectral.cu), their Triton twins torch.ops.dctkd_ext_triton.*
+(same schemas, plus fam_filter_fused; dctkd_ext/triton/spectral.py, loaded on first use), the
+reference in dctkd_ext/reference.py. The autograd formulas are registered on both namespaces."""
 
 import importlib.util
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -106,44 +108,6 @@ torch.library.register_fake("dctkd_ext::spectral_conv")(_sc_fake)
 torch.library.register_fake("dctkd_ext::spectral_conv_backward")(_sc_backward_fake)
 
 
-# ----------------------------------------------------------------------- the Triton twins (custom ops)
-# Same schemas and fakes as the C++ ops; the kernels are imported (with triton) on first use.
-@torch.library.custom_op("dctkd_ext::global_filter_triton", mutates_args=())
-def _global_filter_triton(xf: Tensor, w: Tensor, mask: Optional[Tensor]) -> Tensor:
-    from ..triton import spectral as ts
-
-    return ts.global_filter(xf, w, mask)
-
-
-@torch.library.custom_op("dctkd_ext::global_filter_backward_triton", mutates_args=())
-def _global_filter_backward_triton(grad: Tensor, xf: Tensor, w: Tensor, mask: Optional[Tensor], need_xf: bool,
-                                   need_w: bool) -> tuple[Tensor, Tensor]:
-    from ..triton import spectral as ts
-
-    return ts.global_filter_backward(grad, xf, w, mask, need_xf, need_w)
-
-
-@torch.library.custom_op("dctkd_ext::spectral_conv_triton", mutates_args=())
-def _spectral_conv_triton(xf: Tensor, w: Tensor, mask: Optional[Tensor]) -> Tensor:
-    from ..triton import spectral as ts
-
-    return ts.spectral_conv(xf, w, mask)
-
-
-@torch.library.custom_op("dctkd_ext::spectral_conv_backward_triton", mutates_args=())
-def _spectral_conv_backward_triton(grad: Tensor, xf: Tensor, w: Tensor, mask: Optional[Tensor], need_xf: bool,
-                                   need_w: bool) -> tuple[Tensor, Tensor]:
-    from ..triton import spectral as ts
-
-    return ts.spectral_conv_backward(grad, xf, w, mask, need_xf, need_w)
-
-
-torch.library.register_fake("dctkd_ext::global_filter_triton")(_gf_fake)
-torch.library.register_fake("dctkd_ext::global_filter_backward_triton")(_gf_backward_fake)
-torch.library.register_fake("dctkd_ext::spectral_conv_triton")(_sc_fake)
-torch.library.register_fake("dctkd_ext::spectral_conv_backward_triton")(_sc_backward_fake)
-
-
 # ------------------------------------------------------------------------------------------ autograd
 def _save(ctx, inputs, output):
     xf, w, mask = inputs
@@ -169,16 +133,22 @@ def _make_backward(backward_op, forward_op):
     return backward
 
 
-torch.library.register_autograd(
-    "dctkd_ext::global_filter", _make_backward(_ops.global_filter_backward, _ops.global_filter), setup_context=_save)
-torch.library.register_autograd(
-    "dctkd_ext::spectral_conv", _make_backward(_ops.spectral_conv_backward, _ops.spectral_conv), setup_context=_save)
-torch.library.register_autograd(
-    "dctkd_ext::global_filter_triton",
-    _make_backward(_ops.global_filter_backward_triton, _ops.global_filter_triton), setup_context=_save)
-torch.library.register_autograd(
-    "dctkd_ext::spectral_conv_triton",
-    _make_backward(_ops.spectral_conv_backward_triton, _ops.spectral_conv_triton), setup_context=_save)
+def register_autograd(ns: str) -> None:
+    """Register the backward formulas of the spectral ops on torch.ops.<ns>: the C++ ops ("dctkd_ext")
+    and the Triton ops ("dctkd_ext_triton", same schemas) share them."""
+    ops = getattr(torch.ops, ns)
+    torch.library.register_autograd(
+        f"{ns}::global_filter", _make_backward(ops.global_filter_backward, ops.global_filter), setup_context=_save)
+    torch.library.register_autograd(
+        f"{ns}::spectral_conv", _make_backward(ops.spectral_conv_backward, ops.spectral_conv), setup_context=_save)
+
+    def half_weight_setup(ctx, inputs, output):
+        w, cuton = inputs
+        ctx.cuton, ctx.width = cuton, w.shape[-1]
+
+    torch.library.register_autograd(
+        f"{ns}::fam_half_weight", lambda ctx, g: (ops.fam_half_weight_backward(g, ctx.cuton, ctx.width), None),
+        setup_context=half_weight_setup)
 
 
 # -------------------------------------------------------------------------------------- backends
@@ -212,15 +182,45 @@ def resolve_backend(device: torch.device) -> str:
     return name
 
 
-def _impls(device: torch.device):
-    """(global_filter, global_filter_backward, spectral_conv, spectral_conv_backward) of the backend."""
+_triton_lock = threading.Lock()
+_triton_ops = None
+
+
+def triton_ops():
+    """torch.ops.dctkd_ext_triton with the spectral ops defined and their autograd registered (once;
+    imports triton and dctkd_ext.triton on first use)."""
+    global _triton_ops
+    if _triton_ops is None:
+        with _triton_lock:
+            if _triton_ops is None:
+                from .. import triton as triton_backend
+
+                ops = triton_backend.load()  # the package's ops, and the ImportError message without triton
+                from ..triton import spectral  # noqa: F401  (defines the spectral ops)
+
+                register_autograd("dctkd_ext_triton")
+                _register_fused_autograd()
+                _triton_ops = ops
+    return _triton_ops
+
+
+def _kernels(device: torch.device):
+    """The op namespace of the backend for `device`: torch.ops.dctkd_ext (C++) or dctkd_ext_triton;
+    None for the reference backend."""
     name = resolve_backend(device)
     if name == "triton":
-        return (_ops.global_filter_triton, _ops.global_filter_backward_triton, _ops.spectral_conv_triton,
-                _ops.spectral_conv_backward_triton)
+        return triton_ops()
     if name == "reference":
+        return None
+    return _ops
+
+
+def _impls(device: torch.device):
+    """(global_filter, global_filter_backward, spectral_conv, spectral_conv_backward) of the backend."""
+    ops = _kernels(device)
+    if ops is None:
         return reference.global_filter, None, reference.spectral_conv, None
-    return _ops.global_filter, _ops.global_filter_backward, _ops.spectral_conv, _ops.spectral_conv_backward
+    return ops.global_filter, ops.global_filter_backward, ops.spectral_conv, ops.spectral_conv_backward
 
 
 # --------------------------------------------------------------------------------------- public API
@@ -267,38 +267,9 @@ def _half_weight_backward_fake(grad, cuton, width):
     return grad.new_empty(tuple(grad.shape[:-1]) + (width,))
 
 
-@torch.library.custom_op("dctkd_ext::fam_half_weight_triton", mutates_args=())
-def _fam_half_weight_triton(w: Tensor, cuton: float) -> Tensor:
-    from ..triton import spectral as ts
-
-    return ts.fam_half_weight(w, cuton)
-
-
-@torch.library.custom_op("dctkd_ext::fam_half_weight_backward_triton", mutates_args=())
-def _fam_half_weight_backward_triton(grad: Tensor, cuton: float, width: int) -> Tensor:
-    from ..triton import spectral as ts
-
-    return ts.fam_half_weight_backward(grad, cuton, width)
-
-
-for _name, _fake in (("fam_half_weight", _half_weight_fake), ("fam_half_weight_triton", _half_weight_fake),
-                     ("fam_half_weight_backward", _half_weight_backward_fake),
-                     ("fam_half_weight_backward_triton", _half_weight_backward_fake)):
-    torch.library.register_fake(f"dctkd_ext::{_name}")(_fake)
-
-
-def _half_weight_setup(ctx, inputs, output):
-    w, cuton = inputs
-    ctx.cuton, ctx.width = cuton, w.shape[-1]
-
-
-torch.library.register_autograd(
-    "dctkd_ext::fam_half_weight",
-    lambda ctx, g: (_ops.fam_half_weight_backward(g, ctx.cuton, ctx.width), None), setup_context=_half_weight_setup)
-torch.library.register_autograd(
-    "dctkd_ext::fam_half_weight_triton",
-    lambda ctx, g: (_ops.fam_half_weight_backward_triton(g, ctx.cuton, ctx.width), None),
-    setup_context=_half_weight_setup)
+torch.library.register_fake("dctkd_ext::fam_half_weight")(_half_weight_fake)
+torch.library.register_fake("dctkd_ext::fam_half_weight_backward")(_half_weight_backward_fake)
+register_autograd("dctkd_ext")
 
 
 def fam_half_weight(weights: Tensor, cuton: float) -> Tensor:
@@ -310,29 +281,13 @@ def fam_half_weight(weights: Tensor, cuton: float) -> Tensor:
     _check_complex(weights, "weights", getattr(weights, "ndim", 2), "(..., H, W)")
     if isinstance(cuton, bool) or not isinstance(cuton, (int, float)) or not 0.0 <= cuton <= 1.0:
         raise ValueError(f"cuton: expected a number in [0, 1], got {cuton!r}")
-    backend = resolve_backend(weights.device)
-    if backend == "reference":
+    ops = _kernels(weights.device)
+    if ops is None:
         return reference.fam_half_weight(weights, cuton)
-    if backend == "triton":
-        return _ops.fam_half_weight_triton(weights, float(cuton))
-    return _ops.fam_half_weight(weights, float(cuton))
+    return ops.fam_half_weight(weights, float(cuton))
 
 
-# The fused small-map filter rfft2 -> filter -> irfft2 in one Triton kernel (dctkd_ext/triton/spectral.py).
-@torch.library.custom_op("dctkd_ext::fam_filter_fused", mutates_args=())
-def _fam_filter_fused(x: Tensor, w: Tensor, depthwise: bool, adjoint: bool) -> Tensor:
-    from ..triton import spectral as ts
-
-    return ts.fam_filter_fused(x, w, depthwise, adjoint)
-
-
-@torch.library.register_fake("dctkd_ext::fam_filter_fused")
-def _(x, w, depthwise, adjoint):
-    b, i, s, _ = x.shape
-    o = i if depthwise else (w.shape[0] if adjoint else w.shape[1])
-    return x.new_empty((b, o, s, s))
-
-
+# The fused small-map filter rfft2 -> filter -> irfft2 in one Triton kernel: dctkd_ext_triton::fam_filter_fused.
 def _c2r_multiplicity(s: int, device, dtype) -> Tensor:
     # irfft's backward doubles the columns that stand for two conjugate frequencies
     mult = torch.full((s // 2 + 1,), 2.0, dtype=dtype, device=device)
@@ -353,7 +308,7 @@ def _fam_fused_backward(ctx, grad):
     need_x, need_w = ctx.needs_input_grad[:2]
     dx = dw = None
     if need_x:  # the map is linear in x: its adjoint is the same filter, conjugated and transposed
-        dx = _ops.fam_filter_fused(grad.contiguous(), w, ctx.depthwise, not ctx.adjoint)
+        dx = triton_ops().fam_filter_fused(grad.contiguous(), w, ctx.depthwise, not ctx.adjoint)
     if need_w:
         if ctx.adjoint:
             raise RuntimeError("fam_filter_fused: the weight gradient of the adjoint (double backward) is not supported")
@@ -376,7 +331,9 @@ def _backward_w(backward_op, ref, grad, xf, w):
     return backward_op(grad, xf, w, None, False, True)[1]
 
 
-torch.library.register_autograd("dctkd_ext::fam_filter_fused", _fam_fused_backward, setup_context=_fam_fused_setup)
+def _register_fused_autograd():
+    torch.library.register_autograd("dctkd_ext_triton::fam_filter_fused", _fam_fused_backward,
+                                    setup_context=_fam_fused_setup)
 
 
 def fused_available(device: torch.device) -> bool:
@@ -389,7 +346,7 @@ def fused_available(device: torch.device) -> bool:
 def fam_filter_fused(x: Tensor, w_half: Tensor, depthwise: bool = False) -> Tensor:
     """irfft2(mix(w_half, rfft2(x, ortho)), s=(S, S), ortho) for x (B, I, S, S) float32, S <= 32, in one
     Triton kernel; w_half (I, O, S, S//2+1) complex64 (channel mixing) or (C, S, S//2+1) (depthwise)."""
-    return _ops.fam_filter_fused(x, w_half, depthwise, False)
+    return triton_ops().fam_filter_fused(x, w_half, depthwise, False)
 
 
 # ---------------------------------------------------------------------------------- the FAM global branch
@@ -400,13 +357,11 @@ def fam_filter_fused(x: Tensor, w_half: Tensor, depthwise: bool = False) -> Tens
 #   dW' = sum_b conj(rfft2(x)) * rfft2(dg) * c_k         (c_k = 2 on the columns that stand for two)
 #   dweights = fam_half_weight_backward(dW')
 def _half_impl(device):
-    return _ops.fam_half_weight_triton if resolve_backend(device) == "triton" else _ops.fam_half_weight
+    return _kernels(device).fam_half_weight
 
 
 def _half_backward_impl(device):
-    if resolve_backend(device) == "triton":
-        return _ops.fam_half_weight_backward_triton
-    return _ops.fam_half_weight_backward
+    return _kernels(device).fam_half_weight_backward
 
 
 @torch.library.custom_op("dctkd_ext::fam_global", mutates_args=())
@@ -414,7 +369,7 @@ def _fam_global(x: Tensor, weights: Tensor, cuton: float, depthwise: bool, fused
     s = x.shape[-1]
     w_half = _half_impl(x.device)(weights, cuton)
     if fused:
-        return _ops.fam_filter_fused(x.contiguous(), w_half, depthwise, False)
+        return triton_ops().fam_filter_fused(x.contiguous(), w_half, depthwise, False)
     impl = _impls(x.device)
     xf = torch.fft.rfft2(x, norm="ortho")
     yf = impl[0](xf, w_half, None) if depthwise else impl[2](xf, w_half, None)
@@ -446,7 +401,7 @@ def _fam_global_backward(ctx, dg):
     dx = dweights = gf = None
     if need_x:
         if ctx.fused:
-            dx = _ops.fam_filter_fused(dg, w_half, ctx.depthwise, True)
+            dx = triton_ops().fam_filter_fused(dg, w_half, ctx.depthwise, True)
         else:
             gf = torch.fft.rfft2(dg, norm="ortho")
             # only the shape of xf matters when its gradient alone is asked for

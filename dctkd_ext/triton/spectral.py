@@ -11,16 +11,25 @@
   symmetrised half-plane weight with the mask folded in) -> irfft2 in one kernel, the DFTs as small
   matmuls, so no (B, C, S, S//2+1) complex intermediate touches memory. For S <= 32.
 
-Importing this module imports triton; dctkd_ext imports it only when the Triton path runs. Under
-TRITON_INTERPRET=1 the kernels run on CPU tensors (tests), in fp32/fp64.
+The ops are torch.ops.dctkd_ext_triton.{global_filter, global_filter_backward, spectral_conv,
+spectral_conv_backward, fam_half_weight, fam_half_weight_backward} (the schemas of the C++ ops) and
+fam_filter_fused (Triton only), defined by _common.define_op when this module is imported;
+dctkd_ext.ops.spectral imports it (after dctkd_ext.triton.load()) the first time the Triton path runs,
+and registers the autograd formulas. Under TRITON_INTERPRET=1 the kernels run on CPU tensors (tests),
+in fp32/fp64. `python -m dctkd_ext.triton.spectral --arch 90` compiles every kernel variant for sm_90
+without a GPU (see compile_check below).
 """
 
 import math
 import os
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from . import _common
 
 # fp32 tl.dot precision on the GPU: "tf32x3" (tensor cores, ~fp32 accuracy), "ieee" (exact fp32 FMA,
 # no tensor cores) or "tf32" (fast, ~1e-3 relative: not within the fp32 tolerance of the tests).
@@ -32,12 +41,13 @@ FUSED_MAX_SIZE = 32  # largest S of the fused small-map kernel
 _ACC_ELEMS = 4096  # complex accumulator elements per program in the fused kernel (registers)
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    # through the module attribute, so that the compile check can replace it
+    _common.launch(_common.wrap_triton(kernel), grid, *args, **kwargs)
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float64 or _interpret():
+    if dtype == torch.float64 or _common.INTERPRET:
         return "ieee"
     return DOT_PRECISION
 
@@ -164,7 +174,7 @@ def global_filter(xf: torch.Tensor, w: torch.Tensor, mask=None) -> torch.Tensor:
     chunks = max(1, min(b, triton.cdiv(8 * _num_sms(xf.device), blocks)))
     b_per = triton.cdiv(b, chunks)
     chunks = triton.cdiv(b, b_per)
-    _gf_fwd_kernel[(blocks, chunks)](
+    _launch(_gf_fwd_kernel, (blocks, chunks),
         torch.view_as_real(xd), torch.view_as_real(wd), m if m is not None else torch.view_as_real(xd),
         torch.view_as_real(y), b, n, h * k, c, b_per, MASK_MODE=mode, BLOCK=block, num_warps=4)
     return y
@@ -201,7 +211,7 @@ def global_filter_backward(grad, xf, w, mask, need_xf: bool, need_w: bool):
     b_per = triton.cdiv(b, splits)
     splits = triton.cdiv(b, b_per)
     part = torch.empty((splits, n), dtype=w.dtype, device=w.device) if need_w else None
-    _gf_bwd_kernel[(blocks, splits)](
+    _launch(_gf_bwd_kernel, (blocks, splits),
         torch.view_as_real(gd), torch.view_as_real(xd), torch.view_as_real(wd),
         m if m is not None else torch.view_as_real(xd),
         torch.view_as_real(dx) if need_xf else torch.view_as_real(gd),
@@ -269,7 +279,7 @@ def _cgemm_freq(a, sAm, sAk, b, sBk, sBn, mask, out, M, N, K, F, conj_a, conj_b)
     bm, bn, bk = _tile(M), _tile(N), _tile(K, 32)
     grid = (F, triton.cdiv(M, bm), triton.cdiv(N, bn))
     ar, br_ = _real_view(a), _real_view(b)
-    _cgemm_freq_kernel[grid](
+    _launch(_cgemm_freq_kernel, grid,
         ar, br_, mask if mask is not None else ar, torch.view_as_real(out), M, N, K, F, sAm, sAk, sBk, sBn,
         CONJ_A=conj_a, CONJ_B=conj_b, HAS_MASK=mask is not None, BM=bm, BN=bn, BK=bk,
         PREC=_precision(ar.dtype), num_warps=4)
@@ -303,29 +313,32 @@ def spectral_conv_backward(grad, xf, w, mask, need_xf: bool, need_w: bool):
 
 # ------------------------------------------------------------------------------ fused small-map filter
 @triton.jit
-def _trig(rows, cols, n_rows, n_cols, S, scale):
-    # cos/sin(2 pi (r * c mod S) / S) * scale on a (R, C) grid, zero outside [0, n_rows) x [0, n_cols)
-    p = (rows[:, None] * cols[None, :]) % S
-    ang = p.to(tl.float32) * (6.283185307179586 / S)
+def _basis_tile(basis_ptr, rows, cols, n_rows, n_cols, S, scale):
+    # (cos, sin)(2 pi r c / S) * scale on a (R, C) grid from the cached fp64-evaluated DFT basis
+    # (2, S, S) (dctkd_ext.triton._common.basis("dft", S)); zero outside [0, n_rows) x [0, n_cols)
+    off = rows[:, None] * S + cols[None, :]
     keep = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.where(keep, tl.cos(ang) * scale, 0.0), tl.where(keep, tl.sin(ang) * scale, 0.0)
+    c = tl.load(basis_ptr + off, mask=keep, other=0.0)
+    s = tl.load(basis_ptr + S * S + off, mask=keep, other=0.0)
+    return c * scale, s * scale
 
 
 @triton.jit
-def _fwd_dft(x, S, K, SP: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr):
+def _fwd_dft(x, basis_ptr, S, K, inv, SP: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr):
     # x: (NB, SP, SP) real [n, h, w], zero outside S x S  ->  X^T = rfft2(x, ortho)^T: (NB, KP, SP) [n, k, m]
+    # inv = 1 / sqrt(S) (a float argument: S may be a compile-time 1). The bases are re-read from
+    # L1/L2 at each use rather than kept live in registers across the channel loop.
     NB: tl.constexpr = x.shape[0]
-    inv = 1.0 / tl.sqrt(S.to(tl.float32))
     sp = tl.arange(0, SP)
     kp = tl.arange(0, KP)
-    cw, sw = _trig(sp, kp, S, K, S, inv)  # (SP_w, KP): along w
-    ch, sh = _trig(sp, sp, S, S, S, inv)  # (SP, SP): along h, symmetric
     x2 = tl.reshape(x, (NB * SP, SP))
+    cw, sw = _basis_tile(basis_ptr, sp, kp, S, K, S, inv)  # (SP_w, KP): along w
     tr = tl.dot(x2, cw, input_precision=PREC)  # T[n, h, k] = sum_w x e^{-2 pi i wk/S}
     ti = -tl.dot(x2, sw, input_precision=PREC)
     tr = tl.reshape(tl.permute(tl.reshape(tr, (NB, SP, KP)), (0, 2, 1)), (NB * KP, SP))  # [n, k, h]
     ti = tl.reshape(tl.permute(tl.reshape(ti, (NB, SP, KP)), (0, 2, 1)), (NB * KP, SP))
     # X^T[n, k, m] = sum_h T^T[n, k, h] (cos - i sin)(2 pi hm / S)
+    ch, sh = _basis_tile(basis_ptr, sp, sp, S, S, S, inv)  # (SP, SP): along h, symmetric
     xr = tl.dot(tr, ch, input_precision=PREC)
     xr = tl.dot(ti, sh, xr, input_precision=PREC)
     xi = tl.dot(ti, ch, input_precision=PREC)
@@ -334,57 +347,56 @@ def _fwd_dft(x, S, K, SP: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _inv_dft(yr, yi, S, K, SP: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr):
+def _inv_dft(yr, yi, basis_ptr, S, K, inv, SP: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr):
     # Y^T (NB, KP, SP) [n, k, m] on the half plane -> irfft2(Y, s=(S, S), ortho): (NB, SP, SP) [n, h, w]
     NB: tl.constexpr = yr.shape[0]
-    inv = 1.0 / tl.sqrt(S.to(tl.float32))
     sp = tl.arange(0, SP)
     kp = tl.arange(0, KP)
-    ch, sh = _trig(sp, sp, S, S, S, inv)
-    ci, si = _trig(kp, sp, K, S, S, inv)  # (KP, SP_w)
-    # c2r weights: the columns k = 1 .. ceil(S/2)-1 stand for two conjugate frequencies
-    ck = tl.where((kp == 0) | (2 * kp == S), 1.0, 2.0)
-    ci = ci * ck[:, None]
-    si = si * ck[:, None]
     yr2 = tl.reshape(yr, (NB * KP, SP))
     yi2 = tl.reshape(yi, (NB * KP, SP))
     # U^T[n, k, h] = sum_m Y^T[n, k, m] (cos + i sin)(2 pi mh / S)
+    ch, sh = _basis_tile(basis_ptr, sp, sp, S, S, S, inv)
     ur = tl.dot(yr2, ch, input_precision=PREC)
     ur = tl.dot(-yi2, sh, ur, input_precision=PREC)
     ui = tl.dot(yi2, ch, input_precision=PREC)
     ui = tl.dot(yr2, sh, ui, input_precision=PREC)
     ur = tl.reshape(tl.permute(tl.reshape(ur, (NB, KP, SP)), (0, 2, 1)), (NB * SP, KP))  # [n, h, k]
     ui = tl.reshape(tl.permute(tl.reshape(ui, (NB, KP, SP)), (0, 2, 1)), (NB * SP, KP))
-    # y[n, h, w] = sum_k c_k (Ur cos - Ui sin)(2 pi kw / S)   (Im of the k = 0 and S/2 columns drops out)
-    y = tl.dot(ur, ci, input_precision=PREC)
-    y = tl.dot(-ui, si, y, input_precision=PREC)
+    # y[n, h, w] = sum_k c_k (Ur cos - Ui sin)(2 pi kw / S)   (Im of the k = 0 and S/2 columns drops out);
+    # c2r weights c_k: the columns k = 1 .. ceil(S/2)-1 stand for two conjugate frequencies
+    ci, si = _basis_tile(basis_ptr, kp, sp, K, S, S, inv)  # (KP, SP_w)
+    ck = tl.where((kp == 0) | (2 * kp == S), 1.0, 2.0)
+    y = tl.dot(ur, ci * ck[:, None], input_precision=PREC)
+    y = tl.dot(-ui, si * ck[:, None], y, input_precision=PREC)
     return tl.reshape(y, (NB, SP, SP))
 
 
-# S and K are used as tensors (S.to(...)): keep them runtime values even when they equal 1
-@triton.jit(do_not_specialize=["I", "O", "S", "K"])
-def _fam_fused_kernel(x_ptr, w_ptr, y_ptr, I, O, S, K, sWi, sWo,
+@triton.jit
+def _fam_fused_kernel(x_ptr, w_ptr, y_ptr, basis_ptr, I, O, S, K, sWi, sWo, inv_sqrt_s,
                       DEPTHWISE: tl.constexpr, CONJ: tl.constexpr, OT: tl.constexpr,
                       SP: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr):
     # y[b, o] = irfft2(sum_i W[i, o] * rfft2(x[b, i]))  (channel mixing), or
     # y[b, c] = irfft2(W[c] * rfft2(x[b, c]))          (depthwise, I == O), all ortho, S x S maps.
     # W is the half-plane weight (..., S, K) complex (mask and symmetrisation folded in), read at
     # element offset i * sWi + o * sWo + m * K + k, conjugated when CONJ (the adjoint for dx).
+    # The weight offsets within a channel's tile are int32 (the launcher checks the weight size) on
+    # an int64 base pointer, recomputed per channel rather than held in registers.
     b = tl.program_id(0).to(tl.int64)
-    o = tl.program_id(1) * OT + tl.arange(0, OT)
+    o0 = tl.program_id(1) * OT
+    ot = tl.arange(0, OT)
     sp = tl.arange(0, SP)
     kp = tl.arange(0, KP)
-    o_ok = o < O
-    # the weight tile in the frequency order of the kernel: [o, k, m]
-    w_off = o.to(tl.int64)[:, None, None] * sWo + kp[None, :, None] + sp[None, None, :] * K
-    w_msk = o_ok[:, None, None] & (kp[None, :, None] < K) & (sp[None, None, :] < S)
+    o_ok = (o0 + ot) < O
     map_msk = (sp[:, None] < S) & (sp[None, :] < S)
     if DEPTHWISE:
-        x_off = ((b * O + o.to(tl.int64))[:, None, None] * S + sp[None, :, None]) * S + sp[None, None, :]
+        x_off = ((b * O + o0 + ot)[:, None, None] * S + sp[None, :, None]) * S + sp[None, None, :]
         x = tl.load(x_ptr + x_off, mask=o_ok[:, None, None] & map_msk[None, :, :], other=0.0)
-        xr, xi = _fwd_dft(x, S, K, SP, KP, PREC)
-        wr = tl.load(w_ptr + w_off * 2, mask=w_msk, other=0.0)
-        wi = tl.load(w_ptr + w_off * 2 + 1, mask=w_msk, other=0.0)
+        xr, xi = _fwd_dft(x, basis_ptr, S, K, inv_sqrt_s, SP, KP, PREC)
+        w_off = (ot[:, None, None] * sWo + kp[None, :, None] + sp[None, None, :] * K) * 2
+        w_msk = o_ok[:, None, None] & (kp[None, :, None] < K) & (sp[None, None, :] < S)
+        w_base = w_ptr + (o0 * sWo).to(tl.int64) * 2
+        wr = tl.load(w_base + w_off, mask=w_msk, other=0.0)
+        wi = tl.load(w_base + w_off + 1, mask=w_msk, other=0.0)
         if CONJ:
             wi = -wi
         acc_r = xr * wr - xi * wi
@@ -392,19 +404,23 @@ def _fam_fused_kernel(x_ptr, w_ptr, y_ptr, I, O, S, K, sWi, sWo,
     else:
         acc_r = tl.full((OT, KP, SP), 0.0, tl.float32)
         acc_i = tl.full((OT, KP, SP), 0.0, tl.float32)
+        x_base = x_ptr + b * I * S * S
+        w_base = w_ptr + (o0 * sWo).to(tl.int64) * 2
         for i in range(I):
-            x_off = ((b * I + i) * S + sp[:, None]) * S + sp[None, :]
-            x = tl.load(x_ptr + x_off, mask=map_msk, other=0.0)
-            xr, xi = _fwd_dft(x[None, :, :], S, K, SP, KP, PREC)
-            wo = (i * sWi + w_off) * 2
-            wr = tl.load(w_ptr + wo, mask=w_msk, other=0.0)
-            wi = tl.load(w_ptr + wo + 1, mask=w_msk, other=0.0)
+            x = tl.load(x_base + (sp[:, None] * S + sp[None, :]), mask=map_msk, other=0.0)
+            xr, xi = _fwd_dft(x[None, :, :], basis_ptr, S, K, inv_sqrt_s, SP, KP, PREC)
+            w_off = (ot[:, None, None] * sWo + kp[None, :, None] + sp[None, None, :] * K) * 2
+            w_msk = o_ok[:, None, None] & (kp[None, :, None] < K) & (sp[None, None, :] < S)
+            wr = tl.load(w_base + w_off, mask=w_msk, other=0.0)
+            wi = tl.load(w_base + w_off + 1, mask=w_msk, other=0.0)
             if CONJ:
                 wi = -wi
             acc_r += xr * wr - xi * wi
             acc_i += xr * wi + xi * wr
-    y = _inv_dft(acc_r, acc_i, S, K, SP, KP, PREC)
-    y_off = ((b * O + o.to(tl.int64))[:, None, None] * S + sp[None, :, None]) * S + sp[None, None, :]
+            x_base += S * S
+            w_base += sWi * 2
+    y = _inv_dft(acc_r, acc_i, basis_ptr, S, K, inv_sqrt_s, SP, KP, PREC)
+    y_off = ((b * O + o0 + ot)[:, None, None] * S + sp[None, :, None]) * S + sp[None, None, :]
     tl.store(y_ptr + y_off, y, mask=o_ok[:, None, None] & map_msk[None, :, :])
 
 
@@ -439,10 +455,13 @@ def fam_filter_fused(x: torch.Tensor, w: torch.Tensor, depthwise: bool, adjoint:
         return y
     if i == 0:
         return y.zero_()
+    if wv.numel() >= 2**31:
+        raise ValueError(f"w: the fused kernel indexes the weight with int32 offsets; got {w.numel()} elements")
     sp, kp, ot = fused_tiles(s, o)
     grid = (b, triton.cdiv(o, ot))
-    _fam_fused_kernel[grid](x, wv, y, i, o, s, k, s_wi, s_wo, DEPTHWISE=depthwise, CONJ=adjoint, OT=ot,
-                            SP=sp, KP=kp, PREC=_precision(x.dtype), num_warps=8 if sp * kp * ot >= 4096 else 4)
+    basis = _common.basis("dft", s, torch.float32, x)
+    _launch(_fam_fused_kernel, grid, x, wv, y, basis, i, o, s, k, s_wi, s_wo, 1.0 / math.sqrt(s), DEPTHWISE=depthwise, CONJ=adjoint, OT=ot,
+                            SP=sp, KP=kp, PREC=_precision(x.dtype), num_warps=8 if sp * kp * ot >= 2048 else 4)
     return y
 
 
@@ -509,7 +528,7 @@ def fam_half_weight(w: torch.Tensor, cuton: float) -> torch.Tensor:
     total = out.numel()
     if total:
         block = 1024
-        _half_weight_fwd_kernel[(triton.cdiv(total, block),)](
+        _launch(_half_weight_fwd_kernel, (triton.cdiv(total, block),),
             torch.view_as_real(w), torch.view_as_real(out), total, h, wd, k, _fam_radius(h, cuton),
             _fam_radius(wd, cuton), BLOCK=block, num_warps=4)
     return out
@@ -523,7 +542,111 @@ def fam_half_weight_backward(g: torch.Tensor, cuton: float, width: int) -> torch
     total = out.numel()
     if total:
         block = 1024
-        _half_weight_bwd_kernel[(triton.cdiv(total, block),)](
+        _launch(_half_weight_bwd_kernel, (triton.cdiv(total, block),),
             torch.view_as_real(g), torch.view_as_real(out), total, h, width, k, _fam_radius(h, cuton),
             _fam_radius(width, cuton), BLOCK=block, num_warps=4)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- the ops
+# torch.ops.dctkd_ext_triton.*: the schemas of the C++ ops (csrc/spectral.cpp), plus the fused filter.
+def _op_global_filter(xf: Tensor, w: Tensor, mask: Optional[Tensor]) -> Tensor:
+    return global_filter(xf, w, mask)
+
+
+def _op_global_filter_backward(grad: Tensor, xf: Tensor, w: Tensor, mask: Optional[Tensor], need_xf: bool,
+                               need_w: bool) -> Tuple[Tensor, Tensor]:
+    return global_filter_backward(grad, xf, w, mask, need_xf, need_w)
+
+
+def _op_spectral_conv(xf: Tensor, w: Tensor, mask: Optional[Tensor]) -> Tensor:
+    return spectral_conv(xf, w, mask)
+
+
+def _op_spectral_conv_backward(grad: Tensor, xf: Tensor, w: Tensor, mask: Optional[Tensor], need_xf: bool,
+                               need_w: bool) -> Tuple[Tensor, Tensor]:
+    return spectral_conv_backward(grad, xf, w, mask, need_xf, need_w)
+
+
+def _op_fam_half_weight(w: Tensor, cuton: float) -> Tensor:
+    return fam_half_weight(w, cuton)
+
+
+def _op_fam_half_weight_backward(grad: Tensor, cuton: float, width: int) -> Tensor:
+    return fam_half_weight_backward(grad, cuton, width)
+
+
+def _op_fam_filter_fused(x: Tensor, w: Tensor, depthwise: bool, adjoint: bool) -> Tensor:
+    return fam_filter_fused(x, w, depthwise, adjoint)
+
+
+OPS = {
+    name: _common.define_op(name, fn)
+    for name, fn in (
+        ("global_filter", _op_global_filter),
+        ("global_filter_backward", _op_global_filter_backward),
+        ("spectral_conv", _op_spectral_conv),
+        ("spectral_conv_backward", _op_spectral_conv_backward),
+        ("fam_half_weight", _op_fam_half_weight),
+        ("fam_half_weight_backward", _op_fam_half_weight_backward),
+        ("fam_filter_fused", _op_fam_filter_fused),
+    )
+}
+
+
+# --------------------------------------------------------------------------------------- compile check
+def compile_check(arch: int = 90, verbose: bool = True) -> dict:
+    """Compile every kernel variant the launchers above use, for sm_<arch>, on a machine without a GPU
+    (dctkd_ext/triton/_compile_check.py's compiler: frontend to ptxas, the JIT's specialisation), by
+    running the launchers on small CPU tensors with the launches replaced. TRITON_INTERPRET must be
+    unset. Returns {variant: (registers, stack bytes)}."""
+    if _common.INTERPRET:
+        raise SystemExit("unset TRITON_INTERPRET: the compile check needs the compiler, not the interpreter")
+    from ._compile_check import Compiler
+
+    compiler = Compiler(arch, verbose)
+    saved = _common.launch, _common.wrap_triton
+    _common.launch, _common.wrap_triton = compiler.launch, (lambda kernel: kernel)
+    try:
+        torch.manual_seed(0)
+        for dt in (torch.complex64, torch.complex128):
+            xf = torch.randn(4, 6, 7, 4, dtype=dt)
+            w = torch.randn(6, 7, 4, dtype=dt)
+            m = torch.rand(7, 4)
+            for x_ in (xf, xf.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
+                for mask in (None, m):
+                    global_filter(x_, w, mask)
+                    for need in ((True, True), (True, False), (False, True)):
+                        global_filter_backward(x_, x_, w, mask, *need)
+            w2 = torch.randn(6, 5, 7, 4, dtype=dt)
+            for mask in (None, m):
+                spectral_conv(xf, w2, mask)
+                spectral_conv_backward(torch.randn(4, 5, 7, 4, dtype=dt), xf, w2, mask, True, True)
+            fam_half_weight(torch.randn(3, 2, 8, 8, dtype=dt), 0.3)
+            fam_half_weight_backward(torch.randn(3, 2, 8, 5, dtype=dt), 0.3, 8)
+        for s in (1, 4, 7, 8, 16, 32):
+            k = s // 2 + 1
+            for depthwise in (False, True):
+                c_in, c_out = (8, 8) if depthwise else (8, 64)
+                x = torch.randn(2, c_in, s, s)
+                wh = torch.randn(*((c_in, s, k) if depthwise else (c_in, c_out, s, k)), dtype=torch.complex64)
+                fam_filter_fused(x, wh, depthwise, False)
+                g = torch.randn(2, c_out, s, s)
+                fam_filter_fused(g, wh, depthwise, True)
+    finally:
+        _common.launch, _common.wrap_triton = saved
+    return compiler.seen
+
+
+if __name__ == "__main__":  # python -m dctkd_ext.triton.spectral [--arch 90]
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(description="compile the spectral-filter Triton kernels for a GPU architecture")
+    ap.add_argument("--arch", type=int, default=90)
+    args = ap.parse_args()
+    t0 = time.time()
+    seen = compile_check(args.arch)
+    stack = [k[0] for k, (_, st) in seen.items() if st]
+    print(f"triton {triton.__version__}, sm_{args.arch}: {len(seen)} kernel variants compiled in "
+          f"{time.time() - t0:.0f}s; {len(stack)} use local memory (stack): {sorted(set(stack))}")
