@@ -62,10 +62,10 @@ def _wants_fp32(args) -> bool:
 
 
 def _batches(args, default: int) -> List[int]:
-    if getattr(args, "quick", False):
-        return [QUICK_BATCH]
     batches = getattr(args, "batches", None)
-    return [int(b) for b in batches] if batches else [default]
+    if batches:
+        return [int(b) for b in batches]
+    return [QUICK_BATCH] if getattr(args, "quick", False) else [default]
 
 
 def _fam_bytes(b, cin, cout, s):
