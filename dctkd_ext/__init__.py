@@ -12,7 +12,7 @@ from ._extension import BUILD_INFO  # loads the compiled ops first; fails with a
 
 from . import nn, reference
 from ._backend import BACKENDS, get_backend, set_backend, use_backend
-from .ops import attention_map, dct2d, dct_at_loss, idct2d
+from .ops import attention_map, dct2d, dct_at_loss, global_filter, idct2d, spectral_conv
 from .presets import PRESETS
 
 __version__ = BUILD_INFO["version"]
@@ -22,6 +22,8 @@ __all__ = [
     "attention_map",
     "dct2d",
     "idct2d",
+    "global_filter",
+    "spectral_conv",
     "set_backend",
     "get_backend",
     "use_backend",

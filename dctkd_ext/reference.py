@@ -192,3 +192,162 @@ def released_at_loss(student_feats, teacher_feats, p: float = 2.0) -> torch.Tens
         return F.normalize(x.pow(p).mean(1).view(x.size(0), -1))
 
     return sum((at(fs) - at(ft.detach())).pow(2).mean() for fs, ft in zip(student_feats, teacher_feats))
+
+
+# ------------------------------------------------------------- spectral filters (FAM-KD / GFNet), 3.4
+__all__ += [
+    "global_filter",
+    "spectral_conv",
+    "fam_highpass_mask",
+    "fam_half_weight",
+    "fam_global",
+    "released_fam_forward",
+    "ReleasedFAM",
+    "gfnet_global_filter",
+]
+
+
+def global_filter(xf: torch.Tensor, w: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Depthwise filter in the frequency domain: y[b,c,h,k] = xf[b,c,h,k] * w[c,h,k] * mask[h,k]."""
+    y = xf * w
+    return y if mask is None else y * mask.to(y.real.dtype)
+
+
+def spectral_conv(xf: torch.Tensor, w: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Channel mixing per frequency: y[b,o,h,k] = mask[h,k] * sum_i xf[b,i,h,k] * w[i,o,h,k]."""
+    y = torch.einsum("bihk,iohk->bohk", xf, w)
+    return y if mask is None else y * mask.to(y.real.dtype)
+
+
+def fam_highpass_mask(n_h: int, n_w: int, cuton: float = 0.1, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The FAM high-pass mask on the full (n_h, n_w) frequency plane, in fft2 order (DC at [0, 0]).
+
+    Per dim of size N, r = int(cuton * (N // 2)); a frequency is zeroed (0) when its signed index
+    (k taken mod N into {-N//2.., ..}) lies in {-r, ..., r-1} in BOTH dims, else kept (1). This is the
+    released code's `batch_fftshift[:, :, cy - rh:cy + rh, cx - rw:cx + rw] = 0` on the centred
+    spectrum (cy = int(h / 2), rh = int(cuton * cy)), moved back to fft2 order."""
+
+    def zeroed(n):
+        r = int(cuton * int(n / 2))
+        k = torch.arange(n, device=device)
+        signed = torch.where(k >= n - n // 2, k - n, k)  # the centred index after fftshift, minus cy
+        return (signed >= -r) & (signed <= r - 1)
+
+    box = zeroed(n_h)[:, None] & zeroed(n_w)[None, :]
+    return (~box).to(dtype)
+
+
+def fam_half_weight(weights: torch.Tensor, cuton: float = 0.1) -> torch.Tensor:
+    """The exact cheaper form of FAM's filter (DESIGN 3.4): for real x,
+    Re(ifft2(M * W (.) fft2(x))) == irfft2(W' (.) rfft2(x)) with, on the rfft half plane,
+        W'(k) = (M(k) W(k) + conj(M(-k) W(-k))) / 2
+    (the Hermitian part of the masked filter; -k taken mod the size in both dims; the conj applies to
+    the weight at -k of the same channel pair). weights: (..., S_h, S_w) complex -> (..., S_h, S_w//2+1).
+    Differentiable in weights."""
+    sh, sw = weights.shape[-2:]
+    m = fam_highpass_mask(sh, sw, cuton, weights.real.dtype, weights.device)
+    mw = weights * m
+    # mw at (-h, -w): flip gives index n-1-h, a roll by one more gives (n - h) mod n
+    neg = torch.roll(torch.flip(mw, dims=(-2, -1)), shifts=(1, 1), dims=(-2, -1))
+    return (0.5 * (mw + neg.conj()))[..., : sw // 2 + 1]
+
+
+def fam_global(x: torch.Tensor, weights: torch.Tensor, cuton: float = 0.1, mix: str = "channel") -> torch.Tensor:
+    """FAM's global branch on the full plane, as the authors compute it (without their fftshift round
+    trip): Re(ifft2(M * mix(fft2(x, ortho), weights), ortho)). mix="channel": weights (I, O, S, S),
+    einsum over I; mix="depthwise": weights (C, S, S), elementwise."""
+    xf = torch.fft.fft2(x, norm="ortho")
+    yf = spectral_conv(xf, weights) if mix == "channel" else global_filter(xf, weights)
+    yf = yf * fam_highpass_mask(x.shape[-2], x.shape[-1], cuton, yf.real.dtype, x.device)
+    return torch.fft.ifft2(yf, norm="ortho").real
+
+
+def _released_roll_n(x, axis, n):
+    f_idx = tuple(slice(None, None, None) if i != axis else slice(0, n, None) for i in range(x.dim()))
+    b_idx = tuple(slice(None, None, None) if i != axis else slice(n, None, None) for i in range(x.dim()))
+    return torch.cat([x[b_idx], x[f_idx]], axis)
+
+
+def _released_fftshift2d(x):
+    real, imag = x.real, x.imag
+    for dim in range(1, len(real.size())):
+        n_shift = real.size(dim) // 2
+        if real.size(dim) % 2 != 0:
+            n_shift += 1  # for odd-sized images
+        real = _released_roll_n(real, axis=dim, n=n_shift)
+        imag = _released_roll_n(imag, axis=dim, n=n_shift)
+    return torch.stack((real, imag), -1)
+
+
+def _released_ifftshift2d(x):
+    real, imag = torch.unbind(x, -1)
+    for dim in range(len(real.size()) - 1, 0, -1):
+        real = _released_roll_n(real, axis=dim, n=real.size(dim) // 2)
+        imag = _released_roll_n(imag, axis=dim, n=imag.size(dim) // 2)
+    return torch.stack((real, imag), -1)
+
+
+def released_fam_forward(x, weights1, w0_weight, w0_bias, rate1, rate2, cuton: float = 0.1) -> torch.Tensor:
+    """The FAM-KD authors' FAM module forward (distillers/FAM_KD.py, FAM_Module), eager and unfused,
+    as they wrote it: fft2(ortho) of the full plane, einsum("bixy,ioxy->boxy"), an fftshift by
+    rolls/cat/stack of real and imaginary parts (the channel dim is rolled too and rolled back), a box
+    of the centred spectrum set to zero in place, the inverse shift, ifft2(ortho).real; plus a 1x1
+    conv; rate1 * global + rate2 * local. This is the baseline the benchmark times."""
+    import torch.nn.functional as F
+
+    x_ft = torch.fft.fft2(x, norm="ortho")
+    out_ft = torch.einsum("bixy,ioxy->boxy", x_ft, weights1)
+    batch_fftshift = _released_fftshift2d(out_ft)
+    h, w = batch_fftshift.shape[2:4]
+    cy, cx = int(h / 2), int(w / 2)
+    rh, rw = int(cuton * cy), int(cuton * cx)
+    batch_fftshift[:, :, cy - rh:cy + rh, cx - rw:cx + rw, :] = 0
+    out_ft = torch.view_as_complex(_released_ifftshift2d(batch_fftshift))
+    out = torch.fft.ifft2(out_ft, s=(x.size(-2), x.size(-1)), norm="ortho").real
+    out2 = F.conv2d(x, w0_weight, w0_bias)
+    return rate1 * out + rate2 * out2
+
+
+class ReleasedFAM(torch.nn.Module):
+    """The authors' FAM_Module with their parameter names, shapes and initialisation:
+    weights1 (in, out, S, S) complex64 = (1/(in*out)) * rand, w0 = Conv2d(in, out, 1) (with bias),
+    rate1 = rate2 = 0.5 (shape (1,), as their torch.Tensor(1) filled with 0.5). forward(x) or
+    forward((x, cuton)); the default cuton is 0.1. A state_dict of theirs loads as is."""
+
+    def __init__(self, in_channels: int, out_channels: int, shapes: int):
+        super().__init__()
+        self.in_channels, self.out_channels, self.shapes = in_channels, out_channels, shapes
+        self.rate1 = torch.nn.Parameter(torch.full((1,), 0.5))
+        self.rate2 = torch.nn.Parameter(torch.full((1,), 0.5))
+        self.scale = 1 / (in_channels * out_channels)
+        self.weights1 = torch.nn.Parameter(
+            self.scale * torch.rand(in_channels, out_channels, shapes, shapes, dtype=torch.cfloat)
+        )
+        self.w0 = torch.nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        if isinstance(x, tuple):
+            x, cuton = x
+        else:
+            cuton = 0.1
+        return released_fam_forward(x, self.weights1, self.w0.weight, self.w0.bias, self.rate1, self.rate2, cuton)
+
+
+def gfnet_global_filter(x: torch.Tensor, complex_weight: torch.Tensor, spatial_size=None) -> torch.Tensor:
+    """GFNet's GlobalFilter.forward (Rao et al.): x (B, N, C) with N = a*b (a = b = sqrt(N) unless
+    spatial_size=(a, b) is given), or (B, a, b, C); complex_weight (a, b//2+1, C, 2) real.
+    rfft2 over the spatial dims (ortho), times the complex weight, irfft2; returned in float32 and in
+    the input's layout."""
+    shape = x.shape
+    if x.dim() == 3:
+        b, n, c = x.shape
+        a, bb = (int(math.sqrt(n)),) * 2 if spatial_size is None else spatial_size
+        x = x.view(b, a, bb, c)
+    else:
+        b, a, bb, c = x.shape
+    x = x.to(torch.float32)
+    x = torch.fft.rfft2(x, dim=(1, 2), norm="ortho")
+    weight = torch.view_as_complex(complex_weight)
+    x = x * weight
+    x = torch.fft.irfft2(x, s=(a, bb), dim=(1, 2), norm="ortho")
+    return x.reshape(shape)

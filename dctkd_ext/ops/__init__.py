@@ -2,5 +2,6 @@
 registration, and the backend choice (dctkd_ext._backend). One module per op family."""
 
 from .dct_at import attention_map, dct2d, dct_at_loss, idct2d
+from .spectral import global_filter, spectral_conv
 
-__all__ = ["attention_map", "dct2d", "idct2d", "dct_at_loss"]
+__all__ = ["attention_map", "dct2d", "idct2d", "dct_at_loss", "global_filter", "spectral_conv"]

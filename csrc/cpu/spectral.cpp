@@ -1,0 +1,421 @@
+// CPU kernels of the spectral filters (DESIGN §3.4): the depthwise global filter and the channel-mixing
+// spectral convolution, forward and backward, complex64 (and complex128 for testing). Complex values
+// are read as interleaved (re, im) pairs of the real type; everything accumulates in that real type
+// (fp32 for complex64, fp64 for complex128).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../spectral_common.h"
+#include "../spectral_math.h"
+
+namespace dctkd {
+namespace cpu {
+namespace {
+
+using namespace dctkd::spectral;
+
+// ------------------------------------------------------------------------------------ global_filter
+// Data are B samples of R rows of L complex values; w holds R rows of L. NCHW: rows are channels
+// (R = C, L = H*K) and the mask varies along the row; channels-last: rows are frequencies
+// (R = H*K, L = C) and the mask is one value per row.
+template <typename T>
+void gf_forward(const T* x, const T* w, const T* mask, T* y, int64_t B, int64_t R, int64_t L, bool mask_per_row) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1));
+  at::parallel_for(0, B * R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t br = begin; br < end; ++br) {
+      const int64_t r = br % R;
+      const T* __restrict__ xr = x + 2 * br * L;
+      const T* __restrict__ wr = w + 2 * r * L;
+      T* __restrict__ yr = y + 2 * br * L;
+      if (mask == nullptr || mask_per_row) {
+        const T m = mask == nullptr ? T(1) : mask[r];
+        for (int64_t j = 0; j < L; ++j) {
+          const T a = xr[2 * j], b = xr[2 * j + 1], c = wr[2 * j], d = wr[2 * j + 1];
+          yr[2 * j] = (a * c - b * d) * m;
+          yr[2 * j + 1] = (a * d + b * c) * m;
+        }
+      } else {
+        for (int64_t j = 0; j < L; ++j) {
+          const T a = xr[2 * j], b = xr[2 * j + 1], c = wr[2 * j], d = wr[2 * j + 1], m = mask[j];
+          yr[2 * j] = (a * c - b * d) * m;
+          yr[2 * j + 1] = (a * d + b * c) * m;
+        }
+      }
+    }
+  });
+}
+
+// dx = g * conj(w) * m (when dx != nullptr); dw = m * sum_b g * conj(x) (when dw != nullptr).
+// Parallel over weight rows, so each dw element is reduced by one thread in a fixed order.
+template <typename T>
+void gf_backward(const T* g, const T* x, const T* w, const T* mask, T* dx, T* dw, int64_t B, int64_t R, int64_t L,
+                 bool mask_per_row) {
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(dw != nullptr ? 2 * L : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* __restrict__ wr = w + 2 * r * L;
+      const T mr = (mask != nullptr && mask_per_row) ? mask[r] : T(1);
+      const T* mrow = (mask != nullptr && !mask_per_row) ? mask : nullptr;
+      if (dw != nullptr) std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t off = 2 * (b * R + r) * L;
+        const T* __restrict__ gr = g + off;
+        const T* __restrict__ xr = x + off;
+        if (dx != nullptr) {
+          T* __restrict__ dxr = dx + off;
+          for (int64_t j = 0; j < L; ++j) {
+            const T m = mrow != nullptr ? mrow[j] * mr : mr;
+            const T a = gr[2 * j], bb = gr[2 * j + 1], c = wr[2 * j], d = wr[2 * j + 1];
+            dxr[2 * j] = (a * c + bb * d) * m;  // g * conj(w)
+            dxr[2 * j + 1] = (bb * c - a * d) * m;
+          }
+        }
+        if (dw != nullptr) {
+          T* __restrict__ ac = acc.data();
+          for (int64_t j = 0; j < L; ++j) {
+            const T a = gr[2 * j], bb = gr[2 * j + 1], c = xr[2 * j], d = xr[2 * j + 1];
+            ac[2 * j] += a * c + bb * d;  // g * conj(x)
+            ac[2 * j + 1] += bb * c - a * d;
+          }
+        }
+      }
+      if (dw != nullptr) {
+        T* dwr = dw + 2 * r * L;
+        for (int64_t j = 0; j < L; ++j) {
+          const T m = mrow != nullptr ? mrow[j] * mr : mr;
+          dwr[2 * j] = acc[2 * j] * m;
+          dwr[2 * j + 1] = acc[2 * j + 1] * m;
+        }
+      }
+    }
+  });
+}
+
+template <typename F>
+void dispatch_complex(at::ScalarType t, const char* name, F&& f) {
+  if (t == at::kComplexFloat) f(float(0));
+  else if (t == at::kComplexDouble) f(double(0));
+  else TORCH_CHECK(false, name, ": unsupported dtype ", t);
+}
+
+template <typename T>
+T* real_ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+at::Tensor global_filter_cpu(const at::Tensor& xf, const at::Tensor& w, const c10::optional<at::Tensor>& mask) {
+  check_global_filter(xf, w);
+  const GfPlan p(xf);
+  const at::Tensor m = prepare_mask(mask, xf, p.H, p.K);
+  at::Tensor y = p.new_data(xf.options());
+  if (y.numel() == 0) return y;
+  const at::Tensor xd = p.data(xf), wd = p.weight(w);
+  dispatch_complex(xf.scalar_type(), "global_filter", [&](auto tag) {
+    using T = decltype(tag);
+    gf_forward<T>(real_ptr<T>(xd), real_ptr<T>(wd), m.defined() ? real_ptr<T>(m) : nullptr, real_ptr<T>(y), p.B, p.R,
+                  p.L, p.channels_last);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> global_filter_backward_cpu(const at::Tensor& grad, const at::Tensor& xf,
+                                                              const at::Tensor& w, const c10::optional<at::Tensor>& mask,
+                                                              bool need_xf, bool need_w) {
+  check_global_filter(xf, w);
+  check_grad(grad, xf.sizes(), xf);
+  const GfPlan p(xf);
+  const at::Tensor m = prepare_mask(mask, xf, p.H, p.K);
+  at::Tensor dx = need_xf ? p.new_data(xf.options()) : not_needed(xf);
+  at::Tensor dw = need_w ? p.new_weight(w.options()) : not_needed(w);
+  if (!need_xf && !need_w) return {dx, dw};
+  if (need_w && p.B == 0) dw.zero_();
+  if (xf.numel() == 0) return {dx, dw};
+  // xf is read only for dw (a caller that wants dxf alone may pass a shape-only, e.g. expanded, xf)
+  const at::Tensor gd = p.data(grad), xd = need_w ? p.data(xf) : at::Tensor(), wd = p.weight(w);
+  dispatch_complex(xf.scalar_type(), "global_filter_backward", [&](auto tag) {
+    using T = decltype(tag);
+    gf_backward<T>(real_ptr<T>(gd), need_w ? real_ptr<T>(xd) : nullptr, real_ptr<T>(wd), m.defined() ? real_ptr<T>(m) : nullptr,
+                   need_xf ? real_ptr<T>(dx) : nullptr, need_w ? real_ptr<T>(dw) : nullptr, p.B, p.R, p.L,
+                   p.channels_last);
+  });
+  return {dx, dw};
+}
+
+// ------------------------------------------------------------------------------------ spectral_conv
+// One batched complex GEMM over the F = H*K frequencies serves the forward and both gradients:
+//   out[m, n, f] = mask[f] * sum_k opA(A[m, k, f]) * opB(B[k, n, f])      (out contiguous (M, N, F))
+// with element strides (sAm, sAk) and (sBk, sBn) in complex units, the frequency contiguous, and
+// opA/opB the identity or conj. Work items are (MT rows of out) x (FC frequencies): the A tile is
+// packed once into planar re/im arrays and reused for every column n; for each n the B column
+// panel (K x FC) is packed once and reused by the MT rows, two rows at a time against registers.
+constexpr int64_t kFC = 16;  // frequencies per work item (the vectorised inner dimension)
+constexpr int64_t kMT = 8;   // rows of out per work item
+
+// The inner product of two packed rows of A against the packed B panel: acc{0,1} = sum_k a{0,1}[k] * b[k]
+// over kFC frequencies. Kept in one small always-inline body so that the AVX2/FMA clone below (picked
+// at run time) and the baseline build compile the same code with the accumulators in registers.
+template <typename T>
+static inline __attribute__((always_inline)) void micro_2rows(const T* __restrict__ a0r, const T* __restrict__ a0i,
+                                                               const T* __restrict__ a1r, const T* __restrict__ a1i,
+                                                               const T* __restrict__ bR, const T* __restrict__ bI,
+                                                               int64_t K, T* __restrict__ acc) {
+  T r0[kFC] = {}, i0[kFC] = {}, r1[kFC] = {}, i1[kFC] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const T* __restrict__ br = bR + k * kFC;
+    const T* __restrict__ bi = bI + k * kFC;
+    const T* __restrict__ x0r = a0r + k * kFC;
+    const T* __restrict__ x0i = a0i + k * kFC;
+    const T* __restrict__ x1r = a1r + k * kFC;
+    const T* __restrict__ x1i = a1i + k * kFC;
+    for (int64_t f = 0; f < kFC; ++f) {
+      r0[f] += x0r[f] * br[f] - x0i[f] * bi[f];
+      i0[f] += x0r[f] * bi[f] + x0i[f] * br[f];
+      r1[f] += x1r[f] * br[f] - x1i[f] * bi[f];
+      i1[f] += x1r[f] * bi[f] + x1i[f] * br[f];
+    }
+  }
+  for (int64_t f = 0; f < kFC; ++f) {
+    acc[f] = r0[f];
+    acc[kFC + f] = i0[f];
+    acc[2 * kFC + f] = r1[f];
+    acc[3 * kFC + f] = i1[f];
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DCTKD_HAVE_AVX2_CLONE 1
+template <typename T>
+__attribute__((target("avx2,fma"))) void micro_2rows_avx2(const T* a0r, const T* a0i, const T* a1r, const T* a1i,
+                                                          const T* bR, const T* bI, int64_t K, T* acc) {
+  micro_2rows<T>(a0r, a0i, a1r, a1i, bR, bI, K, acc);
+}
+#endif
+
+template <typename T>
+void micro_2rows_default(const T* a0r, const T* a0i, const T* a1r, const T* a1i, const T* bR, const T* bI, int64_t K,
+                         T* acc) {
+  micro_2rows<T>(a0r, a0i, a1r, a1i, bR, bI, K, acc);
+}
+
+inline bool cpu_has_avx2_fma() {
+#ifdef DCTKD_HAVE_AVX2_CLONE
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+template <typename T, bool kConjA, bool kConjB>
+void cgemm_freq(const T* A, int64_t sAm, int64_t sAk, const T* Bm, int64_t sBk, int64_t sBn, const T* mask, T* out,
+                int64_t M, int64_t N, int64_t K, int64_t F) {
+  const int64_t m_tiles = (M + kMT - 1) / kMT, f_tiles = (F + kFC - 1) / kFC;
+  const T sa = kConjA ? T(-1) : T(1), sb = kConjB ? T(-1) : T(1);
+  const bool avx2 = cpu_has_avx2_fma();
+  (void)avx2;
+  at::parallel_for(0, m_tiles * f_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> aR(kMT * K * kFC), aI(kMT * K * kFC), bR(K * kFC), bI(K * kFC);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t m0 = (item / f_tiles) * kMT, f0 = (item % f_tiles) * kFC;
+      const int64_t ml = std::min(kMT, M - m0), fl = std::min(kFC, F - f0);
+      // pack A[m0:m0+ml, :, f0:f0+fl] (zero-padded to kFC frequencies)
+      for (int64_t mm = 0; mm < ml; ++mm)
+        for (int64_t k = 0; k < K; ++k) {
+          const T* src = A + 2 * ((m0 + mm) * sAm + k * sAk + f0);
+          T* dr = aR.data() + (mm * K + k) * kFC;
+          T* di = aI.data() + (mm * K + k) * kFC;
+          for (int64_t f = 0; f < kFC; ++f) {
+            dr[f] = f < fl ? src[2 * f] : T(0);
+            di[f] = f < fl ? sa * src[2 * f + 1] : T(0);
+          }
+        }
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t k = 0; k < K; ++k) {
+          const T* src = Bm + 2 * (k * sBk + n * sBn + f0);
+          T* dr = bR.data() + k * kFC;
+          T* di = bI.data() + k * kFC;
+          for (int64_t f = 0; f < kFC; ++f) {
+            dr[f] = f < fl ? src[2 * f] : T(0);
+            di[f] = f < fl ? sb * src[2 * f + 1] : T(0);
+          }
+        }
+        for (int64_t mm = 0; mm < ml; mm += 2) {
+          const bool two = mm + 1 < ml;
+          const T* a0r = aR.data() + mm * K * kFC;
+          const T* a0i = aI.data() + mm * K * kFC;
+          const T* a1r = two ? a0r + K * kFC : a0r;
+          const T* a1i = two ? a0i + K * kFC : a0i;
+          T acc[4 * kFC];
+#ifdef DCTKD_HAVE_AVX2_CLONE
+          if (avx2) micro_2rows_avx2<T>(a0r, a0i, a1r, a1i, bR.data(), bI.data(), K, acc);
+          else
+#endif
+            micro_2rows_default<T>(a0r, a0i, a1r, a1i, bR.data(), bI.data(), K, acc);
+          const T* r0 = acc;
+          const T* i0 = acc + kFC;
+          const T* r1 = acc + 2 * kFC;
+          const T* i1 = acc + 3 * kFC;
+          for (int rr = 0; rr < (two ? 2 : 1); ++rr) {
+            const T* accr = rr == 0 ? r0 : r1;
+            const T* acci = rr == 0 ? i0 : i1;
+            T* dst = out + 2 * (((m0 + mm + rr) * N + n) * F + f0);
+            for (int64_t f = 0; f < fl; ++f) {
+              const T mk = mask != nullptr ? mask[f0 + f] : T(1);
+              dst[2 * f] = accr[f] * mk;
+              dst[2 * f + 1] = acci[f] * mk;
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T, bool kConjA, bool kConjB>
+void cgemm_or_zero(const at::Tensor& A, int64_t sAm, int64_t sAk, const at::Tensor& Bt, int64_t sBk, int64_t sBn,
+                   const at::Tensor& mask, at::Tensor& out, int64_t M, int64_t N, int64_t K, int64_t F) {
+  if (out.numel() == 0) return;
+  if (K == 0) {
+    out.zero_();
+    return;
+  }
+  cgemm_freq<T, kConjA, kConjB>(real_ptr<T>(A), sAm, sAk, real_ptr<T>(Bt), sBk, sBn,
+                                mask.defined() ? real_ptr<T>(mask) : nullptr, real_ptr<T>(out), M, N, K, F);
+}
+
+at::Tensor spectral_conv_cpu(const at::Tensor& xf, const at::Tensor& w, const c10::optional<at::Tensor>& mask) {
+  check_spectral_conv(xf, w);
+  const int64_t B = xf.size(0), I = xf.size(1), H = xf.size(2), K = xf.size(3), O = w.size(1), F = H * K;
+  const at::Tensor m = prepare_mask(mask, xf, H, K);
+  const at::Tensor x = resolved(xf).contiguous(), wc = resolved(w).contiguous();
+  at::Tensor y = at::empty({B, O, H, K}, xf.options());
+  dispatch_complex(xf.scalar_type(), "spectral_conv", [&](auto tag) {
+    using T = decltype(tag);
+    // out[b, o] = sum_i x[b, i] w[i, o]
+    cgemm_or_zero<T, false, false>(x, I * F, F, wc, O * F, F, m, y, B, O, I, F);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> spectral_conv_backward_cpu(const at::Tensor& grad, const at::Tensor& xf,
+                                                              const at::Tensor& w, const c10::optional<at::Tensor>& mask,
+                                                              bool need_xf, bool need_w) {
+  check_spectral_conv(xf, w);
+  const int64_t B = xf.size(0), I = xf.size(1), H = xf.size(2), K = xf.size(3), O = w.size(1), F = H * K;
+  check_grad(grad, {B, O, H, K}, xf);
+  const at::Tensor m = prepare_mask(mask, xf, H, K);
+  at::Tensor dx = need_xf ? at::empty({B, I, H, K}, xf.options()) : not_needed(xf);
+  at::Tensor dw = need_w ? at::empty({I, O, H, K}, w.options()) : not_needed(w);
+  if (!need_xf && !need_w) return {dx, dw};
+  // xf is read only for dw (a caller that wants dxf alone may pass a shape-only, e.g. expanded, xf)
+  const at::Tensor g = resolved(grad).contiguous(), wc = resolved(w).contiguous();
+  const at::Tensor x = need_w ? resolved(xf).contiguous() : at::Tensor();
+  dispatch_complex(xf.scalar_type(), "spectral_conv_backward", [&](auto tag) {
+    using T = decltype(tag);
+    // dx[b, i] = sum_o g[b, o] conj(w[i, o]):  A = g (m=b, k=o), B[k=o, n=i] = w[i, o]
+    if (need_xf) cgemm_or_zero<T, false, true>(g, O * F, F, wc, F, O * F, m, dx, B, I, O, F);
+    // dw[i, o] = sum_b conj(x[b, i]) g[b, o]:  A[m=i, k=b] = x[b, i], B = g (k=b, n=o)
+    if (need_w) cgemm_or_zero<T, true, false>(x, F, I * F, g, O * F, F, m, dw, I, O, B, F);
+  });
+  return {dx, dw};
+}
+
+// ---------------------------------------------------------------------------------- fam_half_weight
+// P planes of (H, W) -> (H, K); both directions are gathers, one pass, parallel over planes x rows.
+template <typename T>
+void half_weight_forward(const T* w, T* out, int64_t P, int64_t H, int64_t W, int64_t rh, int64_t rw) {
+  const int64_t K = W / 2 + 1;
+  at::parallel_for(0, P * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t pr = begin; pr < end; ++pr) {
+      const int64_t pl = pr / H, m = pr % H, nm = mirror(m, H);
+      const T* plane = w + 2 * pl * H * W;
+      T* o = out + 2 * pr * K;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t nk = mirror(k, W);
+        const T a = fam_keep(m, k, H, W, rh, rw) ? T(0.5) : T(0);
+        const T b = fam_keep(nm, nk, H, W, rh, rw) ? T(0.5) : T(0);
+        const T* p = plane + 2 * (m * W + k);
+        const T* q = plane + 2 * (nm * W + nk);
+        o[2 * k] = a * p[0] + b * q[0];
+        o[2 * k + 1] = a * p[1] - b * q[1];
+      }
+    }
+  });
+}
+
+template <typename T>
+void half_weight_backward(const T* g, T* out, int64_t P, int64_t H, int64_t W, int64_t rh, int64_t rw) {
+  const int64_t K = W / 2 + 1;
+  at::parallel_for(0, P * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(W, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t pr = begin; pr < end; ++pr) {
+      const int64_t pl = pr / H, p = pr % H, np = mirror(p, H);
+      const T* plane = g + 2 * pl * H * K;
+      T* o = out + 2 * pr * W;
+      for (int64_t q = 0; q < W; ++q) {
+        T re = 0, im = 0;
+        if (fam_keep(p, q, H, W, rh, rw)) {
+          if (q < K) {
+            re += plane[2 * (p * K + q)];
+            im += plane[2 * (p * K + q) + 1];
+          }
+          const int64_t nq = mirror(q, W);
+          if (nq < K) {
+            re += plane[2 * (np * K + nq)];
+            im -= plane[2 * (np * K + nq) + 1];
+          }
+        }
+        o[2 * q] = T(0.5) * re;
+        o[2 * q + 1] = T(0.5) * im;
+      }
+    }
+  });
+}
+
+at::Tensor fam_half_weight_cpu(const at::Tensor& w_in, double cuton) {
+  check_half_weight(w_in, cuton);
+  const at::Tensor w = resolved(w_in).contiguous();
+  const int64_t H = w.size(-2), W = w.size(-1), K = W / 2 + 1;
+  std::vector<int64_t> shape(w.sizes().begin(), w.sizes().end());
+  shape.back() = K;
+  at::Tensor out = at::empty(shape, w.options());
+  if (out.numel() == 0) return out;
+  const int64_t P = w.numel() / (H * W);
+  dispatch_complex(w.scalar_type(), "fam_half_weight", [&](auto tag) {
+    using T = decltype(tag);
+    half_weight_forward<T>(real_ptr<T>(w), real_ptr<T>(out), P, H, W, fam_radius(H, cuton), fam_radius(W, cuton));
+  });
+  return out;
+}
+
+at::Tensor fam_half_weight_backward_cpu(const at::Tensor& g_in, double cuton, int64_t width) {
+  check_half_weight_grad(g_in, cuton, width);
+  const at::Tensor g = resolved(g_in).contiguous();
+  const int64_t H = g.size(-2), W = width;
+  std::vector<int64_t> shape(g.sizes().begin(), g.sizes().end());
+  shape.back() = W;
+  at::Tensor out = at::empty(shape, g.options());
+  if (out.numel() == 0) return out;
+  const int64_t P = out.numel() / (H * W);
+  dispatch_complex(g.scalar_type(), "fam_half_weight_backward", [&](auto tag) {
+    using T = decltype(tag);
+    half_weight_backward<T>(real_ptr<T>(g), real_ptr<T>(out), P, H, W, fam_radius(H, cuton), fam_radius(W, cuton));
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace dctkd
+
+TORCH_LIBRARY_IMPL(dctkd_ext, CPU, m) {
+  m.impl("fam_half_weight", &dctkd::cpu::fam_half_weight_cpu);
+  m.impl("fam_half_weight_backward", &dctkd::cpu::fam_half_weight_backward_cpu);
+  m.impl("global_filter", &dctkd::cpu::global_filter_cpu);
+  m.impl("global_filter_backward", &dctkd::cpu::global_filter_backward_cpu);
+  m.impl("spectral_conv", &dctkd::cpu::spectral_conv_cpu);
+  m.impl("spectral_conv_backward", &dctkd::cpu::spectral_conv_backward_cpu);
+}

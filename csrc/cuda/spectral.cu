@@ -1,0 +1,471 @@
+// CUDA kernels of the spectral filters (DESIGN §3.4): global_filter (depthwise) and spectral_conv
+// (channel mixing per frequency), forward and backward, complex64 (complex128 for testing). Complex
+// values are read as float2 / double2; everything accumulates in the real type of the data.
+// Launched on the current stream, no host syncs; the only allocation besides the outputs is the
+// per-split partial sum of global_filter's weight gradient (sized from the shapes only).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../spectral_common.h"
+#include "../spectral_math.h"
+
+namespace dctkd {
+namespace cuda {
+namespace {
+
+using namespace dctkd::spectral;
+
+template <typename T>
+struct Vec2;
+template <>
+struct Vec2<float> {
+  using type = float2;
+};
+template <>
+struct Vec2<double> {
+  using type = double2;
+};
+
+template <typename T>
+__device__ __forceinline__ T mask_at(const T* mask, int mode, int64_t j, int64_t HK, int64_t C) {
+  if (mode == 1) return mask[j % HK];
+  if (mode == 2) return mask[j / C];
+  return T(1);
+}
+
+// ------------------------------------------------------------------------------------ global_filter
+// x, y: B samples of N = C*H*K complex values (NCHW or channels-last order); w: N values.
+// mode 0: no mask; 1: mask[j % HK] (NCHW); 2: mask[j / C] (channels-last). A thread owns one position j
+// (its weight and mask stay in registers: one index division per thread, none per element) and
+// streams it through the samples b0..b1 of its block row; consecutive threads, consecutive j.
+template <typename T>
+__global__ void gf_forward_kernel(const typename Vec2<T>::type* __restrict__ x, const typename Vec2<T>::type* __restrict__ w,
+                                  const T* __restrict__ mask, typename Vec2<T>::type* __restrict__ y, int64_t B,
+                                  int64_t N, int64_t HK, int64_t C, int64_t b_per_block, int mode) {
+  using V = typename Vec2<T>::type;
+  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (j >= N) return;
+  const int64_t b0 = blockIdx.y * b_per_block;
+  const int64_t b1 = min(B, b0 + b_per_block);
+  const T m = mask_at(mask, mode, j, HK, C);
+  V wv = __ldg(&w[j]);
+  wv.x *= m;
+  wv.y *= m;
+#pragma unroll 4
+  for (int64_t b = b0; b < b1; ++b) {
+    const V a = x[b * N + j];
+    V r;
+    r.x = a.x * wv.x - a.y * wv.y;
+    r.y = a.x * wv.y + a.y * wv.x;
+    y[b * N + j] = r;
+  }
+}
+
+// dx[b, j] = g * conj(w) * m; part[split, j] = m * sum_{b in split} g * conj(x). Each dw element is
+// reduced by one thread per split in batch order (deterministic); splits are summed afterwards.
+template <typename T>
+__global__ void gf_backward_kernel(const typename Vec2<T>::type* __restrict__ g, const typename Vec2<T>::type* __restrict__ x,
+                                   const typename Vec2<T>::type* __restrict__ w, const T* __restrict__ mask,
+                                   typename Vec2<T>::type* __restrict__ dx, typename Vec2<T>::type* __restrict__ part,
+                                   int64_t B, int64_t N, int64_t HK, int64_t C, int64_t b_per_split, int mode) {
+  using V = typename Vec2<T>::type;
+  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (j >= N) return;
+  const int64_t b0 = blockIdx.y * b_per_split;
+  const int64_t b1 = min(B, b0 + b_per_split);
+  const T m = mask_at(mask, mode, j, HK, C);
+  V wv = w[j];
+  wv.x *= m;
+  wv.y *= m;
+  T ar = T(0), ai = T(0);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t off = b * N + j;
+    const V gv = g[off];
+    if (dx != nullptr) {
+      V d;
+      d.x = gv.x * wv.x + gv.y * wv.y;
+      d.y = gv.y * wv.x - gv.x * wv.y;
+      dx[off] = d;
+    }
+    if (part != nullptr) {
+      const V xv = x[off];
+      ar += gv.x * xv.x + gv.y * xv.y;
+      ai += gv.y * xv.x - gv.x * xv.y;
+    }
+  }
+  if (part != nullptr) {
+    V r;
+    r.x = ar * m;
+    r.y = ai * m;
+    part[blockIdx.y * N + j] = r;
+  }
+}
+
+template <typename F>
+void dispatch_complex(at::ScalarType t, const char* name, F&& f) {
+  if (t == at::kComplexFloat) f(float(0));
+  else if (t == at::kComplexDouble) f(double(0));
+  else TORCH_CHECK(false, name, ": unsupported dtype ", t);
+}
+
+template <typename T>
+typename Vec2<T>::type* vptr(const at::Tensor& t) {
+  return reinterpret_cast<typename Vec2<T>::type*>(t.data_ptr());
+}
+
+template <typename T>
+T* rptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+// Multiprocessors of the current device (a cached attribute query: no sync, no allocation).
+int64_t sm_count() {
+  int dev = 0, n = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  return n > 0 ? n : 1;
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+at::Tensor global_filter_cuda(const at::Tensor& xf, const at::Tensor& w, const c10::optional<at::Tensor>& mask) {
+  check_global_filter(xf, w);
+  const c10::cuda::CUDAGuard guard(xf.device());
+  const GfPlan p(xf);
+  const at::Tensor m = prepare_mask(mask, xf, p.H, p.K);
+  at::Tensor y = p.new_data(xf.options());
+  if (y.numel() == 0) return y;
+  const at::Tensor xd = p.data(xf), wd = p.weight(w);
+  const int64_t N = p.R * p.L;
+  const int mode = m.defined() ? (p.channels_last ? 2 : 1) : 0;
+  const int threads = 256;
+  const int64_t jblocks = (N + threads - 1) / threads;
+  // ~8 blocks per SM in all; each block streams a chunk of the batch
+  int64_t rows = std::max<int64_t>(1, std::min<int64_t>(p.B, (8 * sm_count() + jblocks - 1) / jblocks));
+  rows = std::min<int64_t>(rows, 65535);
+  const int64_t b_per = (p.B + rows - 1) / rows;
+  rows = (p.B + b_per - 1) / b_per;
+  const cudaStream_t stream = current_stream();
+  dispatch_complex(xf.scalar_type(), "global_filter", [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 grid(static_cast<unsigned>(jblocks), static_cast<unsigned>(rows));
+    gf_forward_kernel<T><<<grid, threads, 0, stream>>>(vptr<T>(xd), vptr<T>(wd), rptr<T>(m), vptr<T>(y), p.B, N,
+                                                       p.H * p.K, p.C, b_per, mode);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> global_filter_backward_cuda(const at::Tensor& grad, const at::Tensor& xf,
+                                                               const at::Tensor& w, const c10::optional<at::Tensor>& mask,
+                                                               bool need_xf, bool need_w) {
+  check_global_filter(xf, w);
+  check_grad(grad, xf.sizes(), xf);
+  const c10::cuda::CUDAGuard guard(xf.device());
+  const GfPlan p(xf);
+  const at::Tensor m = prepare_mask(mask, xf, p.H, p.K);
+  at::Tensor dx = need_xf ? p.new_data(xf.options()) : not_needed(xf);
+  at::Tensor dw = need_w ? p.new_weight(w.options()) : not_needed(w);
+  if (!need_xf && !need_w) return {dx, dw};
+  if (xf.numel() == 0) {
+    if (need_w) dw.zero_();
+    return {dx, dw};
+  }
+  // xf is read only for dw (a caller that wants dxf alone may pass a shape-only, e.g. expanded, xf)
+  const at::Tensor gd = p.data(grad), xd = need_w ? p.data(xf) : at::Tensor(), wd = p.weight(w);
+  const int64_t N = p.R * p.L;
+  const int mode = m.defined() ? (p.channels_last ? 2 : 1) : 0;
+  const int threads = 256;
+  const int64_t jblocks = (N + threads - 1) / threads;
+  // split the batch so that there are enough blocks to fill the GPU; each split writes its partial dw
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(p.B, (4 * sm_count() + jblocks - 1) / jblocks));
+  splits = std::min<int64_t>(splits, 65535);
+  const int64_t b_per = (p.B + splits - 1) / splits;
+  splits = (p.B + b_per - 1) / b_per;
+  at::Tensor part = need_w ? at::empty({splits, N}, w.options()) : at::Tensor();
+  const cudaStream_t stream = current_stream();
+  dispatch_complex(xf.scalar_type(), "global_filter_backward", [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 grid(static_cast<unsigned>(jblocks), static_cast<unsigned>(splits));
+    gf_backward_kernel<T><<<grid, threads, 0, stream>>>(vptr<T>(gd), need_w ? vptr<T>(xd) : nullptr, vptr<T>(wd), rptr<T>(m),
+                                                        need_xf ? vptr<T>(dx) : nullptr,
+                                                        need_w ? vptr<T>(part) : nullptr, p.B, N, p.H * p.K, p.C,
+                                                        b_per, mode);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (need_w) {
+    const at::Tensor red = splits == 1 ? part[0] : part.sum(0);
+    if (p.channels_last) dw.permute({1, 2, 0}).copy_(red.view({p.H, p.K, p.C}));
+    else dw.copy_(red.view({p.C, p.H, p.K}));
+  }
+  return {dx, dw};
+}
+
+// ------------------------------------------------------------------------------------ spectral_conv
+// out[m, n, f] = mask[f] * sum_k opA(A[m, k, f]) * opB(B[k, n, f]) — the forward and both gradients
+// (see csrc/cpu/spectral.cpp). Block: kFT frequencies (threadIdx.x) x 8 (threadIdx.y) threads, a
+// kTM x kTN tile of (m, n) for each of its frequencies; thread (x, y) owns frequency f0 + x and a 4 x 8
+// micro-tile. k advances in steps of kKC through shared memory, planar re/im, frequency fastest: the
+// global loads are coalesced along the frequency and the shared reads are conflict-free.
+constexpr int kFT = 32;
+constexpr int kTY = 8;
+constexpr int kTM = 16;
+constexpr int kTN = 16;
+constexpr int kRM = 4;  // rows per thread: (threadIdx.y / 2) * 4 ...
+constexpr int kRN = 8;  // columns per thread: (threadIdx.y % 2) * 8 ...
+
+template <typename T>
+struct KChunk {
+  static constexpr int value = 16 / int(sizeof(T));  // 4 for float, 2 for double: 32 KB of shared memory
+};
+
+template <typename T, bool kConjA, bool kConjB>
+__global__ void __launch_bounds__(kFT* kTY, sizeof(T) == 4 ? 2 : 1) cgemm_freq_kernel(const typename Vec2<T>::type* __restrict__ A, int64_t sAm,
+                                                               int64_t sAk, const typename Vec2<T>::type* __restrict__ Bm,
+                                                               int64_t sBk, int64_t sBn, const T* __restrict__ mask,
+                                                               typename Vec2<T>::type* __restrict__ out, int64_t M,
+                                                               int64_t N, int64_t K, int64_t F) {
+  using V = typename Vec2<T>::type;
+  constexpr int KC = KChunk<T>::value;
+  __shared__ T sAr[kTM][KC][kFT], sAi[kTM][KC][kFT];
+  __shared__ T sBr[KC][kTN][kFT], sBi[KC][kTN][kFT];
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kFT + tx;
+  const int64_t f0 = int64_t(blockIdx.x) * kFT;
+  const int64_t m0 = int64_t(blockIdx.y) * kTM;
+  const int64_t n0 = int64_t(blockIdx.z) * kTN;
+  const int rm0 = (ty / 2) * kRM, rn0 = (ty % 2) * kRN;
+  T accr[kRM][kRN], acci[kRM][kRN];
+#pragma unroll
+  for (int r = 0; r < kRM; ++r)
+#pragma unroll
+    for (int c = 0; c < kRN; ++c) accr[r][c] = acci[r][c] = T(0);
+  const T sa = kConjA ? T(-1) : T(1), sb = kConjB ? T(-1) : T(1);
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    // stage A[m0:m0+kTM, k0:k0+KC, f0:f0+kFT] and B[k0:k0+KC, n0:n0+kTN, f0:f0+kFT]
+    for (int e = tid; e < kTM * KC * kFT; e += kFT * kTY) {
+      const int f = e % kFT, kk = (e / kFT) % KC, mm = e / (kFT * KC);
+      const int64_t gm = m0 + mm, gk = k0 + kk, gf = f0 + f;
+      V v;
+      v.x = v.y = T(0);
+      if (gm < M && gk < K && gf < F) v = A[gm * sAm + gk * sAk + gf];
+      sAr[mm][kk][f] = v.x;
+      sAi[mm][kk][f] = sa * v.y;
+    }
+    for (int e = tid; e < KC * kTN * kFT; e += kFT * kTY) {
+      const int f = e % kFT, nn = (e / kFT) % kTN, kk = e / (kFT * kTN);
+      const int64_t gn = n0 + nn, gk = k0 + kk, gf = f0 + f;
+      V v;
+      v.x = v.y = T(0);
+      if (gn < N && gk < K && gf < F) v = Bm[gk * sBk + gn * sBn + gf];
+      sBr[kk][nn][f] = v.x;
+      sBi[kk][nn][f] = sb * v.y;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < KC; ++kk) {
+      T ar[kRM], ai[kRM], br[kRN], bi[kRN];
+#pragma unroll
+      for (int r = 0; r < kRM; ++r) {
+        ar[r] = sAr[rm0 + r][kk][tx];
+        ai[r] = sAi[rm0 + r][kk][tx];
+      }
+#pragma unroll
+      for (int c = 0; c < kRN; ++c) {
+        br[c] = sBr[kk][rn0 + c][tx];
+        bi[c] = sBi[kk][rn0 + c][tx];
+      }
+#pragma unroll
+      for (int r = 0; r < kRM; ++r)
+#pragma unroll
+        for (int c = 0; c < kRN; ++c) {
+          accr[r][c] += ar[r] * br[c] - ai[r] * bi[c];
+          acci[r][c] += ar[r] * bi[c] + ai[r] * br[c];
+        }
+    }
+    __syncthreads();
+  }
+  const int64_t f = f0 + tx;
+  if (f >= F) return;
+  const T mk = mask != nullptr ? mask[f] : T(1);
+#pragma unroll
+  for (int r = 0; r < kRM; ++r) {
+    const int64_t gm = m0 + rm0 + r;
+    if (gm >= M) continue;
+#pragma unroll
+    for (int c = 0; c < kRN; ++c) {
+      const int64_t gn = n0 + rn0 + c;
+      if (gn >= N) continue;
+      V v;
+      v.x = accr[r][c] * mk;
+      v.y = acci[r][c] * mk;
+      out[(gm * N + gn) * F + f] = v;
+    }
+  }
+}
+
+template <typename T, bool kConjA, bool kConjB>
+void cgemm_freq(const at::Tensor& A, int64_t sAm, int64_t sAk, const at::Tensor& Bt, int64_t sBk, int64_t sBn,
+                const at::Tensor& mask, at::Tensor& out, int64_t M, int64_t N, int64_t K, int64_t F) {
+  if (out.numel() == 0) return;
+  if (K == 0) {
+    out.zero_();
+    return;
+  }
+  const int64_t gy = (M + kTM - 1) / kTM, gz = (N + kTN - 1) / kTN;
+  TORCH_CHECK(gy <= 65535 && gz <= 65535, "spectral_conv: too many rows or columns for one launch (", M, ", ", N, ")");
+  const dim3 grid(static_cast<unsigned>((F + kFT - 1) / kFT), static_cast<unsigned>(gy), static_cast<unsigned>(gz));
+  const dim3 block(kFT, kTY);
+  cgemm_freq_kernel<T, kConjA, kConjB><<<grid, block, 0, current_stream()>>>(
+      vptr<T>(A), sAm, sAk, vptr<T>(Bt), sBk, sBn, rptr<T>(mask), vptr<T>(out), M, N, K, F);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor spectral_conv_cuda(const at::Tensor& xf, const at::Tensor& w, const c10::optional<at::Tensor>& mask) {
+  check_spectral_conv(xf, w);
+  const c10::cuda::CUDAGuard guard(xf.device());
+  const int64_t B = xf.size(0), I = xf.size(1), H = xf.size(2), K = xf.size(3), O = w.size(1), F = H * K;
+  const at::Tensor m = prepare_mask(mask, xf, H, K);
+  const at::Tensor x = resolved(xf).contiguous(), wc = resolved(w).contiguous();
+  at::Tensor y = at::empty({B, O, H, K}, xf.options());
+  dispatch_complex(xf.scalar_type(), "spectral_conv", [&](auto tag) {
+    using T = decltype(tag);
+    cgemm_freq<T, false, false>(x, I * F, F, wc, O * F, F, m, y, B, O, I, F);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> spectral_conv_backward_cuda(const at::Tensor& grad, const at::Tensor& xf,
+                                                               const at::Tensor& w, const c10::optional<at::Tensor>& mask,
+                                                               bool need_xf, bool need_w) {
+  check_spectral_conv(xf, w);
+  const c10::cuda::CUDAGuard guard(xf.device());
+  const int64_t B = xf.size(0), I = xf.size(1), H = xf.size(2), K = xf.size(3), O = w.size(1), F = H * K;
+  check_grad(grad, {B, O, H, K}, xf);
+  const at::Tensor m = prepare_mask(mask, xf, H, K);
+  at::Tensor dx = need_xf ? at::empty({B, I, H, K}, xf.options()) : not_needed(xf);
+  at::Tensor dw = need_w ? at::empty({I, O, H, K}, w.options()) : not_needed(w);
+  if (!need_xf && !need_w) return {dx, dw};
+  // xf is read only for dw (a caller that wants dxf alone may pass a shape-only, e.g. expanded, xf)
+  const at::Tensor g = resolved(grad).contiguous(), wc = resolved(w).contiguous();
+  const at::Tensor x = need_w ? resolved(xf).contiguous() : at::Tensor();
+  dispatch_complex(xf.scalar_type(), "spectral_conv_backward", [&](auto tag) {
+    using T = decltype(tag);
+    if (need_xf) cgemm_freq<T, false, true>(g, O * F, F, wc, F, O * F, m, dx, B, I, O, F);
+    if (need_w) cgemm_freq<T, true, false>(x, F, I * F, g, O * F, F, m, dw, I, O, B, F);
+  });
+  return {dx, dw};
+}
+
+// ---------------------------------------------------------------------------------- fam_half_weight
+// P planes of (H, W) -> (H, K = W/2+1) and back; both gathers, one thread per output element.
+template <typename T>
+__global__ void half_weight_forward_kernel(const typename Vec2<T>::type* __restrict__ w, typename Vec2<T>::type* __restrict__ out,
+                                           int64_t total, int64_t H, int64_t W, int64_t rh, int64_t rw) {
+  using V = typename Vec2<T>::type;
+  const int64_t K = W / 2 + 1;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = idx % K, m = (idx / K) % H, pl = idx / (K * H);
+    const int64_t nm = mirror(m, H), nk = mirror(k, W);
+    const T a = fam_keep(m, k, H, W, rh, rw) ? T(0.5) : T(0);
+    const T b = fam_keep(nm, nk, H, W, rh, rw) ? T(0.5) : T(0);
+    const V p = w[(pl * H + m) * W + k];
+    const V q = w[(pl * H + nm) * W + nk];
+    V r;
+    r.x = a * p.x + b * q.x;
+    r.y = a * p.y - b * q.y;
+    out[idx] = r;
+  }
+}
+
+template <typename T>
+__global__ void half_weight_backward_kernel(const typename Vec2<T>::type* __restrict__ g, typename Vec2<T>::type* __restrict__ out,
+                                            int64_t total, int64_t H, int64_t W, int64_t rh, int64_t rw) {
+  using V = typename Vec2<T>::type;
+  const int64_t K = W / 2 + 1;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t q = idx % W, p = (idx / W) % H, pl = idx / (W * H);
+    V r;
+    r.x = r.y = T(0);
+    if (fam_keep(p, q, H, W, rh, rw)) {
+      if (q < K) {
+        const V a = g[(pl * H + p) * K + q];
+        r.x += a.x;
+        r.y += a.y;
+      }
+      const int64_t nq = mirror(q, W);
+      if (nq < K) {
+        const V b = g[(pl * H + mirror(p, H)) * K + nq];
+        r.x += b.x;
+        r.y -= b.y;
+      }
+    }
+    r.x *= T(0.5);
+    r.y *= T(0.5);
+    out[idx] = r;
+  }
+}
+
+at::Tensor fam_half_weight_cuda(const at::Tensor& w_in, double cuton) {
+  check_half_weight(w_in, cuton);
+  const c10::cuda::CUDAGuard guard(w_in.device());
+  const at::Tensor w = resolved(w_in).contiguous();
+  const int64_t H = w.size(-2), W = w.size(-1), K = W / 2 + 1;
+  std::vector<int64_t> shape(w.sizes().begin(), w.sizes().end());
+  shape.back() = K;
+  at::Tensor out = at::empty(shape, w.options());
+  const int64_t total = out.numel();
+  if (total == 0) return out;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, sm_count() * 32);
+  dispatch_complex(w.scalar_type(), "fam_half_weight", [&](auto tag) {
+    using T = decltype(tag);
+    half_weight_forward_kernel<T><<<blocks, threads, 0, current_stream()>>>(
+        vptr<T>(w), vptr<T>(out), total, H, W, fam_radius(H, cuton), fam_radius(W, cuton));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor fam_half_weight_backward_cuda(const at::Tensor& g_in, double cuton, int64_t width) {
+  check_half_weight_grad(g_in, cuton, width);
+  const c10::cuda::CUDAGuard guard(g_in.device());
+  const at::Tensor g = resolved(g_in).contiguous();
+  const int64_t H = g.size(-2), W = width;
+  std::vector<int64_t> shape(g.sizes().begin(), g.sizes().end());
+  shape.back() = W;
+  at::Tensor out = at::empty(shape, g.options());
+  const int64_t total = out.numel();
+  if (total == 0) return out;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, sm_count() * 32);
+  dispatch_complex(g.scalar_type(), "fam_half_weight_backward", [&](auto tag) {
+    using T = decltype(tag);
+    half_weight_backward_kernel<T><<<blocks, threads, 0, current_stream()>>>(
+        vptr<T>(g), vptr<T>(out), total, H, W, fam_radius(H, cuton), fam_radius(W, cuton));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace dctkd
+
+TORCH_LIBRARY_IMPL(dctkd_ext, CUDA, m) {
+  m.impl("fam_half_weight", &dctkd::cuda::fam_half_weight_cuda);
+  m.impl("fam_half_weight_backward", &dctkd::cuda::fam_half_weight_backward_cuda);
+  m.impl("global_filter", &dctkd::cuda::global_filter_cuda);
+  m.impl("global_filter_backward", &dctkd::cuda::global_filter_backward_cuda);
+  m.impl("spectral_conv", &dctkd::cuda::spectral_conv_cuda);
+  m.impl("spectral_conv_backward", &dctkd::cuda::spectral_conv_backward_cuda);
+}

@@ -1,0 +1,116 @@
+// Host-side argument checks and layout rules of the spectral-filter ops (DESIGN §3.4), shared by the
+// CPU (csrc/cpu/spectral.cpp) and CUDA (csrc/cuda/spectral.cu) kernels. The Python face
+// (dctkd_ext/ops/spectral.py) checks the same things first with friendlier messages; these checks
+// guard direct torch.ops.dctkd_ext.* calls.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace dctkd {
+namespace spectral {
+
+inline bool is_complex_kernel_dtype(at::ScalarType t) {
+  return t == at::kComplexFloat || t == at::kComplexDouble;
+}
+
+inline at::ScalarType real_dtype_of(at::ScalarType t) {
+  return t == at::kComplexDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_complex(const at::Tensor& t, const char* name, int64_t ndim, const char* layout) {
+  TORCH_CHECK(is_complex_kernel_dtype(t.scalar_type()), name,
+              ": expected a complex64 (or complex128) tensor, got ", t.scalar_type(),
+              " (use torch.view_as_complex on a (..., 2) float tensor)");
+  TORCH_CHECK(t.dim() == ndim, name, ": expected a ", ndim, "-D ", layout, " tensor, got shape ", t.sizes());
+}
+
+// Values as the kernels read them: conj / neg views materialised.
+inline at::Tensor resolved(const at::Tensor& t) { return t.resolve_conj().resolve_neg(); }
+
+// xf is read in GFNet's channels-last order when it is a permuted (B, H, K, C)-contiguous tensor
+// and not also NCHW-contiguous; anything else is read (and written) NCHW-contiguous.
+inline bool gf_channels_last(const at::Tensor& xf) {
+  return xf.dim() == 4 && !xf.is_contiguous() && xf.permute({0, 2, 3, 1}).is_contiguous();
+}
+
+// The mask as the kernels read it: (H, K) contiguous in the real dtype of xf, or undefined.
+inline at::Tensor prepare_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& xf, int64_t H, int64_t K) {
+  if (!mask.has_value() || !mask->defined()) return at::Tensor();
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(!m.is_complex(), "mask: expected a real (or bool) tensor, got ", m.scalar_type());
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == H && m.size(1) == K, "mask: expected shape (", H, ", ", K,
+              ") to match the last two dims of xf, got ", m.sizes());
+  TORCH_CHECK(m.device() == xf.device(), "mask: expected a tensor on ", xf.device(), " like xf, got one on ", m.device());
+  return m.to(real_dtype_of(xf.scalar_type())).contiguous();
+}
+
+inline void check_global_filter(const at::Tensor& xf, const at::Tensor& w) {
+  check_complex(xf, "xf", 4, "(B, C, H, K)");
+  check_complex(w, "w", 3, "(C, H, K)");
+  TORCH_CHECK(w.scalar_type() == xf.scalar_type(), "w: expected dtype ", xf.scalar_type(), " like xf, got ", w.scalar_type());
+  TORCH_CHECK(w.size(0) == xf.size(1) && w.size(1) == xf.size(2) && w.size(2) == xf.size(3),
+              "w: expected shape (", xf.size(1), ", ", xf.size(2), ", ", xf.size(3), ") = (C, H, K) of xf, got ", w.sizes());
+  TORCH_CHECK(w.device() == xf.device(), "w: expected a tensor on ", xf.device(), " like xf, got one on ", w.device());
+}
+
+inline void check_spectral_conv(const at::Tensor& xf, const at::Tensor& w) {
+  check_complex(xf, "xf", 4, "(B, I, H, K)");
+  check_complex(w, "w", 4, "(I, O, H, K)");
+  TORCH_CHECK(w.scalar_type() == xf.scalar_type(), "w: expected dtype ", xf.scalar_type(), " like xf, got ", w.scalar_type());
+  TORCH_CHECK(w.size(0) == xf.size(1) && w.size(2) == xf.size(2) && w.size(3) == xf.size(3),
+              "w: expected shape (", xf.size(1), ", O, ", xf.size(2), ", ", xf.size(3), ") = (I, O, H, K) of xf, got ", w.sizes());
+  TORCH_CHECK(w.device() == xf.device(), "w: expected a tensor on ", xf.device(), " like xf, got one on ", w.device());
+}
+
+inline void check_grad(const at::Tensor& grad, at::IntArrayRef expected, const at::Tensor& xf) {
+  TORCH_CHECK(grad.scalar_type() == xf.scalar_type(), "grad: expected dtype ", xf.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK(grad.sizes() == expected, "grad: expected shape ", expected, ", got ", grad.sizes());
+  TORCH_CHECK(grad.device() == xf.device(), "grad: expected a tensor on ", xf.device(), ", got one on ", grad.device());
+}
+
+// global_filter's data as the kernels read them. Data: B samples of R rows of L complex values, w: R rows
+// of L. NCHW: rows are channels (R = C, L = H*K); channels-last: rows are frequencies (R = H*K, L = C).
+// Tensors in the order the kernels read them: (B, C, H, K) or, channels-last, (B, H, K, C).
+struct GfPlan {
+  bool channels_last;
+  int64_t B, C, H, K, R, L;
+  explicit GfPlan(const at::Tensor& xf)
+      : channels_last(gf_channels_last(xf)), B(xf.size(0)), C(xf.size(1)), H(xf.size(2)), K(xf.size(3)) {
+    R = channels_last ? H * K : C;
+    L = channels_last ? C : H * K;
+  }
+  at::Tensor data(const at::Tensor& t) const {  // (B, C, H, K) logical -> kernel order, contiguous
+    const at::Tensor r = resolved(t);
+    return channels_last ? r.permute({0, 2, 3, 1}).contiguous() : r.contiguous();
+  }
+  at::Tensor weight(const at::Tensor& w) const {  // (C, H, K) logical -> kernel order, contiguous
+    const at::Tensor r = resolved(w);
+    return channels_last ? r.permute({1, 2, 0}).contiguous() : r.contiguous();
+  }
+  at::Tensor new_data(const at::TensorOptions& o) const {  // (B, C, H, K) logical, in kernel order
+    return channels_last ? at::empty({B, H, K, C}, o).permute({0, 3, 1, 2}) : at::empty({B, C, H, K}, o);
+  }
+  at::Tensor new_weight(const at::TensorOptions& o) const {  // (C, H, K) logical, in kernel order
+    return channels_last ? at::empty({H, K, C}, o).permute({2, 0, 1}) : at::empty({C, H, K}, o);
+  }
+};
+
+inline void check_half_weight(const at::Tensor& w, double cuton) {
+  TORCH_CHECK(is_complex_kernel_dtype(w.scalar_type()), "w: expected a complex64 (or complex128) tensor, got ",
+              w.scalar_type());
+  TORCH_CHECK(w.dim() >= 2, "w: expected a tensor (..., H, W) with at least 2 dims, got shape ", w.sizes());
+  TORCH_CHECK(cuton >= 0.0 && cuton <= 1.0, "cuton: expected a number in [0, 1], got ", cuton);
+}
+
+inline void check_half_weight_grad(const at::Tensor& g, double cuton, int64_t width) {
+  TORCH_CHECK(is_complex_kernel_dtype(g.scalar_type()), "grad: expected a complex64 (or complex128) tensor, got ",
+              g.scalar_type());
+  TORCH_CHECK(g.dim() >= 2 && width >= 1 && g.size(-1) == width / 2 + 1, "grad: expected a tensor (..., H, ",
+              width / 2 + 1, ") for width ", width, ", got shape ", g.sizes());
+  TORCH_CHECK(cuton >= 0.0 && cuton <= 1.0, "cuton: expected a number in [0, 1], got ", cuton);
+}
+
+// The placeholder returned for an output that was not asked for (need_xf / need_w false).
+inline at::Tensor not_needed(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+}  // namespace spectral
+}  // namespace dctkd

@@ -1,0 +1,544 @@
+"""Spectral filters (DESIGN §3.4): global_filter / spectral_conv on every backend against the reference
+(einsum, torch.fft), gradcheck on complex inputs, opcheck, FrequencyAttention against the FAM-KD authors'
+module (outputs, gradients, state_dict), the exact half-plane form, the fused small-map path,
+GlobalFilter against GFNet's formula, autocast, torch.compile, and bad input."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import dctkd_ext
+from dctkd_ext import reference as R
+from dctkd_ext.nn import FrequencyAttention, GlobalFilter
+from dctkd_ext.ops import spectral as sp
+
+from conftest import TOL, rel_err
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+# (backend, device): every implementation of the ops that can run here
+BACKENDS = [("cpu", "cpu"), ("reference", "cpu")]
+if HAS_TRITON:
+    BACKENDS.append(("triton", TRITON_DEVICE))
+if HAS_CUDA:
+    BACKENDS.append(("cuda", "cuda"))
+CTOL = {torch.complex64: TOL[torch.float32], torch.complex128: TOL[torch.float64]}
+
+
+@pytest.fixture
+def triton_mode():
+    """Runs the Triton kernels here: on the GPU, or on CPU tensors under TRITON_INTERPRET=1 (set by
+    conftest.py before dctkd_ext.triton is imported when there is no GPU)."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not set")
+    return sp.triton_ops()
+
+
+@pytest.fixture(params=BACKENDS, ids=[b for b, _ in BACKENDS])
+def backend(request):
+    name, device = request.param
+    if name == "triton":
+        request.getfixturevalue("triton_mode")
+    with dctkd_ext.use_backend(name):
+        yield name, device
+
+
+def crandn(*shape, dtype=torch.complex64, device="cpu", generator=None, requires_grad=False):
+    real = torch.randn(*shape, 2, dtype=torch.float64, generator=generator)
+    t = torch.view_as_complex(real).to(dtype=dtype, device=device)
+    return t.requires_grad_(requires_grad)
+
+
+def channels_last(t):
+    return t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+def assert_rel(out, ref, tol, what):
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(torch.view_as_real(out) if out.is_complex() else out).all(), f"{what}: non-finite"
+    err = rel_err(torch.view_as_real(out) if out.is_complex() else out,
+                  torch.view_as_real(ref) if ref.is_complex() else ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+# --------------------------------------------------------------------------------------- the ops
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_global_filter_matches_reference(backend, dtype, layout, use_mask, gen):
+    _, device = backend
+    b, c, h, k = 3, 5, 7, 4
+    xf = crandn(b, c, h, k, dtype=dtype, generator=gen)
+    w = crandn(c, h, k, dtype=dtype, generator=gen)
+    mask = torch.rand(h, k, generator=gen, dtype=torch.float64).to(xf.real.dtype) if use_mask else None
+    ref = R.global_filter(xf.to(torch.complex128), w.to(torch.complex128), mask)
+    xin = channels_last(xf) if layout == "channels_last" else xf
+    out = dctkd_ext.global_filter(xin.to(device), w.to(device), None if mask is None else mask.to(device))
+    assert_rel(out, ref, CTOL[dtype], "global_filter")
+    if layout == "channels_last" and backend[0] != "reference":
+        assert out.permute(0, 2, 3, 1).is_contiguous(), "channels-last input: expected a channels-last output"
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("shape", [(3, 5, 6, 7, 4), (9, 17, 10, 5, 3), (1, 1, 1, 1, 1)],
+                         ids=["small", "tails", "one"])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_spectral_conv_matches_reference(backend, dtype, shape, use_mask, gen):
+    _, device = backend
+    b, i, o, h, k = shape
+    xf = crandn(b, i, h, k, dtype=dtype, generator=gen)
+    w = crandn(i, o, h, k, dtype=dtype, generator=gen)
+    mask = torch.rand(h, k, generator=gen, dtype=torch.float64).to(xf.real.dtype) if use_mask else None
+    ref = R.spectral_conv(xf.to(torch.complex128), w.to(torch.complex128), mask)
+    out = dctkd_ext.spectral_conv(xf.to(device), w.to(device), None if mask is None else mask.to(device))
+    assert_rel(out, ref, CTOL[dtype] * 4, "spectral_conv")
+
+
+def test_spectral_conv_large_channels_cpu(gen):
+    # more rows than a CPU work item (8), more frequencies than its vector (16), odd counts everywhere
+    xf = crandn(11, 70, 9, 5, generator=gen)
+    w = crandn(70, 13, 9, 5, generator=gen)
+    out = dctkd_ext.spectral_conv(xf, w)
+    assert_rel(out, R.spectral_conv(xf.to(torch.complex128), w.to(torch.complex128)), 1e-5, "spectral_conv")
+
+
+@pytest.mark.parametrize("op", ["global_filter", "spectral_conv"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_backward_matches_autograd_of_reference(backend, op, layout, gen):
+    name, device = backend
+    if op == "spectral_conv" and layout == "channels_last":
+        layout = "nchw"
+    b, c, o, h, k = 4, 6, 5, 5, 3
+    xf = crandn(b, c, h, k, generator=gen)
+    if layout == "channels_last":
+        xf = channels_last(xf)
+    w = crandn(c, h, k, generator=gen) if op == "global_filter" else crandn(c, o, h, k, generator=gen)
+    mask = torch.rand(h, k, generator=gen, dtype=torch.float64).float()
+    fn, ref_fn = getattr(dctkd_ext, op), getattr(R, op)
+    leaves = [t.detach().to(device).requires_grad_() for t in (xf, w, mask)]
+    out = fn(*leaves)
+    g = crandn(*out.shape, generator=gen).to(device)
+    grads = torch.autograd.grad(out, leaves, g)
+    ref_leaves = [t.detach().to(torch.complex128 if t.is_complex() else torch.float64).requires_grad_()
+                  for t in (xf, w, mask)]
+    ref_grads = torch.autograd.grad(ref_fn(*ref_leaves), ref_leaves, g.cpu().to(torch.complex128))
+    for what, a, r in zip(("dxf", "dw", "dmask"), grads, ref_grads):
+        assert_rel(a.cpu(), r, 1e-5, f"{op} {what}")
+
+
+@pytest.mark.parametrize("op", ["global_filter", "spectral_conv"])
+def test_gradcheck_complex128_cpu(op, gen):
+    b, c, o, h, k = 2, 3, 2, 3, 2
+    xf = crandn(b, c, h, k, dtype=torch.complex128, generator=gen, requires_grad=True)
+    w = (crandn(c, h, k, dtype=torch.complex128, generator=gen) if op == "global_filter"
+         else crandn(c, o, h, k, dtype=torch.complex128, generator=gen)).requires_grad_()
+    mask = torch.rand(h, k, dtype=torch.float64, generator=gen).requires_grad_()
+    fn = getattr(dctkd_ext, op)
+    with dctkd_ext.use_backend("cpu"):
+        assert torch.autograd.gradcheck(fn, (xf, w, mask))
+        assert torch.autograd.gradcheck(lambda a, b_: fn(a, b_, None), (xf, w))
+        if op == "global_filter":
+            xcl = channels_last(xf.detach()).requires_grad_()
+            assert torch.autograd.gradcheck(lambda a, b_: fn(a, b_, mask.detach()), (xcl, w))
+
+
+def test_opcheck_cpu(gen):
+    xf = crandn(2, 3, 4, 3, generator=gen)
+    w = crandn(3, 4, 3, generator=gen)
+    w2 = crandn(3, 5, 4, 3, generator=gen)
+    mask = torch.rand(4, 3, generator=gen)
+    ops = torch.ops.dctkd_ext
+    for args in [(xf, w, mask), (xf, w, None), (channels_last(xf), w, mask),
+                 (xf.requires_grad_(), w.requires_grad_(), None)]:
+        torch.library.opcheck(ops.global_filter.default, args)
+    xf, w = xf.detach(), w.detach()
+    torch.library.opcheck(ops.spectral_conv.default, (xf, w2, mask))
+    torch.library.opcheck(ops.spectral_conv.default, (xf.requires_grad_(), w2.requires_grad_(), None))
+    xf, w2 = xf.detach(), w2.detach()
+    g1, g2 = crandn(2, 3, 4, 3, generator=gen), crandn(2, 5, 4, 3, generator=gen)
+    for need in [(True, True), (True, False), (False, True)]:
+        torch.library.opcheck(ops.global_filter_backward.default, (g1, xf, w, mask, *need))
+        torch.library.opcheck(ops.global_filter_backward.default, (channels_last(g1), channels_last(xf), w, None, *need))
+        torch.library.opcheck(ops.spectral_conv_backward.default, (g2, xf, w2, mask, *need))
+
+
+def test_opcheck_triton(triton_mode, gen):
+    dev = TRITON_DEVICE
+    xf = crandn(2, 3, 4, 3, generator=gen).to(dev)
+    w = crandn(3, 4, 3, generator=gen).to(dev)
+    w2 = crandn(3, 5, 4, 3, generator=gen).to(dev)
+    mask = torch.rand(4, 3, generator=gen).to(dev)
+    ops = triton_mode
+    torch.library.opcheck(ops.global_filter.default, (xf.requires_grad_(), w.requires_grad_(), mask))
+    torch.library.opcheck(ops.spectral_conv.default, (xf, w2.requires_grad_(), None))
+    torch.library.opcheck(ops.fam_half_weight.default, (w2.detach().requires_grad_(), 0.3))
+    x = torch.randn(2, 3, 7, 7, generator=gen).to(dev).requires_grad_()
+    wh = crandn(3, 4, 7, 4, generator=gen).to(dev).requires_grad_()
+    with dctkd_ext.use_backend("triton"):
+        torch.library.opcheck(ops.fam_filter_fused.default, (x, wh, False, False))
+
+
+def test_triton_kernels_compile_for_sm90():
+    """Every Triton kernel variant the spectral launchers use compiles for sm_90 (H100/H200) with the
+    installed triton, GPU or not (the interpreter checks neither types, layouts nor resources)."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    import triton.backends.nvidia as nv
+
+    if not os.path.exists(os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")):
+        pytest.skip("triton's bundled ptxas is missing")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    r = subprocess.run([sys.executable, "-m", "dctkd_ext.triton.spectral", "--arch", "90"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "kernel variants compiled" in r.stdout
+
+
+# ------------------------------------------------------------------------------ FAM: exact half plane
+@pytest.mark.parametrize("size", [1, 2, 7, 8, 20, 21])
+@pytest.mark.parametrize("cuton", [0.0, 0.1, 0.3, 1.0])
+def test_half_plane_form_is_exact(size, cuton, gen):
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=gen)
+    w = crandn(3, 4, size, size, dtype=torch.complex128, generator=gen)
+    wd = crandn(3, size, size, dtype=torch.complex128, generator=gen)
+    for mix, weight in (("channel", w), ("depthwise", wd)):
+        full = R.fam_global(x, weight, cuton, mix)
+        wh = R.fam_half_weight(weight, cuton)
+        assert torch.equal(sp.fam_half_weight(weight, cuton), wh), "ops and reference half weights differ"
+        xf = torch.fft.rfft2(x, norm="ortho")
+        yf = R.spectral_conv(xf, wh) if mix == "channel" else R.global_filter(xf, wh)
+        half = torch.fft.irfft2(yf, s=(size, size), norm="ortho")
+        assert_rel(half, full, 1e-12, f"{mix} half-plane form")
+    # the mask is the released code's box on the centred spectrum
+    m = R.fam_highpass_mask(size, size, cuton, torch.float64)
+    centred = torch.fft.fftshift(m)
+    cy, r = size // 2, int(cuton * int(size / 2))
+    box = torch.ones(size, size, dtype=torch.float64)
+    box[cy - r:cy + r, cy - r:cy + r] = 0
+    assert torch.equal(centred, box)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (7, 7), (8, 8), (20, 20), (21, 21), (6, 9)])
+def test_fam_half_weight_op(backend, shape, gen):
+    name, device = backend
+    w = crandn(3, 2, *shape, dtype=torch.complex128, generator=gen).to(device).requires_grad_()
+    wr = w.detach().cpu().requires_grad_()
+    for cuton in (0.0, 0.1, 0.5, 1.0):
+        out = sp.fam_half_weight(w, cuton)
+        ref = R.fam_half_weight(wr, cuton)
+        assert_rel(out.cpu(), ref.detach(), 1e-14, f"fam_half_weight cuton={cuton}")
+        g = crandn(*ref.shape, dtype=torch.complex128, generator=gen)
+        (d,), (dr,) = torch.autograd.grad(out, w, g.to(device)), torch.autograd.grad(ref, wr, g)
+        assert_rel(d.cpu(), dr, 1e-14, f"fam_half_weight backward cuton={cuton}")
+    if name == "cpu":
+        assert torch.autograd.gradcheck(lambda t: sp.fam_half_weight(t, 0.5), (w.detach()[:, :, :5, :5].requires_grad_(),))
+        torch.library.opcheck(torch.ops.dctkd_ext.fam_half_weight.default, (w, 0.3))
+        torch.library.opcheck(torch.ops.dctkd_ext.fam_half_weight_backward.default,
+                              (crandn(2, *shape[:1], shape[1] // 2 + 1, generator=gen), 0.3, shape[1]))
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_fam_global_op_gradcheck_and_opcheck(depthwise, gen):
+    size = 5
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=gen, requires_grad=True)
+    shape = (3, size, size) if depthwise else (3, 2, size, size)
+    w = crandn(*shape, dtype=torch.complex128, generator=gen, requires_grad=True)
+    with dctkd_ext.use_backend("cpu"):
+        assert torch.autograd.gradcheck(lambda a, b_: sp.fam_global(a, b_, 0.5, depthwise), (x, w))
+        assert_rel(sp.fam_global(x, w, 0.5, depthwise), R.fam_global(x, w, 0.5, "depthwise" if depthwise else "channel"),
+                   1e-12, "fam_global")
+        torch.library.opcheck(torch.ops.dctkd_ext.fam_global.default, (x.float().detach().requires_grad_(),
+                                                                       w.to(torch.complex64).detach().requires_grad_(),
+                                                                       0.5, depthwise, False))
+
+
+def _released_and_ours(cin, cout, size, cuton, dtype, mix="channel", seed=0):
+    torch.manual_seed(seed)
+    ref = R.ReleasedFAM(cin, cout, size)
+    ours = FrequencyAttention(cin, cout, size, cuton=cuton, mix=mix)
+    if mix == "channel":
+        ours.load_state_dict(ref.state_dict())
+    if dtype == torch.float64:
+        for m in (ref, ours):
+            m.double()
+            m.weights1.data = m.weights1.data.to(torch.complex128)
+    return ref, ours
+
+
+@pytest.mark.parametrize("size", [1, 7, 8, 20, 21])
+@pytest.mark.parametrize("cuton", [0.1, 0.5])
+def test_frequency_attention_matches_released_fp64(size, cuton, gen):
+    ref, ours = _released_and_ours(4, 3, size, cuton, torch.float64)
+    x = torch.randn(3, 4, size, size, dtype=torch.float64, generator=gen)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yo = ref((xr, cuton)), ours(xo)
+    assert_rel(yo, yr, 1e-12, "output")
+    g = torch.randn(yr.shape, dtype=torch.float64, generator=gen)
+    yr.backward(g)
+    yo.backward(g)
+    assert_rel(xo.grad, xr.grad, 1e-12, "dx")
+    for (name, pr), po in zip(ref.named_parameters(), ours.parameters()):
+        assert_rel(po.grad, pr.grad, 1e-11, f"d{name}")
+
+
+@pytest.mark.parametrize("size", [7, 8, 20, 32])
+def test_frequency_attention_matches_released_fp32(size, gen):
+    cuton = 0.1
+    ref, ours = _released_and_ours(6, 5, size, cuton, torch.float32)
+    ref64, _ = _released_and_ours(6, 5, size, cuton, torch.float64)
+    x = torch.randn(4, 6, size, size, generator=gen)
+    xo, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+    yo, y64 = ours(xo), ref64((x64, cuton))
+    assert_rel(yo, y64, 5 * TOL[torch.float32], "output")
+    g = torch.randn(y64.shape, dtype=torch.float64, generator=gen)
+    yo.backward(g.float())
+    y64.backward(g)
+    assert_rel(xo.grad, x64.grad, 5 * TOL[torch.float32], "dx")
+    for (name, p64), po in zip(ref64.named_parameters(), ours.parameters()):
+        if name in ("rate1", "rate2"):  # sums with cancellation: scale by sum |dy * branch|
+            with torch.no_grad():
+                branch = (R.fam_global(x64, ref64.weights1, cuton) if name == "rate1" else ref64.w0(x64))
+                scale = (g * branch).abs().sum().item()
+            assert abs(po.grad.item() - p64.grad.item()) <= 1e-6 * scale, f"d{name}"
+        else:
+            assert_rel(po.grad, p64.grad, 20 * TOL[torch.float32], f"d{name}")
+
+
+def test_frequency_attention_state_dict_and_init():
+    torch.manual_seed(1)
+    ref = R.ReleasedFAM(5, 4, 9)
+    torch.manual_seed(1)
+    ours = FrequencyAttention(5, 4, 9)
+    # the same parameters, names, shapes and (same seed, same order of draws) values
+    sd_ref, sd_ours = ref.state_dict(), ours.state_dict()
+    assert list(sd_ref) == list(sd_ours) == ["rate1", "rate2", "weights1", "w0.weight", "w0.bias"]
+    for k in sd_ref:
+        assert sd_ref[k].shape == sd_ours[k].shape and sd_ref[k].dtype == sd_ours[k].dtype, k
+        assert torch.equal(sd_ref[k], sd_ours[k]), k
+    assert ours.weights1.dtype == torch.complex64 and ours.rate1.item() == 0.5 == ours.rate2.item()
+    assert 0 <= ours.weights1.real.min() and ours.weights1.real.max() <= 1 / 20
+    ref.load_state_dict(ours.state_dict())  # and back
+    # rates saved as 0-dim tensors load too
+    sd = dict(sd_ref)
+    sd["rate1"], sd["rate2"] = torch.tensor(0.25), torch.tensor(0.75)
+    ours.load_state_dict(sd)
+    assert ours.rate1.shape == (1,) and ours.rate1.item() == 0.25 and ours.rate2.item() == 0.75
+
+
+def test_frequency_attention_depthwise(gen):
+    torch.manual_seed(2)
+    m = FrequencyAttention(4, 4, 9, cuton=0.5, mix="depthwise").double()
+    m.weights1.data = m.weights1.data.to(torch.complex128)
+    assert m.weights1.shape == (4, 9, 9)
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = m.weights1.detach().clone().requires_grad_()
+    y = m(x)
+    ref = m.rate1 * R.fam_global(x, w, 0.5, "depthwise") + m.rate2 * m.w0(x)
+    assert_rel(y, ref, 1e-12, "depthwise output")
+    g = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    dx, dw = torch.autograd.grad(y, (x, m.weights1), g)
+    rdx, rdw = torch.autograd.grad(ref, (x, w), g)
+    assert_rel(dx, rdx, 1e-12, "depthwise dx")
+    assert_rel(dw, rdw, 1e-12, "depthwise dweights1")
+
+
+def test_frequency_attention_channels_last_and_half_input(gen):
+    m = FrequencyAttention(3, 2, 8)
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    y = m(x)
+    assert_rel(m(x.contiguous(memory_format=torch.channels_last)), y, 1e-6, "channels_last input")
+    mh = FrequencyAttention(3, 2, 8)
+    mh.load_state_dict(m.state_dict())
+    mh.w0.to(torch.bfloat16)
+    mh.rate1.data, mh.rate2.data = mh.rate1.data.bfloat16(), mh.rate2.data.bfloat16()
+    yh = mh(x.bfloat16())
+    assert yh.dtype == torch.bfloat16
+    assert_rel(yh.float(), y, 2e-2, "bf16 features")
+
+
+def test_frequency_attention_autocast(gen):
+    m = FrequencyAttention(3, 4, 8)
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    y32 = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g = m.global_branch(x)
+        y = m(x)
+    assert g.dtype == torch.float32, "the FFT branch must stay fp32 under autocast"
+    assert_rel(g, m.global_branch(x), 1e-6, "global branch under autocast")
+    assert y.dtype == torch.float32
+    assert_rel(y, y32, 2e-2, "output under autocast")
+    y.sum().backward()
+    assert m.weights1.grad is not None and m.weights1.grad.dtype == torch.complex64
+
+
+# --------------------------------------------------------------------------------- the fused path
+@pytest.mark.parametrize("size", [4, 7, 8, 16])
+@pytest.mark.parametrize("mix", ["channel", "depthwise"])
+def test_fused_path_matches_fft_path(triton_mode, size, mix, gen):
+    dev = TRITON_DEVICE
+    cin, cout = (3, 5) if mix == "channel" else (4, 4)
+    torch.manual_seed(3)
+    fused = FrequencyAttention(cin, cout, size, cuton=0.3, mix=mix, path="fused").to(dev)
+    fft = FrequencyAttention(cin, cout, size, cuton=0.3, mix=mix, path="fft").to(dev)
+    fft.load_state_dict(fused.state_dict())
+    x = torch.randn(2, cin, size, size, generator=gen).to(dev)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with dctkd_ext.use_backend("triton"):
+        assert fused.choose_path(xa) == "fused"
+        ya = fused(xa)
+    yb = fft(xb)
+    assert_rel(ya, yb, 5 * TOL[torch.float32], "fused output")
+    g = torch.randn(ya.shape, generator=gen).to(dev)
+    with dctkd_ext.use_backend("triton"):
+        ya.backward(g)
+    yb.backward(g)
+    assert_rel(xa.grad, xb.grad, 5 * TOL[torch.float32], "fused dx")
+    with torch.no_grad():  # the rate gradients are sums with cancellation: scale by sum |dy * branch|
+        scales = {"rate1": (g * fft.global_branch(x)).abs().sum().item(), "rate2": (g * fft.w0(x)).abs().sum().item()}
+    for (name, pa), pb in zip(fused.named_parameters(), fft.parameters()):
+        if name in scales:
+            assert abs(pa.grad.item() - pb.grad.item()) <= 1e-6 * scales[name], f"fused d{name}"
+        else:
+            assert_rel(pa.grad, pb.grad, 5 * TOL[torch.float32], f"fused d{name}")
+
+
+def test_auto_path_rule():
+    m = FrequencyAttention(8, 8, 8)
+    assert m.choose_path(torch.randn(2, 8, 8, 8)) == "fft"  # CPU: the rfft path
+    big = FrequencyAttention(4, 4, 40)
+    assert big.choose_path(torch.randn(1, 4, 40, 40)) == "fft"
+    from dctkd_ext.nn import spectral as nsp
+
+    assert nsp.fused_flops_estimate(2, 8, 8, 8, False) <= nsp.FUSED_MAX_FLOPS
+    assert nsp.fused_flops_estimate(64, 32, 32, 32, False) > nsp.FUSED_MAX_FLOPS
+
+
+# ---------------------------------------------------------------------------------------- GFNet
+@pytest.mark.parametrize("tokens", [False, True])
+def test_global_filter_module_matches_gfnet(backend, tokens, gen):
+    name, device = backend
+    h, w, dim = 6, 7, 5
+    m = GlobalFilter(dim, h, w).to(device)
+    assert m.complex_weight.shape == (h, w // 2 + 1, dim, 2)
+    x = torch.randn(3, h, w, dim, generator=gen).to(device)
+    if tokens:
+        x = x.reshape(3, h * w, dim)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    cw = m.complex_weight.detach().clone().requires_grad_()
+    y = m(xa, spatial_size=(h, w)) if tokens else m(xa)
+    ref = R.gfnet_global_filter(xb, cw, (h, w))
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert_rel(y, ref, 5 * TOL[torch.float32], "GlobalFilter output")
+    g = torch.randn(y.shape, generator=gen).to(device)
+    da, dwa = torch.autograd.grad(y, (xa, m.complex_weight), g)
+    db, dwb = torch.autograd.grad(ref, (xb, cw), g)
+    assert_rel(da, db, 5 * TOL[torch.float32], "GlobalFilter dx")
+    assert_rel(dwa, dwb, 5 * TOL[torch.float32], "GlobalFilter dcomplex_weight")
+
+
+# ------------------------------------------------------------------------------------ torch.compile
+@pytest.mark.slow
+def test_torch_compile_fullgraph(gen):
+    torch._dynamo.reset()
+    m = FrequencyAttention(3, 4, 7)
+    x = torch.randn(2, 3, 7, 7, generator=gen)
+    xf = crandn(2, 3, 7, 4, generator=gen)
+    w = crandn(3, 7, 4, generator=gen)
+
+    def f(x, xf, w):
+        return m(x).sum() + dctkd_ext.global_filter(xf, w).abs().sum()
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert_rel(cf(x, xf, w), f(x, xf, w), 1e-6, "compiled")
+
+
+# -------------------------------------------------------------------------------------- bad input
+def test_bad_inputs(gen):
+    xf = crandn(2, 3, 4, 3, generator=gen)
+    w = crandn(3, 4, 3, generator=gen)
+    w2 = crandn(3, 5, 4, 3, generator=gen)
+    with pytest.raises(TypeError, match=r"xf: expected a complex64.*float32.*rfft2"):
+        dctkd_ext.global_filter(torch.randn(2, 3, 4, 3), w)
+    with pytest.raises(TypeError, match=r"xf: expected a complex64"):
+        dctkd_ext.spectral_conv(torch.randn(2, 3, 4, 3), w2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "ComplexHalf support is experimental"
+        xf_half = xf.to(torch.complex32)
+    with pytest.raises(TypeError, match=r"xf: expected a complex64"):
+        dctkd_ext.global_filter(xf_half, w)
+    with pytest.raises(ValueError, match=r"xf: expected a 4-D"):
+        dctkd_ext.global_filter(xf[0], w)
+    with pytest.raises(ValueError, match=r"w: expected shape \(3, 4, 3\)"):
+        dctkd_ext.global_filter(xf, crandn(3, 4, 2, generator=gen))
+    with pytest.raises(ValueError, match=r"w: expected shape \(3, \*, 4, 3\)"):
+        dctkd_ext.spectral_conv(xf, crandn(2, 5, 4, 3, generator=gen))
+    with pytest.raises(ValueError, match=r"w: expected a 4-D"):
+        dctkd_ext.spectral_conv(xf, w)
+    with pytest.raises(TypeError, match=r"w: expected dtype torch.complex64"):
+        dctkd_ext.global_filter(xf, w.to(torch.complex128))
+    with pytest.raises(TypeError, match=r"w: expected a complex64"):
+        dctkd_ext.global_filter(xf, torch.randn(3, 4, 3))
+    with pytest.raises(ValueError, match=r"mask: expected shape \(4, 3\)"):
+        dctkd_ext.global_filter(xf, w, torch.ones(4, 4))
+    with pytest.raises(ValueError, match=r"mask: expected shape \(4, 3\)"):
+        dctkd_ext.spectral_conv(xf, w2, torch.ones(3))
+    with pytest.raises(TypeError, match=r"mask: expected a real"):
+        dctkd_ext.global_filter(xf, w, torch.ones(4, 3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"w: expected a tensor on cpu like xf, got one on meta"):
+        dctkd_ext.global_filter(xf, w.to("meta"))
+    with pytest.raises(ValueError, match=r"mask: expected a tensor on cpu like xf, got one on meta"):
+        dctkd_ext.spectral_conv(xf, w2, torch.ones(4, 3, device="meta"))
+    with pytest.raises(TypeError, match=r"xf: expected a .*got list"):
+        dctkd_ext.global_filter([1.0], w)
+    with pytest.raises(ValueError, match=r"cuton: expected a number in \[0, 1\]"):
+        sp.fam_half_weight(crandn(3, 4, 4, generator=gen), -0.1)
+    with pytest.raises(RuntimeError, match=r"cuton: expected a number in \[0, 1\]"):
+        torch.ops.dctkd_ext.fam_half_weight(crandn(3, 4, 4, generator=gen), 2.0)
+    # the C++ ops check too when called directly
+    with pytest.raises(RuntimeError, match=r"w: expected shape"):
+        torch.ops.dctkd_ext.spectral_conv(xf, crandn(2, 5, 4, 3, generator=gen), None)
+    with pytest.raises(RuntimeError, match=r"mask: expected shape"):
+        torch.ops.dctkd_ext.global_filter(xf, w, torch.ones(2, 2))
+    with pytest.raises(RuntimeError, match=r"xf: expected a complex64"):
+        torch.ops.dctkd_ext.global_filter(torch.randn(2, 3, 4, 3), w, None)
+
+    m = FrequencyAttention(3, 4, 8)
+    with pytest.raises(ValueError, match=r"x: expected spatial size \(8, 8\).*got \(7, 7\)"):
+        m(torch.randn(2, 3, 7, 7))
+    with pytest.raises(ValueError, match=r"x: expected 3 channels \(in_channels\)"):
+        m(torch.randn(2, 5, 8, 8))
+    with pytest.raises(ValueError, match=r"x: expected a 4-D"):
+        m(torch.randn(3, 8, 8))
+    with pytest.raises(TypeError, match=r"x: expected a real floating"):
+        m(torch.randn(2, 3, 8, 8, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"cuton: expected a number in \[0, 1\]"):
+        m(torch.randn(2, 3, 8, 8), cuton=1.5)
+    with pytest.raises(ValueError, match=r"in_channels == out_channels"):
+        FrequencyAttention(3, 4, 8, mix="depthwise")
+    with pytest.raises(ValueError, match=r"mix: expected"):
+        FrequencyAttention(3, 4, 8, mix="grouped")
+    with pytest.raises(ValueError, match=r"size: expected a positive int"):
+        FrequencyAttention(3, 4, 0)
+    with pytest.raises(ValueError, match=r"path: expected"):
+        FrequencyAttention(3, 4, 8, path="cufft")
+    if not HAS_CUDA:
+        with pytest.raises(ValueError, match=r"path='fused' needs"):
+            FrequencyAttention(3, 4, 8, path="fused")(torch.randn(1, 3, 8, 8))
+
+    gf = GlobalFilter(4, 6, 6)
+    with pytest.raises(ValueError, match=r"x: expected spatial size \(6, 6\)"):
+        gf(torch.randn(2, 5, 6, 4))
+    with pytest.raises(ValueError, match=r"x: expected 4 channels \(dim\)"):
+        gf(torch.randn(2, 6, 6, 3))
+    with pytest.raises(ValueError, match=r"x: expected N = 6\*6 = 36 tokens"):
+        gf(torch.randn(2, 35, 4))
