@@ -61,11 +61,12 @@ def _wants_fp32(args) -> bool:
     return bool(names & {"float32", "fp32", "f32"})
 
 
-def _batches(args, default: int) -> List[int]:
+def _batches(args, default: int, device: torch.device) -> List[int]:
     batches = getattr(args, "batches", None)
     if batches:
         return [int(b) for b in batches]
-    return [QUICK_BATCH] if getattr(args, "quick", False) else [default]
+    # The recipe's batch on the GPU; on the CPU the small batch, so a full run stays minutes long.
+    return [QUICK_BATCH] if getattr(args, "quick", False) or device.type == "cpu" else [default]
 
 
 def _fam_bytes(b, cin, cout, s):
@@ -229,14 +230,14 @@ def cases(args, device: torch.device) -> List[Case]:
         for cin, cout, s in stages:
             if quick and (name, (cin, cout, s)) not in QUICK_FAM:
                 continue
-            for b in _batches(args, batch):
+            for b in _batches(args, batch, device):
                 out.append(_fam_case(name, b, cin, cout, s, device))
     gf = GF_SHAPES[:1] if quick else GF_SHAPES
     for name, batch, c, h, w in gf:
-        for b in _batches(args, batch):
+        for b in _batches(args, batch, device):
             out.append(_gf_case(name, b, c, h, w, device))
     sc = SC_SHAPES[:1] if quick else SC_SHAPES
     for name, batch, c, h, w in sc:
-        for b in _batches(args, batch):
+        for b in _batches(args, batch, device):
             out.append(_sc_case(name, b, c, h, w, device))
     return out

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "../dct_at_args.h"
 #include "../dctkd_math.h"
 #include "cpu_kernels.h"
 #include "small_matmul.h"
@@ -207,44 +208,11 @@ void level_loss(const T* as, const T* at, T* dist, T* gmap, int64_t B, int64_t H
   });
 }
 
-Norm norm_arg(const std::string& s, const char* name) {
-  Norm v;
-  TORCH_CHECK(parse_norm(s, &v), name, ": expected one of \"minmax\", \"max\", \"l2\", \"none\", got \"", s, "\"");
-  return v;
-}
-
-void check_levels(const at::TensorList& student, const at::TensorList& teacher, at::ArrayRef<double> weights) {
-  TORCH_CHECK(!student.empty(), "student_feats: expected a non-empty list of (B, C, H, W) tensors");
-  TORCH_CHECK(student.size() == teacher.size(), "teacher_feats: expected ", student.size(),
-              " levels to match student_feats, got ", teacher.size());
-  TORCH_CHECK(weights.size() == student.size(), "weights: expected ", student.size(), " values, got ",
-              weights.size());
-  const int64_t B = student[0].dim() == 4 ? student[0].size(0) : -1;
-  for (size_t l = 0; l < student.size(); ++l) {
-    const at::Tensor& s = student[l];
-    const at::Tensor& t = teacher[l];
-    TORCH_CHECK(s.dim() == 4, "student_feats[", l, "]: expected a 4-D (B, C, H, W) tensor, got ", s.dim(), "-D");
-    TORCH_CHECK(t.dim() == 4, "teacher_feats[", l, "]: expected a 4-D (B, C, H, W) tensor, got ", t.dim(), "-D");
-    TORCH_CHECK(s.size(0) == B, "student_feats[", l, "]: expected batch ", B, ", got ", s.size(0));
-    TORCH_CHECK(t.size(0) == s.size(0) && t.size(2) == s.size(2) && t.size(3) == s.size(3), "teacher_feats[", l,
-                "]: expected B, H, W = ", s.size(0), ", ", s.size(2), ", ", s.size(3), " to match student_feats[", l,
-                "], got ", t.sizes());
-  }
-}
-
 std::tuple<at::Tensor, std::vector<at::Tensor>> dct_at_loss_cpu(
     at::TensorList student, at::TensorList teacher, at::ArrayRef<double> weights, double p, std::string map_norm,
     bool center, std::string transform, bool coef_abs, std::string coef_norm, std::string distance, double eps) {
   check_levels(student, teacher, weights);
-  TORCH_CHECK(p > 0, "p: expected a positive exponent, got ", p);
-  Transform tr;
-  TORCH_CHECK(parse_transform(transform, &tr), "transform: expected one of \"dct\", \"fft_real\", \"identity\", got \"",
-              transform, "\"");
-  Distance dist;
-  TORCH_CHECK(parse_distance(distance, &dist), "distance: expected one of \"l2\", \"mse\", \"sse\", got \"", distance,
-              "\"");
-  const Norm n1 = norm_arg(map_norm, "map_norm"), n2 = norm_arg(coef_norm, "coef_norm");
-  TORCH_CHECK(eps >= 0, "eps: expected a non-negative value, got ", eps);
+  const LossOptions o = parse_loss_options(p, map_norm, transform, coef_norm, distance, eps);
 
   bool any_double = false;
   for (size_t l = 0; l < student.size(); ++l)
@@ -262,7 +230,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dct_at_loss_cpu(
     at::Tensor level_dist = at::empty({B}, as.options());
     if (B > 0 && H * W > 0) {
       AT_DISPATCH_FLOATING_TYPES(acc, "dct_at_loss_cpu", [&] {
-        const PhiConfig<scalar_t> cfg{n1, center, tr, coef_abs, n2, dist, static_cast<scalar_t>(eps)};
+        const PhiConfig<scalar_t> cfg{o.map_norm, center, o.transform, coef_abs, o.coef_norm, o.distance,
+                                         static_cast<scalar_t>(eps)};
         level_loss<scalar_t>(as.const_data_ptr<scalar_t>(), at_.const_data_ptr<scalar_t>(),
                              level_dist.mutable_data_ptr<scalar_t>(), gmap.mutable_data_ptr<scalar_t>(), B, H, W,
                              static_cast<scalar_t>(weights[l]), cfg);

@@ -22,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../dct_at_args.h"
 #include "attention_map.cuh"
 #include "common.cuh"
 #include "small_mm.cuh"
@@ -441,37 +442,11 @@ __global__ void sum_levels_kernel(const T* __restrict__ wdist, T* __restrict__ l
 }
 
 // ----------------------------------------------------------------------------------- host side
-Norm norm_arg(const std::string& s, const char* name) {
-  Norm v;
-  TORCH_CHECK(parse_norm(s, &v), name, ": expected one of \"minmax\", \"max\", \"l2\", \"none\", got \"", s, "\"");
-  return v;
-}
-
-void check_levels(const at::TensorList& student, const at::TensorList& teacher, at::ArrayRef<double> weights) {
-  TORCH_CHECK(!student.empty(), "student_feats: expected a non-empty list of (B, C, H, W) tensors");
-  TORCH_CHECK(student.size() == teacher.size(), "teacher_feats: expected ", student.size(),
-              " levels to match student_feats, got ", teacher.size());
-  TORCH_CHECK(weights.size() == student.size(), "weights: expected ", student.size(), " values, got ",
-              weights.size());
-  const int64_t B = student[0].dim() == 4 ? student[0].size(0) : -1;
-  const at::Device dev = student[0].device();
-  for (size_t l = 0; l < student.size(); ++l) {
-    const at::Tensor& s = student[l];
-    const at::Tensor& t = teacher[l];
-    TORCH_CHECK(s.dim() == 4, "student_feats[", l, "]: expected a 4-D (B, C, H, W) tensor, got ", s.dim(), "-D");
-    TORCH_CHECK(t.dim() == 4, "teacher_feats[", l, "]: expected a 4-D (B, C, H, W) tensor, got ", t.dim(), "-D");
-    TORCH_CHECK(s.size(0) == B, "student_feats[", l, "]: expected batch ", B, ", got ", s.size(0));
-    TORCH_CHECK(t.size(0) == s.size(0) && t.size(2) == s.size(2) && t.size(3) == s.size(3), "teacher_feats[", l,
-                "]: expected B, H, W = ", s.size(0), ", ", s.size(2), ", ", s.size(3), " to match student_feats[", l,
-                "], got ", t.sizes());
-    TORCH_CHECK(s.device() == dev, "student_feats[", l, "]: expected a tensor on ", dev,
-                " like student_feats[0], got one on ", s.device());
-    TORCH_CHECK(t.device() == dev, "teacher_feats[", l, "]: expected a tensor on ", dev,
-                " like student_feats[0], got one on ", t.device());
-    check_features(s, (std::string("student_feats[") + std::to_string(l) + "]").c_str());
-    check_features(t, (std::string("teacher_feats[") + std::to_string(l) + "]").c_str());
-  }
-  TORCH_CHECK(dev.is_cuda(), "student_feats[0]: expected a CUDA tensor, got one on ", dev);
+// The checks shared with the CPU kernel (csrc/dct_at_args.h), plus: the tensors are on a CUDA device.
+void check_levels_cuda(const at::TensorList& student, const at::TensorList& teacher, at::ArrayRef<double> weights) {
+  check_levels(student, teacher, weights);
+  TORCH_CHECK(student[0].device().is_cuda(), "student_feats[0]: expected a CUDA tensor, got one on ",
+              student[0].device());
 }
 
 template <typename T>
@@ -519,16 +494,8 @@ void launch_phi(const std::vector<PhiLevel<T>>& levels, int B, T* wdist, const P
 std::tuple<at::Tensor, std::vector<at::Tensor>> dct_at_loss_cuda(
     at::TensorList student, at::TensorList teacher, at::ArrayRef<double> weights, double p, std::string map_norm,
     bool center, std::string transform, bool coef_abs, std::string coef_norm, std::string distance, double eps) {
-  check_levels(student, teacher, weights);
-  TORCH_CHECK(p > 0, "p: expected a positive exponent, got ", p);
-  Transform tr;
-  TORCH_CHECK(parse_transform(transform, &tr), "transform: expected one of \"dct\", \"fft_real\", \"identity\", got \"",
-              transform, "\"");
-  Distance dist;
-  TORCH_CHECK(parse_distance(distance, &dist), "distance: expected one of \"l2\", \"mse\", \"sse\", got \"", distance,
-              "\"");
-  const Norm n1 = norm_arg(map_norm, "map_norm"), n2 = norm_arg(coef_norm, "coef_norm");
-  TORCH_CHECK(eps >= 0, "eps: expected a non-negative value, got ", eps);
+  check_levels_cuda(student, teacher, weights);
+  const LossOptions o = parse_loss_options(p, map_norm, transform, coef_norm, distance, eps);
 
   const c10::cuda::CUDAGuard guard(student[0].device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -581,10 +548,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dct_at_loss_cuda(
     using T = scalar_t;
     PhiParams<T> P;
     memset(&P, 0, sizeof(P));
-    P.map_norm = static_cast<int>(n1);
-    P.transform = static_cast<int>(tr);
-    P.coef_norm = static_cast<int>(n2);
-    P.distance = static_cast<int>(dist);
+    P.map_norm = static_cast<int>(o.map_norm);
+    P.transform = static_cast<int>(o.transform);
+    P.coef_norm = static_cast<int>(o.coef_norm);
+    P.distance = static_cast<int>(o.distance);
     P.center = center ? 1 : 0;
     P.coef_abs = coef_abs ? 1 : 0;
     P.eps = static_cast<T>(eps);
