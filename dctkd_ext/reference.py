@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._dtypes import acc_dtype as _acc_dtype
 from .presets import resolve_options
 
 __all__ = [
@@ -21,10 +22,6 @@ __all__ = [
     "released_dct_loss",
     "released_at_loss",
 ]
-
-
-def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------- 3.1

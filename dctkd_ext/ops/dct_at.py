@@ -7,16 +7,13 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _backend, reference
+from .._dtypes import acc_dtype as _acc_dtype
 from .._extension import BUILD_INFO
 from ..presets import REDUCTIONS, resolve_options
 from ._checks import check_finite_enabled, check_real_float, check_same_device, report_non_finite
 
 _ops = torch.ops.dctkd_ext
 _FAMILY = "dct_at"
-
-
-def _acc_dtype(*tensors):
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 # ------------------------------------------------------------------------------ fake (meta) kernels

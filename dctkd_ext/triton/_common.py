@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from .._dtypes import acc_dtype  # noqa: F401  (the triton modules import it from here)
 
 # TRITON_INTERPRET=1 runs the kernels in Triton's interpreter on CPU (or CUDA) tensors. It is read
 # when the kernels are decorated, i.e. when dctkd_ext.triton is first loaded.
@@ -59,11 +60,6 @@ def define_op(name: str, fn: Callable):
     else:
         op = torch.library.triton_op(qualname, fn, mutates_args=())
     return op
-
-
-def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp64 accumulation for fp64 inputs, fp32 for everything else (as the C++ kernels)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
