@@ -1,36 +1,74 @@
-"""Build of dctkd_ext: the C++ ops always, the CUDA ops when a CUDA toolkit and a CUDA build of torch
-are present (or FORCE_CUDA=1). Build against the torch you run with:
+"""Build of dctkd_ext: the C++ ops always; the CUDA ops when torch is a CUDA build and a matching CUDA
+toolkit is found (build_tools/cuda_toolkit.py: CUDA_HOME / CUDA_PATH, the nvcc on PATH, /usr/local/cuda).
+FORCE_CUDA=1 makes a missing toolkit an error, DCTKD_NO_CUDA=1 skips the CUDA ops. Builds against the
+torch installed in the environment, with or without pip's build isolation:
 
-    pip install --no-build-isolation -e .
+    pip install -e .
 """
 
 import glob
 import os
-
-from setuptools import find_packages, setup
-
-try:
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-except ImportError as exc:  # pragma: no cover - build-time message only
-    raise SystemExit(
-        "dctkd_ext builds against an installed PyTorch: `pip install torch` first, then "
-        "`pip install --no-build-isolation -e .`"
-    ) from exc
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "build_tools"))
+from cuda_toolkit import SKIP_HINT, plan_cuda_build  # noqa: E402
+
 VERSION = "0.1.0"
 
 
-def want_cuda() -> bool:
-    if os.environ.get("FORCE_CUDA", "0") == "1":
-        return True
-    if os.environ.get("DCTKD_NO_CUDA", "0") == "1":
-        return False
-    return torch.version.cuda is not None and CUDA_HOME is not None
+def import_installed_torch():
+    """The torch of the environment pip was run from. Under build isolation pip hides that
+    environment's packages from the build; the same interpreter, started without pip's overlay,
+    says where its torch lives, and that directory is appended to sys.path (after the build's own
+    packages), so the extension is compiled against exactly the installed torch and no second torch
+    is downloaded."""
+    try:
+        import torch
 
+        return torch
+    except ImportError:
+        pass
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    probe = "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    site_dir = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else ""
+    if site_dir:
+        sys.path.append(site_dir)
+        try:
+            import torch
+
+            return torch
+        except ImportError:
+            pass
+    raise SystemExit(
+        "dctkd_ext builds against an installed PyTorch and found none for "
+        f"{sys.executable}: install torch first (`pip install -r requirements-dev.txt` or `pip install torch`)"
+    )
+
+
+torch = import_installed_torch()
+from setuptools import find_packages, setup  # noqa: E402
+# ninja (a pip package) sits next to the interpreter, which need not be on PATH (an unactivated venv).
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+CUDA_PLAN = plan_cuda_build(torch.version.cuda)
+if CUDA_PLAN.toolkit is not None:
+    # torch guesses its own CUDA_HOME at import (the parent of nvcc's folder, wrong for a wrapper
+    # script): give it the resolved toolkit before and after the import.
+    os.environ["CUDA_HOME"] = CUDA_PLAN.toolkit.root
+from torch.utils import cpp_extension  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+if CUDA_PLAN.toolkit is not None:
+    cpp_extension.CUDA_HOME = CUDA_PLAN.toolkit.root
+else:
+    print(f"dctkd_ext: CUDA kernels skipped ({CUDA_PLAN.note}); building the CPU ops only; {SKIP_HINT}",
+          file=sys.stderr)
 
 def write_build_info(with_cuda: bool) -> None:
+    t = CUDA_PLAN.toolkit
+    toolkit = {"path": t.root, "version": t.version, "found_by": t.found_by} if t else None
     # Read at import time: an extension built against one torch and loaded under another fails
     # with a clear "rebuild" message instead of an undefined-symbol trace.
     path = os.path.join(ROOT, "dctkd_ext", "_build_info.py")
@@ -38,6 +76,8 @@ def write_build_info(with_cuda: bool) -> None:
         "# Written by setup.py at build time; do not edit.\n"
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"WITH_CUDA = {with_cuda!r}\n"
+        f"CUDA_TOOLKIT = {toolkit!r}\n"
+        f"CUDA_NOTE = {CUDA_PLAN.note!r}\n"
         f"VERSION = {VERSION!r}\n"
     )
     if not os.path.exists(path) or open(path).read() != text:
@@ -46,7 +86,7 @@ def write_build_info(with_cuda: bool) -> None:
 
 
 def extension():
-    with_cuda = want_cuda()
+    with_cuda = CUDA_PLAN.toolkit is not None
     write_build_info(with_cuda)
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
@@ -91,8 +131,8 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["dctkd-train = dctkd_train.cli:main"]},
     python_requires=">=3.9",
-    # Keep the cap: the CI machine's disk holds torch <= 2.14.1.
-    install_requires=["torch>=2.4,<=2.14.1", "numpy"],
+    # The range the code supports; the exact torch it is tested with is pinned in requirements-dev.txt.
+    install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "test": ["pytest", "scipy", "expecttest"],
         "bench": ["matplotlib"],

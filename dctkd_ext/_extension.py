@@ -3,7 +3,7 @@ the CPU/CUDA kernels. Fails with a message that says what to do, never an undefi
 
 import torch
 
-REBUILD = "rebuild it with `pip install --no-build-isolation -e .` (in the dctkd_ext checkout)"
+REBUILD = "rebuild it with `pip install -e .` (in the dctkd_ext checkout)"
 
 
 def _torch_base_version(version: str) -> str:
@@ -27,7 +27,15 @@ def load() -> dict:
         msg = str(exc)
         hint = " (an ABI mismatch with the installed torch)" if "undefined symbol" in msg else ""
         raise ImportError(f"dctkd_ext's compiled extension failed to load{hint}: {msg.splitlines()[0]}; {REBUILD}") from None
-    return {"torch_version": built, "with_cuda": bool(_build_info.WITH_CUDA), "version": _build_info.VERSION}
+    return {
+        "torch_version": built,
+        "version": _build_info.VERSION,
+        "with_cuda": bool(_build_info.WITH_CUDA),
+        # {"path", "version", "found_by"} of the toolkit the CUDA kernels were compiled with, or None
+        "cuda_toolkit": getattr(_build_info, "CUDA_TOOLKIT", None),
+        # which toolkit was used, or why the CUDA kernels were skipped
+        "cuda_note": getattr(_build_info, "CUDA_NOTE", ""),
+    }
 
 
 BUILD_INFO = load()

@@ -56,10 +56,10 @@ def _import_ext():
         import dctkd_ext
     except Exception as e:  # pragma: no cover - depends on the install
         raise UserError(f"this method needs the dctkd_ext package, which failed to import ({e}); "
-                        "build it with `pip install --no-build-isolation -e .`") from None
+                        "build it with `pip install -e .`") from None
     if not hasattr(dctkd_ext, "dct_at_loss"):
         raise UserError("dctkd_ext has no dct_at_loss (the extension is not built/installed); "
-                        "build it with `pip install --no-build-isolation -e .`")
+                        "build it with `pip install -e .`")
     return dctkd_ext
 
 

@@ -9,11 +9,11 @@ prefix=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
 args=(-DCMAKE_PREFIX_PATH="$prefix")
 if "$PY" -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
   # A CUDA build of torch makes find_package(Torch) look for the CUDA toolkit (nvcc, nvrtc) even
-  # for a CPU-only library; point it at the toolkit and at the nvrtc that pip installed with torch.
-  cuda=${CUDA_HOME:-/usr/local/cuda}
+  # for a CPU-only library: CMakeLists.txt resolves the toolkit as setup.py does; point it at the
+  # nvrtc that pip installed with torch.
   nvrtc=$("$PY" -c "import glob, os, torch; print((sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), '..', 'nvidia', '*', 'lib', 'libnvrtc.so*'))) + [''])[0])")
-  export PATH="$cuda/bin:$PATH" TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-  args+=(-DCUDAToolkit_ROOT="$cuda" -DCMAKE_CUDA_COMPILER="$cuda/bin/nvcc")
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+  args+=(-DPython3_EXECUTABLE="$(command -v "$PY")")
   [ -n "$nvrtc" ] && args+=(-DCUDA_nvrtc_LIBRARY="$nvrtc")
 fi
 mkdir -p "$BUILD"
