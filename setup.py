@@ -66,28 +66,40 @@ else:
     print(f"dctkd_ext: CUDA kernels skipped ({CUDA_PLAN.note}); building the CPU ops only; {SKIP_HINT}",
           file=sys.stderr)
 
-def write_build_info(with_cuda: bool) -> None:
-    t = CUDA_PLAN.toolkit
-    toolkit = {"path": t.root, "version": t.version, "found_by": t.found_by} if t else None
+def build_info_text() -> str:
     # Read at import time: an extension built against one torch and loaded under another fails
     # with a clear "rebuild" message instead of an undefined-symbol trace.
-    path = os.path.join(ROOT, "dctkd_ext", "_build_info.py")
-    text = (
+    t = CUDA_PLAN.toolkit
+    toolkit = {"path": t.root, "version": t.version, "found_by": t.found_by} if t else None
+    return (
         "# Written by setup.py at build time; do not edit.\n"
         f"TORCH_VERSION = {torch.__version__!r}\n"
-        f"WITH_CUDA = {with_cuda!r}\n"
+        f"WITH_CUDA = {t is not None!r}\n"
         f"CUDA_TOOLKIT = {toolkit!r}\n"
         f"CUDA_NOTE = {CUDA_PLAN.note!r}\n"
         f"VERSION = {VERSION!r}\n"
     )
-    if not os.path.exists(path) or open(path).read() != text:
-        with open(path, "w") as f:
-            f.write(text)
+
+
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """build_ext that also writes dctkd_ext/_build_info.py (in the source tree for editable and
+    in-place builds, and into the wheel's build tree otherwise). Other setup.py commands write nothing."""
+
+    def run(self):
+        text = build_info_text()
+        targets = [os.path.join(ROOT, "dctkd_ext", "_build_info.py")]
+        if not self.inplace:
+            targets.append(os.path.join(self.build_lib, "dctkd_ext", "_build_info.py"))
+        for path in targets:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if not os.path.exists(path) or open(path).read() != text:
+                with open(path, "w") as f:
+                    f.write(text)
+        super().run()
 
 
 def extension():
     with_cuda = CUDA_PLAN.toolkit is not None
-    write_build_info(with_cuda)
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
     ldflags = ["-fopenmp"]
@@ -128,7 +140,7 @@ setup(
     packages=packages,
     package_dir=package_dir,
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
     entry_points={"console_scripts": ["dctkd-train = dctkd_train.cli:main"]},
     python_requires=">=3.9",
     # The range the code supports; the exact torch it is tested with is pinned in requirements-dev.txt.

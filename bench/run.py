@@ -1,7 +1,8 @@
 """Throughput / memory harness of dctkd_ext (DESIGN §6).
 
-    python bench/run.py            # every suite on the device it finds (CUDA if present, else CPU)
-    python bench/run.py --quick    # a short run (CI)
+    python bench/run.py            # the headline cases on the device it finds (CUDA if present, else CPU)
+    python bench/run.py --full     # the whole grid of every suite (over 20 minutes on a 2-core CPU)
+    python bench/run.py --quick    # the headline cases with short timing loops (CI)
 
 Times forward, backward and forward+backward of every implementation of every case (bench/suites/*.py)
 with medians, measures the device's copy bandwidth in the same run, and reports per record: median
@@ -251,7 +252,8 @@ def write_csv(records, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a short run: few cases, short timing loops")
+    ap.add_argument("--quick", action="store_true", help="short timing loops (the headline cases unless --full)")
+    ap.add_argument("--full", action="store_true", help="every case of every suite (default: the headline cases)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--suites", default=None, help="comma-separated suites (default: all in bench/suites/)")
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=None)

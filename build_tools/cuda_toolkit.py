@@ -44,7 +44,7 @@ class Search:
             t = self.toolkit
             return f"CUDA {t.version} at {t.root} (from {t.found_by})"
         if not self.rejected:
-            return "no CUDA toolkit found (CUDA_HOME and CUDA_PATH unset, no nvcc on PATH, none in " + ", ".join(DEFAULT_ROOTS) + ")"
+            return "no CUDA toolkit found (CUDA_HOME and CUDA_PATH unset, no nvcc on PATH)"
         return "no usable CUDA toolkit: " + "; ".join(self.rejected)
 
 
@@ -105,10 +105,11 @@ def root_behind_nvcc(nvcc: str) -> str | None:
     return os.path.dirname(os.path.normpath(here.group(1).strip())) if here else root
 
 
-def find_cuda_toolkit(environ=None, path: str | None = None, default_roots=DEFAULT_ROOTS) -> Search:
-    """Resolve the toolkit from the environment `environ` (default os.environ) and `path` (default
-    its PATH)."""
+def find_cuda_toolkit(environ=None, path: str | None = None, default_roots=None) -> Search:
+    """Resolve the toolkit from the environment `environ` (default os.environ), `path` (default its
+    PATH) and the conventional locations `default_roots` (default DEFAULT_ROOTS)."""
     environ = os.environ if environ is None else environ
+    default_roots = DEFAULT_ROOTS if default_roots is None else default_roots
     path = environ.get("PATH", os.defpath) if path is None else path
     search = Search(None)
     candidates: list[tuple[str, str]] = []

@@ -162,3 +162,24 @@ def test_build_without_torch_says_what_to_install(tmp_path):
     assert out.returncode != 0
     assert "builds against an installed PyTorch and found none" in out.stderr
     assert "pip install" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_build_without_a_toolkit_says_so_in_one_line(tmp_path):
+    # setup.py as pip runs it, on a machine with no toolkit anywhere: CPU ops, one line, no error
+    code = (
+        "import os, runpy, sys; sys.path.insert(0, 'build_tools'); import cuda_toolkit; "
+        "cuda_toolkit.DEFAULT_ROOTS = (); sys.argv = ['setup.py', '--version']; "
+        "runpy.run_path('setup.py', run_name='__main__')"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH", "FORCE_CUDA", "DCTKD_NO_CUDA")}
+    env["PATH"] = str(tmp_path)  # no nvcc
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if "CUDA kernels skipped" in line]
+    assert len(lines) == 1, out.stderr[-2000:]
+    assert "no CUDA toolkit found" in lines[0] and "CUDA_HOME=/path/to/cuda pip install -e ." in lines[0]
+    assert out.stdout.strip().endswith("0.1.0")
+    # FORCE_CUDA=1 on the same machine stops with what was looked for
+    env["FORCE_CUDA"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "FORCE_CUDA=1, but no CUDA toolkit found" in out.stderr
