@@ -99,11 +99,19 @@ def op_cases(batch, dtype, device):
     ]
 
 
+# The headline cases (`python bench/run.py`); --full runs the whole grid.
+HEADLINE = {
+    "cpu": [("cifar_r32x4_r8x4", 64, torch.float32), ("r50_r18", 16, torch.float32)],
+    "cuda": [("cifar_r32x4_r8x4", 64, torch.float32), ("r50_r18", 128, torch.bfloat16)],
+}
+
+
 def cases(args, device):
     gpu = device.type == "cuda"
     compile_mode = "max-autotune-no-cudagraphs" if gpu else None
-    if args.quick:
-        grid = [("cifar_r32x4_r8x4", 64, torch.float32)] + ([("r50_r18", 16, torch.bfloat16)] if gpu else [])
+    full = getattr(args, "full", False)
+    if not full:
+        grid = list(HEADLINE["cuda" if gpu else "cpu"])
     elif gpu:
         grid = [("r50_r18", b, dt) for dt in (torch.float32, torch.bfloat16) for b in (16, 32, 64, 128, 256)]
         grid += [("cifar_r32x4_r8x4", b, dt) for dt in (torch.float32, torch.bfloat16) for b in (64, 128)]
@@ -120,6 +128,6 @@ def cases(args, device):
         shape = SHAPES[name]
         out.append(Case("dct_at_loss", name, batch, dtype, loss_min_bytes(batch, shape, dtype),
                         loss_impls(batch, shape, dtype, device, compile_mode), extra={"preset": "paper"}))
-    if not args.quick:
+    if full:
         out += op_cases(16 if not gpu else 128, torch.float32, device)
     return out

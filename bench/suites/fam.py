@@ -41,14 +41,15 @@ FAM_SHAPES = [
     ("cifar_r32x4_r8x4", 64, [(64, 64, 32), (128, 128, 16), (256, 256, 8), (256, 256, 1)]),
     ("imagenet_r34_r18", 128, [(64, 64, 56), (128, 128, 28), (256, 256, 14), (512, 512, 7), (512, 512, 1)]),
 ]
-QUICK_FAM = [("cifar_wrn40_2_wrn16_2", (32, 32, 32)), ("cifar_r32x4_r8x4", (256, 256, 8)),
-             ("imagenet_r34_r18", (256, 256, 14))]
+# The headline cases (`python bench/run.py`): one CIFAR and one ImageNet stage, (name, stage, CPU batch);
+# on the GPU at the recipe's batch. --full runs every stage (CPU batch 8 unless --batches) and the ops.
+HEADLINE_FAM = [("cifar_r32x4_r8x4", (256, 256, 8), 64), ("imagenet_r34_r18", (256, 256, 14), 32)]
 # global_filter / spectral_conv op shapes: (name, batch, channels, H, W) on the rfft half plane of W
 GF_SHAPES = [("gfnet_h14_384ch", 128, 384, 14, 14), ("fam_cifar_64ch_32", 64, 64, 32, 32),
              ("fam_imagenet_64ch_56", 128, 64, 56, 56)]
 SC_SHAPES = [("fam_cifar_32ch_32", 64, 32, 32, 32), ("fam_cifar_256ch_8", 64, 256, 8, 8),
              ("fam_imagenet_128ch_28", 128, 128, 28, 28)]
-QUICK_BATCH = 8
+CPU_BATCH = 8
 
 F32, C64 = 4, 8  # bytes per element
 
@@ -66,7 +67,7 @@ def _batches(args, default: int, device: torch.device) -> List[int]:
     if batches:
         return [int(b) for b in batches]
     # The recipe's batch on the GPU; on the CPU the small batch, so a full run stays minutes long.
-    return [QUICK_BATCH] if getattr(args, "quick", False) or device.type == "cpu" else [default]
+    return [CPU_BATCH] if device.type == "cpu" else [default]
 
 
 def _fam_bytes(b, cin, cout, s):
@@ -224,20 +225,22 @@ def cases(args, device: torch.device) -> List[Case]:
     device = torch.device(device)
     if not _wants_fp32(args):
         return []
-    quick = getattr(args, "quick", False)
     out: List[Case] = []
+    if not getattr(args, "full", False):
+        recipe_batch = {name: batch for name, batch, _ in FAM_SHAPES}
+        for name, (cin, cout, s), cpu_batch in HEADLINE_FAM:
+            default = recipe_batch[name] if device.type == "cuda" else cpu_batch
+            for b in getattr(args, "batches", None) or [default]:
+                out.append(_fam_case(name, b, cin, cout, s, device))
+        return out
     for name, batch, stages in FAM_SHAPES:
         for cin, cout, s in stages:
-            if quick and (name, (cin, cout, s)) not in QUICK_FAM:
-                continue
             for b in _batches(args, batch, device):
                 out.append(_fam_case(name, b, cin, cout, s, device))
-    gf = GF_SHAPES[:1] if quick else GF_SHAPES
-    for name, batch, c, h, w in gf:
+    for name, batch, c, h, w in GF_SHAPES:
         for b in _batches(args, batch, device):
             out.append(_gf_case(name, b, c, h, w, device))
-    sc = SC_SHAPES[:1] if quick else SC_SHAPES
-    for name, batch, c, h, w in sc:
+    for name, batch, c, h, w in SC_SHAPES:
         for b in _batches(args, batch, device):
             out.append(_sc_case(name, b, c, h, w, device))
     return out
