@@ -27,6 +27,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 import dctkd_ext  # noqa: E402
+
 from common import Case  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -164,7 +165,7 @@ def run_case(case: Case, timer: Timer, device, rotate: int, want_memory: bool):
                             dtype=str(case.dtype).replace("torch.", ""), device=device_name(device),
                             median_ms=ms, reps=reps, min_bytes=case.min_bytes[mode],
                             peak_mem_mb=mem.get(mode), error=error, **case.extra))
-        del sets
+        sets.clear()  # frees this impl's inputs before the next impl makes its own
     return out
 
 

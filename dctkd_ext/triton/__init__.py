@@ -33,8 +33,8 @@ def load():
                 ) from None
             import torch
 
-            from . import attention_map, dct, dct_at_loss  # noqa: F401  (define the ops)
             from ..ops.dct_at import register_autograd
+            from . import attention_map, dct, dct_at_loss  # noqa: F401  (define the ops)
 
             register_autograd("dctkd_ext_triton")
             _ops = torch.ops.dctkd_ext_triton

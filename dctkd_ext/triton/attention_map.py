@@ -23,11 +23,11 @@ import triton.language as tl
 from ._common import (
     abs_pow,
     abs_pow_grad,
+    acc_dtype,
     chunks,
     define_op,
     is_channels_last,
     kernel_layout,
-    acc_dtype,
     launch,
     pow_code,
     reciprocal,
