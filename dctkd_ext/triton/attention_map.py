@@ -1,4 +1,4 @@
-"""Triton kernels of attention_map (DESIGN §3.1) and of the channel-reduction / elementwise-backward
+"""Triton kernels of attention_map (docs/DESIGN.md §3.1) and of the channel-reduction / elementwise-backward
 halves of the multi-level DCT-KD loss (§3.3 (a), (c)).
 
 Two kernels, each serving up to MAX_SLOTS tensors of different shapes and dtypes in one launch
