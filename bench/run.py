@@ -1,4 +1,4 @@
-"""Throughput / memory harness of dctkd_ext (DESIGN §6).
+"""Throughput / memory harness of dctkd_ext (docs/DESIGN.md §6).
 
     python bench/run.py            # every suite on the device it finds (CUDA if present, else CPU)
     python bench/run.py --quick    # a short run (CI)
@@ -35,8 +35,8 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 
 # ------------------------------------------------------------------------------------------ timing
 class Timer:
-    """Median wall time of a callable. CPU: perf_counter around each call. GPU: CUDA events (or
-    triton.testing.do_bench when available), after warm-up, on rotated input sets larger than L2."""
+    """Median wall time of a callable, after two warm-up calls. CPU: perf_counter around each call.
+    GPU: CUDA events around each call (run_case rotates input sets larger than L2 between calls)."""
 
     def __init__(self, device, min_time, min_reps, max_reps):
         self.device, self.min_time, self.min_reps, self.max_reps = device, min_time, min_reps, max_reps
