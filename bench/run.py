@@ -1,4 +1,4 @@
-"""Throughput / memory harness of dctkd_ext (DESIGN §6).
+"""Throughput / memory harness of dctkd_ext (docs/DESIGN.md §6).
 
     python bench/run.py            # the headline cases on the device it finds (CUDA if present, else CPU)
     python bench/run.py --full     # the whole grid of every suite (over 20 minutes on a 2-core CPU)
@@ -28,6 +28,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 import dctkd_ext  # noqa: E402
+
 from common import Case  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -35,8 +36,8 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 
 # ------------------------------------------------------------------------------------------ timing
 class Timer:
-    """Median wall time of a callable. CPU: perf_counter around each call. GPU: CUDA events (or
-    triton.testing.do_bench when available), after warm-up, on rotated input sets larger than L2."""
+    """Median wall time of a callable, after two warm-up calls. CPU: perf_counter around each call.
+    GPU: CUDA events around each call (run_case rotates input sets larger than L2 between calls)."""
 
     def __init__(self, device, min_time, min_reps, max_reps):
         self.device, self.min_time, self.min_reps, self.max_reps = device, min_time, min_reps, max_reps
@@ -165,7 +166,7 @@ def run_case(case: Case, timer: Timer, device, rotate: int, want_memory: bool):
                             dtype=str(case.dtype).replace("torch.", ""), device=device_name(device),
                             median_ms=ms, reps=reps, min_bytes=case.min_bytes[mode],
                             peak_mem_mb=mem.get(mode), error=error, **case.extra))
-        del sets
+        sets.clear()  # frees this impl's inputs before the next impl makes its own
     return out
 
 

@@ -1,5 +1,5 @@
 // Small math shared by the CPU and CUDA kernels: the DCT / DFT bases, the option codes of the
-// DCT-KD pipeline phi (DESIGN §3.3) and the string -> code parsers used by the op entry points.
+// DCT-KD pipeline phi (docs/DESIGN.md §3.3) and the string -> code parsers used by the op entry points.
 #pragma once
 
 #include <cmath>

@@ -1,5 +1,7 @@
-// The op schemas of dctkd_ext, defined once here; kernels register under CPU (csrc/cpu/) and
-// CUDA (csrc/cuda/), fake kernels and autograd from Python (dctkd_ext/ops/).
+// The op schemas of dctkd_ext's C++ kernels (the spectral filters' in csrc/spectral.cpp); kernels
+// register under CPU (csrc/cpu/) and CUDA (csrc/cuda/), fake kernels and autograd from Python
+// (dctkd_ext/ops/). One op of the namespace, fam_global, is a Python custom_op built from these
+// (dctkd_ext/ops/spectral.py).
 #include <torch/library.h>
 
 #ifndef DCTKD_NO_PYTHON  // the CMake (libtorch) build has no Python module

@@ -1,4 +1,4 @@
-// Op schemas of the spectral filters of FAM-KD / GFNet (DESIGN §3.4). Complex tensors are complex64
+// Op schemas of the spectral filters of FAM-KD / GFNet (docs/DESIGN.md §3.4). Complex tensors are complex64
 // (complex128 for testing). Kernels register under CPU (csrc/cpu/spectral.cpp) and CUDA
 // (csrc/cuda/spectral.cu); fake kernels, autograd and the Triton path live in dctkd_ext/ops/spectral.py.
 #include <torch/library.h>
@@ -20,7 +20,7 @@ TORCH_LIBRARY_FRAGMENT(dctkd_ext, m) {
   m.def(
       "spectral_conv_backward(Tensor grad, Tensor xf, Tensor w, Tensor? mask, bool need_xf, bool need_w) "
       "-> (Tensor, Tensor)");
-  // The FAM filter on the rfft half plane (DESIGN §3.4): w (..., H, W) complex ->
+  // The FAM filter on the rfft half plane (docs/DESIGN.md §3.4): w (..., H, W) complex ->
   // W'[..., m, k] = (M[m, k] w[..., m, k] + conj(M[-m, -k] w[..., -m, -k])) / 2 for k <= W/2, with M the
   // high-pass box of `cuton` (r = int(cuton * int(N / 2)) per dim, indices -r..r-1 zeroed in both dims).
   // For real x, Re(ifft2(M * w * fft2(x))) == irfft2(W' * rfft2(x)).

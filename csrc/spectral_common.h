@@ -1,4 +1,4 @@
-// Host-side argument checks and layout rules of the spectral-filter ops (DESIGN §3.4), shared by the
+// Host-side argument checks and layout rules of the spectral-filter ops (docs/DESIGN.md §3.4), shared by the
 // CPU (csrc/cpu/spectral.cpp) and CUDA (csrc/cuda/spectral.cu) kernels. The Python face
 // (dctkd_ext/ops/spectral.py) checks the same things first with friendlier messages; these checks
 // guard direct torch.ops.dctkd_ext.* calls.

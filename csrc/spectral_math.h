@@ -1,4 +1,4 @@
-// Host + device math of the FAM filter (DESIGN §3.4): the high-pass box of `cuton` and the index of
+// Host + device math of the FAM filter (docs/DESIGN.md §3.4): the high-pass box of `cuton` and the index of
 // the mirrored frequency, shared by the CPU and CUDA kernels of fam_half_weight.
 #pragma once
 #include <cstdint>

@@ -10,6 +10,7 @@ Public API:
 
 from ._extension import BUILD_INFO  # loads the compiled ops first; fails with a "rebuild" message
 
+# isort: split
 from . import nn, reference
 from ._backend import BACKENDS, get_backend, set_backend, use_backend
 from .ops import attention_map, dct2d, dct_at_loss, global_filter, idct2d, spectral_conv

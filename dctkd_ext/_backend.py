@@ -15,7 +15,8 @@ import threading
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
-# Per op family, the GPU backend that `auto` picks (set from measurements; the GPU issue fills it in).
+# Per op family, the GPU backend that `auto` picks, set from the GPU runs of bench/run.py (the suites time
+# both backends side by side); a family not listed runs on "cuda".
 DEFAULT_GPU_BACKEND = {}
 
 _state = threading.local()

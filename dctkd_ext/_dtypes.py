@@ -1,4 +1,4 @@
-"""The accumulation dtype rule of every op (DESIGN §3): fp64 when any input is fp64, else fp32."""
+"""The accumulation dtype rule of every op (docs/DESIGN.md §3): fp64 when any input is fp64, else fp32."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""The option sets of dct_at_loss (DESIGN §3.3) and their validation, shared by every backend."""
+"""The option sets of dct_at_loss (docs/DESIGN.md §3.3) and their validation, shared by every backend."""
 
 from typing import Any, Dict
 

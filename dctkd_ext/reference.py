@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of every op (DESIGN §3), differentiable by autograd, in any dtype
+"""Plain-PyTorch reference of every op (docs/DESIGN.md §3), differentiable by autograd, in any dtype
 (the tests run it in float64), plus the released-code formulations the benchmark compares against.
 
 Nothing here is fused or fast: it states the math once, readably.
@@ -235,7 +235,7 @@ def fam_highpass_mask(n_h: int, n_w: int, cuton: float = 0.1, dtype=torch.float3
 
 
 def fam_half_weight(weights: torch.Tensor, cuton: float = 0.1) -> torch.Tensor:
-    """The exact cheaper form of FAM's filter (DESIGN 3.4): for real x,
+    """The exact cheaper form of FAM's filter (docs/DESIGN.md §3.4): for real x,
     Re(ifft2(M * W (.) fft2(x))) == irfft2(W' (.) rfft2(x)) with, on the rfft half plane,
         W'(k) = (M(k) W(k) + conj(M(-k) W(-k))) / 2
     (the Hermitian part of the masked filter; -k taken mod the size in both dims; the conj applies to

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (DESIGN §5). Triton
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (docs/DESIGN.md §5). Triton
 # reads this when a kernel is defined, so it is set before dctkd_ext.triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -15,7 +15,7 @@ import dctkd_ext  # noqa: E402,F401  (loads the ops)
 # Devices that the compiled kernels run on here: the CPU always, CUDA where a GPU exists.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-# Relative-norm tolerances (DESIGN §5): fp32 well under 1e-5, half-precision inputs within 1e-2.
+# Relative-norm tolerances (docs/DESIGN.md §5): fp32 well under 1e-5, half-precision inputs within 1e-2.
 TOL = {torch.float64: 1e-10, torch.float32: 5e-6, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 

@@ -1,8 +1,6 @@
 """attention_map, dct2d/idct2d and dct_at_loss on the compiled backends (CPU, and CUDA where a GPU
 exists) against the float64 reference, an independent DCT oracle and the released-code formula."""
 
-import itertools
-
 import numpy as np
 import pytest
 import scipy.fft
@@ -10,7 +8,8 @@ import torch
 
 import dctkd_ext
 from dctkd_ext import reference as ref
-from conftest import DEVICES, TOL, assert_close, features, rel_err
+
+from conftest import DEVICES, assert_close, features, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(1, 1), (7, 7), (5, 9), (14, 14), (56, 56)]
@@ -82,7 +81,7 @@ def test_dct2d_matches_scipy_oracle(device, hw, gen):
 
 
 def test_dct_matrix_matches_numpy_formula():
-    # the basis written independently in numpy from the formula of DESIGN §3.2
+    # the basis written independently in numpy from the formula of docs/DESIGN.md §3.2
     for n in (1, 5, 7, 56):
         k, m = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
         d = np.cos(np.pi * (2 * m + 1) * k / (2 * n)) * np.where(k == 0, np.sqrt(1 / n), np.sqrt(2 / n))

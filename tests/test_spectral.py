@@ -1,4 +1,4 @@
-"""Spectral filters (DESIGN §3.4): global_filter / spectral_conv on every backend against the reference
+"""Spectral filters (docs/DESIGN.md §3.4): global_filter / spectral_conv on every backend against the reference
 (einsum, torch.fft), gradcheck on complex inputs, opcheck, FrequencyAttention against the FAM-KD authors'
 module (outputs, gradients, state_dict), the exact half-plane form, the fused small-map path,
 GlobalFilter against GFNet's formula, autocast, torch.compile, and bad input."""

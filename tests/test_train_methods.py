@@ -2,7 +2,6 @@
 import json
 import math
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -198,7 +197,7 @@ def test_level_count_mismatch_is_a_clear_error():
 def test_fam_without_frequency_attention_says_so(fam_missing):
     with pytest.raises(UserError) as e:
         Mth.Method(Mth.MethodConfig.make("fam"))
-    assert str(e.value) == "fam needs dctkd_ext.nn.FrequencyAttention (FAM issue)"
+    assert str(e.value) == "fam needs dctkd_ext.nn.FrequencyAttention, which the installed dctkd_ext does not provide"
     assert not Mth.method_available("fam")
 
 

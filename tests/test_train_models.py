@@ -10,8 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 from dctkd_train import models as M  # noqa: E402
 from dctkd_train.errors import UserError  # noqa: E402
-from dctkd_train.features import (FeatureHooks, default_feature_layers, find_stage_outputs,  # noqa: E402
-                                  probe_feature_shapes)
+from dctkd_train.features import FeatureHooks, default_feature_layers, find_stage_outputs, probe_feature_shapes  # noqa: E402
 
 # (name, channels of the three stage outputs)
 CIFAR = [

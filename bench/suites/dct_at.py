@@ -9,6 +9,7 @@ import torch
 
 import dctkd_ext
 from dctkd_ext import reference
+
 from common import Case, Impl, Prepared
 
 # (channels, H) per stage; H == W. Student and teacher share B/H/W, channels may differ.

@@ -1,4 +1,4 @@
-"""Benchmark suite of the FAM-KD spectral filters (DESIGN §3.4, §6).
+"""Benchmark suite of the FAM-KD spectral filters (docs/DESIGN.md §3.4, §6).
 
 Cases:
 - "fam_layer": the Frequency Attention Module (global + local branch) at each stage of the FAM-KD

@@ -1,4 +1,4 @@
-// CPU kernels of attention_map (DESIGN §3.1): a streaming channel reduction and its elementwise
+// CPU kernels of attention_map (docs/DESIGN.md §3.1): a streaming channel reduction and its elementwise
 // backward, for NCHW-contiguous and channels_last inputs, fp16/bf16/fp32/fp64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -1,4 +1,4 @@
-// CPU kernels of dct2d / idct2d (DESIGN §3.2): orthonormal DCT-II over the last two dims as
+// CPU kernels of dct2d / idct2d (docs/DESIGN.md §3.2): orthonormal DCT-II over the last two dims as
 // C = D_H A D_W^T, and its exact inverse A = D_H^T C D_W, parallel over the leading dims.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

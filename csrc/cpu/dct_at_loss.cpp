@@ -1,4 +1,4 @@
-// CPU kernels of the multi-level DCT-KD loss (DESIGN §3.3).
+// CPU kernels of the multi-level DCT-KD loss (docs/DESIGN.md §3.3).
 // Per level: (a) the streaming channel reduction of S and T (attention_map.cpp, reads each once);
 // (b) per sample, phi on both maps, the distance, and by hand-written reverse mode dL/dA_S;
 // backward: one elementwise pass dS = g[b] * dL/dA[b,h,w] * (p/C) |S|^(p-1) sign(S).

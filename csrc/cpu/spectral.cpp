@@ -1,4 +1,4 @@
-// CPU kernels of the spectral filters (DESIGN §3.4): the depthwise global filter and the channel-mixing
+// CPU kernels of the spectral filters (docs/DESIGN.md §3.4): the depthwise global filter and the channel-mixing
 // spectral convolution, forward and backward, complex64 (and complex128 for testing). Complex values
 // are read as interleaved (re, im) pairs of the real type; everything accumulates in that real type
 // (fp32 for complex64, fp64 for complex128).

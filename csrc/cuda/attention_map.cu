@@ -1,4 +1,4 @@
-// CUDA kernels of attention_map (DESIGN §3.1) and of the streaming parts of dct_at_loss (§3.3):
+// CUDA kernels of attention_map (docs/DESIGN.md §3.1) and of the streaming parts of dct_at_loss (§3.3):
 // the channel reduction A[b,hw] = scale * sum_c |x|^p and its elementwise backward
 // dx = g[b,hw] (* gl[b]) * scale * p|x|^(p-1) sign(x). Every tensor of a call is a job of one work
 // list, so S and T of all levels are reduced by one launch and dS of all levels written by one.

@@ -1,4 +1,4 @@
-// CUDA kernels of dct2d / idct2d (DESIGN §3.2): orthonormal DCT-II over the last two dims,
+// CUDA kernels of dct2d / idct2d (docs/DESIGN.md §3.2): orthonormal DCT-II over the last two dims,
 // C = D_H A D_W^T, and its inverse A = D_H^T C D_W, computed in fp32 (fp64 for fp64 inputs).
 //
 // A block builds the two bases once (fp64 tables, rounded), then loops over maps: load a map into

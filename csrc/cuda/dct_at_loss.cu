@@ -1,4 +1,4 @@
-// CUDA kernels of the multi-level DCT-KD loss (DESIGN §3.3), the same math as csrc/cpu/dct_at_loss.cpp.
+// CUDA kernels of the multi-level DCT-KD loss (docs/DESIGN.md §3.3), the same math as csrc/cpu/dct_at_loss.cpp.
 //
 // Forward, three launches for any number of levels (up to 16 per launch):
 //  1. map_kernel (attention_map.cu): one launch reduces S and T of all levels to fp32 maps

@@ -1,4 +1,4 @@
-// CUDA kernels of the spectral filters (DESIGN §3.4): global_filter (depthwise) and spectral_conv
+// CUDA kernels of the spectral filters (docs/DESIGN.md §3.4): global_filter (depthwise) and spectral_conv
 // (channel mixing per frequency), forward and backward, complex64 (complex128 for testing). Complex
 // values are read as float2 / double2; everything accumulates in the real type of the data.
 // Launched on the current stream, no host syncs; the only allocation besides the outputs is the

@@ -1,4 +1,4 @@
-"""Spectral-filter modules (DESIGN §3.4): FrequencyAttention (FAM-KD's Frequency Attention Module) and
+"""Spectral-filter modules (docs/DESIGN.md §3.4): FrequencyAttention (FAM-KD's Frequency Attention Module) and
 GlobalFilter (GFNet's global filter), on the dctkd_ext spectral ops."""
 
 import math
@@ -13,18 +13,17 @@ from ..ops import spectral as _sp
 PATHS = ("auto", "fft", "fused")
 
 # When path="auto" picks the fused small-map kernel (Triton) over rfft2 -> spectral op -> irfft2 on the
-# GPU. NOT MEASURED YET (no GPU was available when this was written): a placeholder rule to be replaced
-# by measurements (bench/suites/fam.py records "ours_fft" and "ours_fused" side by side). The fused
-# kernel recomputes the DFT of each input map once per tile of output channels and mixes channels
-# with elementwise FMAs, while the FFT path uses cuFFT plus tensor-core GEMMs but pays ~5 launches and
-# the (B, C, S, S//2+1) complex intermediates; so the rule takes the fused kernel only where its
-# estimated work is small (launch-bound layers). Override per module with path=..., or globally with
-# DCTKD_FAM_PATH=fft|fused|auto.
+# GPU. The fused kernel recomputes the DFT of each input map once per tile of output channels and mixes
+# channels with elementwise FMAs, while the FFT path uses cuFFT plus tensor-core GEMMs but pays ~5
+# launches and the (B, C, S, S//2+1) complex intermediates; so the rule takes the fused kernel only where
+# its estimated work is small (launch-bound layers). FUSED_MAX_FLOPS is that estimate's threshold, to be
+# set from the crossover bench/suites/fam.py records on a GPU ("ours_fft" and "ours_fused" side by side).
+# Override per module with path=..., or globally with DCTKD_FAM_PATH=fft|fused|auto.
 # On the CPU "auto" is always the rfft path (pocketfft + the tiled C++ spectral_conv); there is no fused
-# C++ kernel. Measured on the development machine (2 shared cores): the forward DFT alone done as
-# matmuls (x @ [cos|sin], then the complex column DFT; torch/MKL) took 2.8-6x the time of
-# torch.fft.rfft2 at the CIFAR shapes (B=64: 32ch@32, 64ch@16, 128ch@8, 256ch@8), and a fused chain
-# has to do those DFT flops (twice, forward and inverse), so it cannot beat the rfft path there.
+# C++ kernel: on 2 CPU threads the forward DFT alone done as matmuls (x @ [cos|sin], then the complex
+# column DFT; torch/MKL) took 2.8-6x the time of torch.fft.rfft2 at the CIFAR shapes (B=64: 32ch@32,
+# 64ch@16, 128ch@8, 256ch@8), and a fused chain has to do those DFT flops (twice, forward and inverse),
+# so it cannot beat the rfft path there.
 FUSED_MAX_SIZE = 32
 FUSED_MAX_FLOPS = 1e9
 
@@ -81,7 +80,7 @@ class FrequencyAttention(nn.Module):
     (1/(in*out)) * rand, w0 = Conv2d(in, out, 1) with bias, rate1 = rate2 = 0.5 (shape (1,));
     their state_dict loads as is. global = Re(ifft2(M * einsum(fft2(x, ortho), weights1), ortho)) with
     M the high-pass box of `cuton`, computed exactly as irfft2(W' rfft2(x)) with the symmetrised
-    half-plane weight W' (DESIGN §3.4): half the FFT work and memory. Any S, odd included.
+    half-plane weight W' (docs/DESIGN.md §3.4): half the FFT work and memory. Any S, odd included.
 
     mix="depthwise": the paper's own description (a GFNet-style per-channel filter, in == out):
     weights1 (in, S, S) complex64, initialised (1/in) * rand (so the global branch has the scale of

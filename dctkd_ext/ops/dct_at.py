@@ -1,4 +1,4 @@
-"""attention_map, dct2d / idct2d and the multi-level dct_at_loss (DESIGN §3.1-3.3): argument checks,
+"""attention_map, dct2d / idct2d and the multi-level dct_at_loss (docs/DESIGN.md §3.1-3.3): argument checks,
 fake kernels, autograd, backend choice. The kernels are torch.ops.dctkd_ext.* (CPU/CUDA, from csrc/)
 and dctkd_ext/triton/; the reference is dctkd_ext/reference.py."""
 
@@ -236,7 +236,7 @@ def dct_at_loss(
     reduction: str = "mean",
     **overrides,
 ) -> torch.Tensor:
-    """Multi-level frequency-domain attention distillation loss (DESIGN §3.3).
+    """Multi-level frequency-domain attention distillation loss (docs/DESIGN.md §3.3).
 
     student_feats / teacher_feats: lists of L feature maps (B, C_l, H_l, W_l); channels may differ
     between student and teacher, B/H/W must match. Gradient flows to the student features only.

@@ -1,4 +1,4 @@
-"""global_filter and spectral_conv, the spectral filters of FAM-KD / GFNet (DESIGN §3.4): argument checks,
+"""global_filter and spectral_conv, the spectral filters of FAM-KD / GFNet (docs/DESIGN.md §3.4): argument checks,
 fake kernels, autograd (PyTorch's conjugate convention), backend choice; plus the FAM filter pieces the
 nn modules use: the symmetrised half-plane weight and the fused small-map filter (Triton).
 
@@ -273,7 +273,7 @@ register_autograd("dctkd_ext")
 
 
 def fam_half_weight(weights: Tensor, cuton: float) -> Tensor:
-    """W'(k) = (M(k) W(k) + conj(M(-k) W(-k))) / 2 on the rfft half plane (DESIGN §3.4), one pass each way,
+    """W'(k) = (M(k) W(k) + conj(M(-k) W(-k))) / 2 on the rfft half plane (docs/DESIGN.md §3.4), one pass each way,
     differentiable in weights. weights: (..., S_h, S_w) complex -> (..., S_h, S_w//2+1). Equals
     reference.fam_half_weight."""
     if isinstance(weights, torch.Tensor) and weights.dim() < 2:
@@ -423,7 +423,7 @@ torch.library.register_autograd("dctkd_ext::fam_global", _fam_global_backward, s
 
 def fam_global(x: Tensor, weights: Tensor, cuton: float, depthwise: bool = False, fused: bool = False) -> Tensor:
     """FAM's global branch Re(ifft2(M * mix(weights, fft2(x, ortho)), ortho)), computed exactly as
-    irfft2(mix(W', rfft2(x))) (DESIGN §3.4). x: (B, I, S, S) float32 (float64 for testing); weights:
+    irfft2(mix(W', rfft2(x))) (docs/DESIGN.md §3.4). x: (B, I, S, S) float32 (float64 for testing); weights:
     (I, O, S, S) complex (channel mixing) or (C, S, S) (depthwise), of x's complex dtype. fused=True:
     the fused small-map Triton kernel (float32, S <= 32). Differentiable in x and weights; autograd keeps
     only x and weights. On the "reference" backend: plain autograd of the reference formulas."""

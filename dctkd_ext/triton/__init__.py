@@ -1,12 +1,16 @@
-"""Triton backend of dctkd_ext: the kernels of attention_map, dct2d / idct2d and the multi-level
-dct_at_loss, as the custom ops torch.ops.dctkd_ext_triton.* (same schemas as torch.ops.dctkd_ext.*).
+"""Triton backend of dctkd_ext: the kernels of attention_map, dct2d / idct2d, the multi-level
+dct_at_loss and the spectral filters, as the custom ops torch.ops.dctkd_ext_triton.* (same schemas as
+torch.ops.dctkd_ext.*, plus fam_filter_fused).
 
 Nothing here is imported by `import dctkd_ext`: the backend API calls load() the first time the
 "triton" backend is used, so the package works where triton is not installed.
 
 Files, one per kernel family (kernels + launcher + op): attention_map.py (channel reduction and
 its elementwise backward, multi-tensor), dct.py (dct2d / idct2d as small matmuls, and the transform
-passes the loss reuses), dct_at_loss.py (phi, distances and dL/dA of all levels in one launch).
+passes the loss reuses), dct_at_loss.py (phi, distances and dL/dA of all levels in one launch),
+spectral.py (global_filter, spectral_conv, the FAM half-plane weight and the fused small-map FAM
+filter; imported by dctkd_ext.ops.spectral on first use). _common.py holds what they share,
+_compile_check.py compiles them for a GPU architecture without a GPU.
 """
 
 import threading
@@ -33,8 +37,8 @@ def load():
                 ) from None
             import torch
 
-            from . import attention_map, dct, dct_at_loss  # noqa: F401  (define the ops)
             from ..ops.dct_at import register_autograd
+            from . import attention_map, dct, dct_at_loss  # noqa: F401  (define the ops)
 
             register_autograd("dctkd_ext_triton")
             _ops = torch.ops.dctkd_ext_triton

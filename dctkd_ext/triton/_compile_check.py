@@ -113,8 +113,8 @@ def run(arch: int = 90, full: bool = False, verbose: bool = True) -> dict:
     # before the kernel families import them: launches compile instead of running
     _common.launch = compiler.launch
     _common.wrap_triton = lambda kernel: kernel
-    from . import load
     from ..presets import resolve_options
+    from . import load
 
     ops = load()
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Triton kernels of attention_map (DESIGN §3.1) and of the channel-reduction / elementwise-backward
+"""Triton kernels of attention_map (docs/DESIGN.md §3.1) and of the channel-reduction / elementwise-backward
 halves of the multi-level DCT-KD loss (§3.3 (a), (c)).
 
 Two kernels, each serving up to MAX_SLOTS tensors of different shapes and dtypes in one launch
@@ -23,11 +23,11 @@ import triton.language as tl
 from ._common import (
     abs_pow,
     abs_pow_grad,
+    acc_dtype,
     chunks,
     define_op,
     is_channels_last,
     kernel_layout,
-    acc_dtype,
     launch,
     pow_code,
     reciprocal,

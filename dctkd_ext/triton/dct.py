@@ -1,4 +1,4 @@
-"""Triton kernels of dct2d / idct2d (DESIGN §3.2) as small matmuls with cached bases, and the
+"""Triton kernels of dct2d / idct2d (docs/DESIGN.md §3.2) as small matmuls with cached bases, and the
 tiled transform pass (dct, fft_real, identity; forward or transposed) that the loss kernel reuses.
 
 A map of H x W is processed in (TH, TW) tiles, TH = clamp(next_pow2(H), 16, 64) (tl.dot needs
@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ._common import acc_dtype, basis, define_op, launch, next_pow2, wrap_triton
 
-# Tiling, chosen from the register counts of sm_90 builds (triton 3.8, no GPU to time them):
+# Tiling, chosen from the register counts of sm_90 builds (triton 3.8), not from timings:
 MAX_TILE = 32  # output tile side
 REG_TILE = 32 * 32  # largest map dct2d holds in registers whole (64 registers a thread)
 K_CHUNK = 16  # K per tl.dot outside registers

@@ -1,4 +1,4 @@
-"""Triton kernels of the multi-level DCT-KD loss (DESIGN §3.3).
+"""Triton kernels of the multi-level DCT-KD loss (docs/DESIGN.md §3.3).
 
 Forward, three launches for up to MAX_SLOTS levels (more levels: more launches of the same):
   (a) attention_map.reduce_kernel: the maps of S and T of every level, into one fp32 buffer

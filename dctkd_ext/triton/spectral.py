@@ -1,4 +1,4 @@
-"""Triton kernels of the spectral filters (DESIGN §3.4) and their launchers.
+"""Triton kernels of the spectral filters (docs/DESIGN.md §3.4) and their launchers.
 
 - global_filter forward / backward: one streaming pass over (B, C, H, K) complex data, NCHW or
   channels-last (GFNet's layout); the backward reads dy, xf once, writes dxf and reduces dw over the

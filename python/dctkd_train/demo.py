@@ -91,7 +91,7 @@ def run_demo(out: str = "runs/demo", budget: float = 1.0, device: str = "auto", 
     if skipped and methods:
         # asked for explicitly: say why it cannot run
         raise UserError(f"demo: method(s) {', '.join(skipped)} cannot run in this install"
-                        + (" (fam needs dctkd_ext.nn.FrequencyAttention (FAM issue))" if "fam" in skipped else ""))
+                        + (" (fam needs dctkd_ext.nn.FrequencyAttention, which the installed dctkd_ext does not provide)" if "fam" in skipped else ""))
     wanted = [m for m in wanted if m not in skipped]
 
     out_dir = Path(out).expanduser()

@@ -48,7 +48,7 @@ DEFAULT_WEIGHTS: dict[str, tuple[float, float, float]] = {
 
 _PRESET = {"at": "at", "dct": "dct", "dct-paper": "paper", "dct+kd": "dct"}
 
-FAM_MISSING = "fam needs dctkd_ext.nn.FrequencyAttention (FAM issue)"
+FAM_MISSING = "fam needs dctkd_ext.nn.FrequencyAttention, which the installed dctkd_ext does not provide"
 
 
 def _import_ext():

@@ -25,8 +25,17 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import __version__
-from .checkpoint import (FORMAT, atomic_write, describe_mismatch, extract_state_dict, load_checkpoint, rng_state,
-                         save_checkpoint, set_rng_state, write_json)
+from .checkpoint import (
+    FORMAT,
+    atomic_write,
+    describe_mismatch,
+    extract_state_dict,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_json,
+)
 from .data import DataBundle, EpochDataset, EpochSampler, build_data
 from .errors import UserError
 from .features import FeatureHooks, default_feature_layers, probe_feature_shapes
