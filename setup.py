@@ -50,6 +50,7 @@ def import_installed_torch():
 
 torch = import_installed_torch()
 from setuptools import find_packages, setup  # noqa: E402
+
 # ninja (a pip package) sits next to the interpreter, which need not be on PATH (an unactivated venv).
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 CUDA_PLAN = plan_cuda_build(torch.version.cuda)
