@@ -37,15 +37,31 @@ def wrap_triton(kernel):
     return kernel if INTERPRET else torch.library.wrap_triton(kernel)
 
 
+def launch_device(args):
+    """The CUDA device a launch must run on: that of its first tensor argument (the launchers put
+    every tensor of a launch on one device), or None for CPU tensors (the interpreter)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device if a.device.type == "cuda" else None
+    return None
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """kernel[grid](*args, **kwargs) on the current stream, for kernel = wrap_triton(jit_function).
+    """kernel[grid](*args, **kwargs) on the tensors' device and that device's current stream, for
+    kernel = wrap_triton(jit_function). Triton launches on the current device, so a call whose
+    tensors live on another GPU switches to it for the launch (as the C++ ops' device guard does).
     In the interpreter the ops are opaque custom ops whose fake kernel is the same Python body, so
     there the launch is skipped when the tensors are fake (only their metadata exists)."""
     if grid[0] == 0:
         return
     if INTERPRET and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
         return
-    kernel[grid](*args, **kwargs)
+    dev = launch_device(args)
+    if dev is not None and dev.index is not None and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 def define_op(name: str, fn: Callable):
