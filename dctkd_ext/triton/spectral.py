@@ -285,9 +285,9 @@ def cgemm_tiles(M: int, N: int, real_dtype: torch.dtype, prec: str):
     """(BM, BN, BK, num_warps, num_stages) of the frequency GEMM. Chosen from sm_90 register counts
     (triton 3.8; python -m dctkd_ext.triton.spectral prints them): at BK = 32 every precision spills
     (tf32x3 255 registers + 200-500 B of stack, "ieee" fp32 7 KB, fp64 600 B); BK = 16 with 8 warps
-    for a 64 x 64 tile does not. M (the batch, or the input channels for dw) takes a 16-row tile up
-    to 16 and 64 rows above, so batch sizes above 16 share one variant."""
-    bm = 16 if M <= 16 else (32 if real_dtype == torch.float64 else 64)
+    for a 64 x 64 tile does not. BM does not depend on M (the batch, or the input channels for dw),
+    so a new batch size compiles no new variant (small batches pad the tile: the GEMM is small there)."""
+    bm = 32 if real_dtype == torch.float64 else 64
     if real_dtype == torch.float64:  # testing path: FMA, small tiles
         return bm, _tile(N, 32), 16, 4, 1
     bn = _tile(N)
