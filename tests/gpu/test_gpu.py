@@ -123,14 +123,15 @@ def test_dct_at_loss(backend, dtype, layout, preset):
         with dctkd_ext.use_backend(backend):
             loss = dctkd_ext.dct_at_loss(s, t, preset=preset, weights=weights, reduction="none")
         ref = reference.dct_at_loss(sr, tr, preset=preset, weights=weights, reduction="none")
-        tol = 1e-4 if dtype == torch.float32 else 3e-2  # the loss's fp32 chain (three transforms)
+        # the maps of half inputs are exact sums in fp32, so the loss is as accurate as fp32's; only
+        # the stored gradient dS is rounded to the input's dtype
         what = f"{backend} {preset} {dtype} {layout} {[lv[2] for lv in levels]}"
-        check(loss, ref.to(loss.dtype), tol, what)
+        check(loss, ref.to(loss.dtype), 1e-4 if dtype == torch.float32 else 1e-3, what)
         gl = torch.rand(batch, device=DEV, dtype=torch.float64)
         loss.backward(gl.to(loss.dtype))
         ref.backward(gl)
         for l, (a, b) in enumerate(zip(s, sr)):
-            check(a.grad, b.grad, 10 * tol, f"{what} grad level {l}")
+            check(a.grad, b.grad, 1e-4 if dtype == torch.float32 else 1e-2, f"{what} grad level {l}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
