@@ -21,8 +21,9 @@ import time
 import torch
 
 # PTX of approximate fp32 arithmetic: the kernels' divisions, pow and sqrt must be IEEE (as the C++
-# kernels'), so these should not appear (the compile check reports them per variant).
-APPROX_PTX = ("div.full.f32", "div.approx.f32", "ex2.approx", "lg2.approx", "sqrt.approx", "rcp.approx")
+# kernels'), so these should not appear (the compile check reports them per variant). fp64 math
+# (libdevice) uses rcp.approx.ftz.f64 as a first step that it then refines: not listed.
+APPROX_PTX = re.compile(r"\b(div\.full|div\.approx|rcp\.approx|ex2\.approx|lg2\.approx|sqrt\.approx)(\.ftz)?\.f32\b")
 
 
 class Compiler:
@@ -80,7 +81,7 @@ class Compiler:
         regs, spills = _resources(compiled)
         self.seen[key] = (regs, spills)
         ptx = compiled.asm.get("ptx", "")
-        self.approx[key] = sorted(op for op in APPROX_PTX if op in ptx)
+        self.approx[key] = sorted({m.group(0) for m in APPROX_PTX.finditer(ptx)})
         if self.verbose:
             print(f"{kernel.__name__:20s} {time.time() - t0:5.1f}s regs={regs} stack={spills}B "
                   f"approx={','.join(self.approx[key]) or '-'} {label}", flush=True)
