@@ -262,6 +262,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<device>.json); CSV/PNG beside it")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode of the compiled baselines (default: max-autotune-no-cudagraphs on "
+                         "the GPU; 'default' compiles much faster)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

@@ -64,8 +64,31 @@ def loss_impls(batch, shape, dtype, device, compile_mode):
         [x.float() for x in s], [x.float() for x in t])
     eager_ref = lambda s, t: reference.dct_at_loss(s, t, preset="paper")  # noqa: E731
     compiled = lambda s, t: _compiled_reference(compile_mode)(s, t)  # noqa: E731
-    return [Impl("ours", prep(ours)), Impl("eager_paper", prep(eager_paper)),
-            Impl("eager_reference", prep(eager_ref)), Impl("compiled_reference", prep(compiled))]
+    impls = [Impl("ours", prep(ours))]
+    if device.type == "cuda":  # each GPU backend by name, to set the default from measurements
+        for backend in gpu_backends():
+            impls.append(Impl(f"ours_{backend}", prep(_on_backend(backend, ours))))
+    return impls + [Impl("eager_paper", prep(eager_paper)), Impl("eager_reference", prep(eager_ref)),
+                    Impl("compiled_reference", prep(compiled))]
+
+
+def gpu_backends():
+    """The GPU backends this build can run: cuda (if compiled in) and triton (if installed)."""
+    out = ["cuda"] if dctkd_ext.BUILD_INFO.get("with_cuda") else []
+    try:
+        import triton  # noqa: F401
+
+        out.append("triton")
+    except ImportError:
+        pass
+    return out
+
+
+def _on_backend(backend, fn):
+    def run(*args):
+        with dctkd_ext.use_backend(backend):
+            return fn(*args)
+    return run
 
 
 def op_cases(batch, dtype, device):
@@ -109,7 +132,7 @@ HEADLINE = {
 
 def cases(args, device):
     gpu = device.type == "cuda"
-    compile_mode = "max-autotune-no-cudagraphs" if gpu else None
+    compile_mode = getattr(args, "compile_mode", None) or ("max-autotune-no-cudagraphs" if gpu else None)
     full = getattr(args, "full", False)
     if not full:
         grid = list(HEADLINE["cuda" if gpu else "cpu"])

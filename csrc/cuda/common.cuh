@@ -10,6 +10,9 @@
 
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "../dctkd_math.h"
 
@@ -101,11 +104,22 @@ inline int device_attribute(cudaDeviceAttr attr) {
   return value;
 }
 
-// Raises the dynamic shared-memory limit of `kernel` when a launch needs more than the default 48 KB.
+// Raises the dynamic shared-memory limit of `kernel` on the current device when a launch needs more
+// than the default 48 KB. The limit only ever grows (to the largest size asked for so far), under a
+// lock: setting it on every call let one host thread lower it between another thread's call and its
+// launch. One lookup per launch after the first.
 template <typename K>
 inline void allow_dynamic_smem(K kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, size_t> raised;  // (kernel, device) -> limit set
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const std::lock_guard<std::mutex> lock(mu);
+  size_t& limit = raised[{reinterpret_cast<const void*>(kernel), dev}];
+  if (bytes > limit) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    limit = bytes;
   }
 }
 

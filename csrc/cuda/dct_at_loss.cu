@@ -47,6 +47,13 @@ struct PhiLevel {
   int block_begin;  // first block of this level
 };
 
+// Largest global scratch of one phi launch when a map does not fit in shared memory (a macro so
+// that the CPU emulation can test several waves with small maps).
+#ifndef DCTKD_PHI_SCRATCH_BYTES
+#define DCTKD_PHI_SCRATCH_BYTES (int64_t(1) << 30)
+#endif
+constexpr int64_t kPhiScratchBytes = DCTKD_PHI_SCRATCH_BYTES;
+
 template <typename T>
 struct PhiParams {
   PhiLevel<T> lv[kMaxLevels];
@@ -55,6 +62,7 @@ struct PhiParams {
   T* wdist;  // out: (nlev, B) w_l * dist_l[b]
   unsigned char* scratch;  // per-block memory when it does not fit in shared memory
   int64_t scratch_stride;
+  int block_offset;  // job of block 0: the global-scratch path runs the jobs in waves (bounded scratch)
   int map_norm, transform, coef_norm, distance, center, coef_abs;
   T eps;
 };
@@ -318,9 +326,10 @@ __global__ void __launch_bounds__(kPhiThreads, 2) phi_kernel(const __grid_consta
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ RedScratch<T> rs;
   int li = 0;
-  while (li + 1 < P.nlev && static_cast<int>(blockIdx.x) >= P.lv[li + 1].block_begin) ++li;
+  const int job = static_cast<int>(blockIdx.x) + P.block_offset;  // (level, sample)
+  while (li + 1 < P.nlev && job >= P.lv[li + 1].block_begin) ++li;
   const PhiLevel<T> L = P.lv[li];
-  const int b = static_cast<int>(blockIdx.x) - L.block_begin;
+  const int b = job - L.block_begin;
   const int H = L.H, W = L.W, n = H * W;
   T* wd = P.wdist + int64_t(li) * P.B + b;
   if (n == 0) {
@@ -473,6 +482,7 @@ void launch_phi(const std::vector<PhiLevel<T>>& levels, int B, T* wdist, const P
     // Shared memory when the largest level fits (56 x 56 does, even in fp64, on Hopper); else a
     // per-block global scratch, whose size depends on the shapes only.
     // (+256: the static RedScratch as the compiler pads it)
+    P.block_offset = 0;
     if (bytes + int64_t(sizeof(RedScratch<T>)) + 256 <= smem_optin) {
       P.scratch = nullptr;
       P.scratch_stride = 0;
@@ -481,12 +491,20 @@ void launch_phi(const std::vector<PhiLevel<T>>& levels, int B, T* wdist, const P
       kernel<<<grid, kPhiThreads, bytes, stream>>>(P);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
+      // Scratch for at most `wave` blocks (<= ~1 GiB, at least one block), the jobs in waves of
+      // launches on one stream (each wave reuses it): B * L blocks of a 1024 x 1024 map would
+      // otherwise take B * L * 36 MB (fp32).
       const int64_t stride = (bytes + 255) / 256 * 256;
-      at::Tensor scratch = at::empty({blocks * stride}, byte_opts);
+      const int64_t wave = std::max<int64_t>(1, std::min<int64_t>(blocks, kPhiScratchBytes / stride));
+      at::Tensor scratch = at::empty({wave * stride}, byte_opts);
       P.scratch = scratch.mutable_data_ptr<unsigned char>();
       P.scratch_stride = stride;
-      phi_kernel<T, false><<<grid, kPhiThreads, 0, stream>>>(P);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      for (int64_t first_block = 0; first_block < blocks; first_block += wave) {
+        P.block_offset = static_cast<int>(first_block);
+        const dim3 wgrid(static_cast<unsigned>(std::min(wave, blocks - first_block)));
+        phi_kernel<T, false><<<wgrid, kPhiThreads, 0, stream>>>(P);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     }
   }
 }

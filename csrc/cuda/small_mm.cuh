@@ -68,7 +68,8 @@ __device__ __forceinline__ void load4(const double* p, double& a, double& b, dou
 //   kMode 2: out[j * ldo + i] = sum_k LT[..] R[..] - sum_k LT2[k * ldl + i] * R2[k * ldr + j]
 // Each thread computes 4 consecutive i for one j: the 4 LT values are one 16-byte load broadcast
 // to the lanes of a row block (ldl % 4 == 0, 16-byte aligned bases, zero padding up to ldl), the R
-// values are read along j across lanes. Must be called by every thread of the block; no barrier.
+// values are read along j across lanes. The stores are not conflict-free: lanes write with a stride of
+// ldo elements (gcd(ldo, 32)-way in fp32). Must be called by every thread of the block; no barrier.
 template <typename T, int kMode>
 __device__ inline void mm_t(const T* LT, const T* LT2, int ldl, const T* R, const T* R2, int ldr, T* out, T* out2,
                             int ldo, int M, int N, int K) {

@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(kFT* kTY, sizeof(T) == 4 ? 2 : 1) cgemm_freq_k
   constexpr int KC = KChunk<T>::value;
   __shared__ T sAr[kTM][KC][kFT], sAi[kTM][KC][kFT];
   __shared__ T sBr[KC][kTN][kFT], sBi[KC][kTN][kFT];
-  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kFT + tx;
+  const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t f0 = int64_t(blockIdx.x) * kFT;
   const int64_t m0 = int64_t(blockIdx.y) * kTM;
   const int64_t n0 = int64_t(blockIdx.z) * kTN;
@@ -248,25 +248,41 @@ __global__ void __launch_bounds__(kFT* kTY, sizeof(T) == 4 ? 2 : 1) cgemm_freq_k
 #pragma unroll
     for (int c = 0; c < kRN; ++c) accr[r][c] = acci[r][c] = T(0);
   const T sa = kConjA ? T(-1) : T(1), sb = kConjB ? T(-1) : T(1);
+  // Staging: thread (tx, ty) always moves frequency f0 + tx; A rows mm = ty / KC + i * (kTY / KC) of
+  // k-column ty % KC, B rows r = ty + i * kTY (k = r / kTN, n = r % kTN). Fixed per-thread indices
+  // (no per-element index division) and at most 4 loads in flight per loop keep the staging out of
+  // the registers that the accumulators need (a flat element loop spilled 88 bytes at 128 registers
+  // in fp32; fully unrolled staging, 168).
+  static_assert(kTY % KC == 0 && (KC * kTN) % kTY == 0, "staging layout");
+  constexpr int kARows = kTY / KC;           // A rows per pass
+  constexpr int kAPasses = kTM / kARows;     // passes over A's tile
+  constexpr int kBPasses = KC * kTN / kTY;   // passes over B's tile
+  const int64_t gf = f0 + tx;
+  const bool f_ok = gf < F;
+  const int a_kk = ty % KC, a_mm = ty / KC;
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
-    // stage A[m0:m0+kTM, k0:k0+KC, f0:f0+kFT] and B[k0:k0+KC, n0:n0+kTN, f0:f0+kFT]
-    for (int e = tid; e < kTM * KC * kFT; e += kFT * kTY) {
-      const int f = e % kFT, kk = (e / kFT) % KC, mm = e / (kFT * KC);
-      const int64_t gm = m0 + mm, gk = k0 + kk, gf = f0 + f;
-      V v;
-      v.x = v.y = T(0);
-      if (gm < M && gk < K && gf < F) v = A[gm * sAm + gk * sAk + gf];
-      sAr[mm][kk][f] = v.x;
-      sAi[mm][kk][f] = sa * v.y;
+    {
+      const int64_t gk = k0 + a_kk;
+      const V* src = A + (m0 + a_mm) * sAm + gk * sAk + gf;
+#pragma unroll 4
+      for (int i = 0; i < kAPasses; ++i) {
+        const int mm = a_mm + i * kARows;
+        V v;
+        v.x = v.y = T(0);
+        if (f_ok && gk < K && m0 + mm < M) v = src[int64_t(i * kARows) * sAm];
+        sAr[mm][a_kk][tx] = v.x;
+        sAi[mm][a_kk][tx] = sa * v.y;
+      }
     }
-    for (int e = tid; e < KC * kTN * kFT; e += kFT * kTY) {
-      const int f = e % kFT, nn = (e / kFT) % kTN, kk = e / (kFT * kTN);
-      const int64_t gn = n0 + nn, gk = k0 + kk, gf = f0 + f;
+#pragma unroll 4
+    for (int i = 0; i < kBPasses; ++i) {
+      const int r = ty + i * kTY, kk = r / kTN, nn = r % kTN;
+      const int64_t gk = k0 + kk, gn = n0 + nn;
       V v;
       v.x = v.y = T(0);
-      if (gn < N && gk < K && gf < F) v = Bm[gk * sBk + gn * sBn + gf];
-      sBr[kk][nn][f] = v.x;
-      sBi[kk][nn][f] = sb * v.y;
+      if (f_ok && gk < K && gn < N) v = Bm[gk * sBk + gn * sBn + gf];
+      sBr[kk][nn][tx] = v.x;
+      sBi[kk][nn][tx] = sb * v.y;
     }
     __syncthreads();
 #pragma unroll

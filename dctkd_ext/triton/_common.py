@@ -37,15 +37,31 @@ def wrap_triton(kernel):
     return kernel if INTERPRET else torch.library.wrap_triton(kernel)
 
 
+def launch_device(args):
+    """The CUDA device a launch must run on: that of its first tensor argument (the launchers put
+    every tensor of a launch on one device), or None for CPU tensors (the interpreter)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device if a.device.type == "cuda" else None
+    return None
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """kernel[grid](*args, **kwargs) on the current stream, for kernel = wrap_triton(jit_function).
+    """kernel[grid](*args, **kwargs) on the tensors' device and that device's current stream, for
+    kernel = wrap_triton(jit_function). Triton launches on the current device, so a call whose
+    tensors live on another GPU switches to it for the launch (as the C++ ops' device guard does).
     In the interpreter the ops are opaque custom ops whose fake kernel is the same Python body, so
     there the launch is skipped when the tensors are fake (only their metadata exists)."""
     if grid[0] == 0:
         return
     if INTERPRET and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
         return
-    kernel[grid](*args, **kwargs)
+    dev = launch_device(args)
+    if dev is not None and dev.index is not None and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 def define_op(name: str, fn: Callable):
@@ -127,20 +143,34 @@ def pow_code(p: float) -> int:
 
 
 @triton.jit
+def _as_f64(v):
+    """v (an fp64 scalar argument, or a Python float in the interpreter) as a 0-d fp64 tensor."""
+    return tl.sum(tl.full([1], 0.0, tl.float64), axis=0) + v
+
+
+@triton.jit
+def _pow64(ax, e):
+    """ax^e for ax > 0, evaluated in fp64 (exp2 / log2 are accurate there, approximate in fp32) and
+    rounded once to ax's dtype, as the C++ kernels evaluate pow; e: a 0-d fp64 tensor."""
+    return tl.exp2(e * tl.log2(ax.to(tl.float64))).to(ax.dtype)
+
+
+@triton.jit
 def abs_pow(x, p, POW: tl.constexpr):
-    """|x|^p; POW = 2 and 1 are exact fast paths, else exp2(p log2 |x|) (0 at x = 0)."""
+    """|x|^p; POW = 2 and 1 are exact fast paths, else pow in fp64 (0 at x = 0). p: fp64."""
     if POW == 2:
         return x * x
     elif POW == 1:
         return tl.abs(x)
     else:
         ax = tl.abs(x)
-        return tl.where(ax > 0, tl.exp2(p * tl.log2(tl.where(ax > 0, ax, 1.0))), 0.0)
+        p64 = _as_f64(p)
+        return tl.where(ax > 0, _pow64(tl.where(ax > 0, ax, 1.0), p64), 0.0)
 
 
 @triton.jit
 def abs_pow_grad(x, p, POW: tl.constexpr):
-    """d|x|^p/dx = p |x|^(p-1) sign(x), taken as 0 at x = 0 for every p (as csrc/dctkd_math.h)."""
+    """d|x|^p/dx = p |x|^(p-1) sign(x), taken as 0 at x = 0 for every p (as csrc/dctkd_math.h). p: fp64."""
     if POW == 2:
         return 2.0 * x
     else:
@@ -149,13 +179,25 @@ def abs_pow_grad(x, p, POW: tl.constexpr):
             return tl.where(x == 0, 0.0, sgn)
         else:
             ax = tl.where(x == 0, 1.0, tl.abs(x))
-            return tl.where(x == 0, 0.0, p * tl.exp2((p - 1.0) * tl.log2(ax)) * sgn)
+            p64 = _as_f64(p)
+            g = (p64 * tl.exp2((p64 - 1.0) * tl.log2(ax.to(tl.float64)))).to(x.dtype)
+            return tl.where(x == 0, 0.0, g * sgn)
+
+
+@triton.jit
+def div_ieee(a, b):
+    """a / b correctly rounded: Triton's fp32 '/' is an approximate division (2 ulp); fp64 '/' is IEEE."""
+    q = a / b
+    if q.dtype == tl.float32:
+        a, b = tl.broadcast(a, b)  # div_rn promotes types but does not broadcast shapes
+        q = tl.math.div_rn(a, b)
+    return q
 
 
 @triton.jit
 def reciprocal(n, dtype: tl.constexpr):
     """1 / n for an integer n (runtime or constexpr), rounded once in dtype (fp32 or fp64)."""
-    return 1.0 / (tl.zeros([1], dtype) + n)
+    return div_ieee(tl.full([1], 1.0, dtype), tl.zeros([1], dtype) + n)
 
 
 @triton.jit

@@ -1,13 +1,15 @@
 """Compile the Triton kernels for a GPU architecture on a machine without a GPU.
 
-    python -m dctkd_ext.triton._compile_check [--arch 90] [--full]
+    python -m dctkd_ext.triton._compile_check [--arch 90] [--full] [--batch-invariance]
 
 Runs the Triton ops on small CPU tensors with every kernel launch replaced by a compilation for the
 target (frontend, TTIR, TTGIR, LLVM, PTX and ptxas: everything but running it), with the argument
-specialisation the JIT would use (integers equal to 1 become constants, pointers and multiples of
-16 get the divisibility hint). This catches what the interpreter does not check (types, constexpr
-use, layouts, resource limits) and prints each variant's registers / spills. TRITON_INTERPRET must be
-unset. --full compiles every dtype, layout and option (many minutes); the default is a quick subset.
+specialisation the JIT itself computes (its binder: integers equal to 1 become constants, pointers
+and multiples of 16 get the divisibility hint, except where do_not_specialize says otherwise). The
+shapes are the benchmark's (the ResNet-50 -> ResNet-18 levels), so the tile sizes and variants are the
+ones a real run compiles. This catches what the interpreter does not check (types, constexpr use,
+layouts, resource limits) and prints each variant's registers and stack (spill) bytes.
+TRITON_INTERPRET must be unset. --full compiles every dtype, layout and option (many minutes).
 """
 
 import argparse
@@ -18,67 +20,79 @@ import time
 
 import torch
 
-_TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-
-
-def _specialise(fn, args, kwargs):
-    names = fn.arg_names
-    signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(names):
-        if name in kwargs:
-            signature[name] = "constexpr"
-            constexprs[name] = kwargs[name]
-            continue
-        a = args[i]
-        if isinstance(a, torch.Tensor):
-            signature[name] = "*" + _TY[a.dtype]
-            if a.data_ptr() % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(a, bool):
-            signature[name] = "i1"
-        elif isinstance(a, int):
-            if a == 1:
-                signature[name] = "constexpr"
-                constexprs[name] = 1
-            else:
-                signature[name] = "i32" if -(2**31) <= a < 2**31 else "i64"
-                if a % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(a, float):
-            signature[name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: argument {name} of type {type(a).__name__}")
-    return signature, constexprs, attrs
+# PTX of approximate fp32 arithmetic: the kernels' divisions, pow and sqrt must be IEEE (as the C++
+# kernels'), so these should not appear (the compile check reports them per variant). fp64 math
+# (libdevice) uses rcp.approx.ftz.f64 as a first step that it then refines: not listed.
+APPROX_PTX = re.compile(r"\b(div\.full|div\.approx|rcp\.approx|ex2\.approx|lg2\.approx|sqrt\.approx)(\.ftz)?\.f32\b")
 
 
 class Compiler:
-    def __init__(self, arch: int, verbose: bool = True):
+    """Stands in for _common.launch: compiles each new kernel variant for the target instead of running
+    it. The variant key is the JIT's own (its binder: argument types, the ==1 / divisibility-by-16
+    specialisation of integers and pointers, do_not_specialize, annotations; constexprs; options), so
+    two launches the JIT would serve with one binary count once. compile=False only records the keys
+    (for tests of the specialisation). seen: {key: (registers, stack bytes)}; names: {key: label}."""
+
+    def __init__(self, arch: int, verbose: bool = True, compile: bool = True):
         from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
 
         self.target = GPUTarget("cuda", arch, 32)
+        self.backend = make_backend(self.target)
+        self.binders = {}
         self.seen = {}
+        self.names = {}
+        self.signatures = {}
+        self.approx = {}
         self.verbose = verbose
+        self.compile = compile
 
-    def launch(self, kernel, grid, *args, num_warps=4, num_stages=3, **kwargs):
+    def specialise(self, kernel, args, kwargs):
+        """(key, options, signature, constexprs, attrs) as JITFunction.run computes them."""
+        from triton.runtime.jit import create_function_from_signature
+
+        binder = self.binders.get(kernel)
+        if binder is None:
+            binder = self.binders[kernel] = create_function_from_signature(kernel.signature, kernel.params, self.backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        key = (kernel.__name__, repr(specialization), repr(sorted(options.items())))
+        return key, kernel._pack_args(self.backend, kwargs, bound, specialization, options)
+
+    def launch(self, kernel, grid, *args, **kwargs):
         if grid[0] == 0:
             return
         import triton
         from triton.compiler import ASTSource
 
-        signature, constexprs, attrs = _specialise(kernel, args, kwargs)
-        key = (kernel.__name__, tuple(sorted(signature.items())),
-               tuple(sorted((k, str(v)) for k, v in constexprs.items())), tuple(sorted(attrs)), num_warps, num_stages)
+        kwargs.setdefault("num_warps", 4)
+        kwargs.setdefault("num_stages", 3)
+        key, (options, signature, constexprs, attrs) = self.specialise(kernel, args, kwargs)
         if key in self.seen:
+            return
+        label = _label(kernel, signature, constexprs, kwargs)
+        self.names[key] = label
+        self.signatures[key] = signature
+        if not self.compile:
+            self.seen[key] = (None, None)
             return
         t0 = time.time()
         src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=self.target, options=dict(num_warps=num_warps, num_stages=num_stages))
+        compiled = triton.compile(src, target=self.target, options=options.__dict__)
         regs, spills = _resources(compiled)
         self.seen[key] = (regs, spills)
+        ptx = compiled.asm.get("ptx", "")
+        self.approx[key] = sorted({m.group(0) for m in APPROX_PTX.finditer(ptx)})
         if self.verbose:
-            cx = {k: v for k, v in constexprs.items() if not re.fullmatch(r"(O|TH|TW|C|HW)[1-7]|gl_stride|H|W", k)}
-            print(f"{kernel.__name__:16s} {time.time() - t0:5.1f}s regs={regs} stack={spills}B warps={num_warps} "
-                  f"{cx}", flush=True)
+            print(f"{kernel.__name__:20s} {time.time() - t0:5.1f}s regs={regs} stack={spills}B "
+                  f"approx={','.join(self.approx[key]) or '-'} {label}", flush=True)
+
+
+def _label(kernel, signature, constexprs, kwargs) -> str:
+    """The launch's distinguishing parameters: the constexpr keywords (not per-slot sizes), the
+    element types of the pointers, warps and stages."""
+    keep = {k: v for k, v in kwargs.items() if not re.fullmatch(r"(O|TH|TW)[0-7]", k)}
+    ptr = sorted({t for t in signature.values() if isinstance(t, str) and t.startswith("*")})
+    return " ".join(f"{k}={v}" for k, v in keep.items()) + " " + ",".join(ptr)
 
 
 def _resources(compiled):
@@ -104,15 +118,40 @@ def _resources(compiled):
     return regs, spills
 
 
-def run(arch: int = 90, full: bool = False, verbose: bool = True) -> dict:
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise SystemExit("unset TRITON_INTERPRET: the compile check needs the compiler, not the interpreter")
+class _Dispatch:
+    """What _common.launch becomes during a check: the kernel families bind it at import, so a
+    check that swaps compilers (several batch sizes) swaps them here."""
+
+    compiler = None
+
+    @classmethod
+    def launch(cls, *args, **kwargs):
+        cls.compiler.launch(*args, **kwargs)
+
+
+def install(compiler) -> None:
+    """Route every Triton launch of this process to compiler.launch (call before the ops are loaded)."""
     from . import _common
 
-    compiler = Compiler(arch, verbose)
-    # before the kernel families import them: launches compile instead of running
-    _common.launch = compiler.launch
+    if _common.INTERPRET:
+        raise SystemExit("unset TRITON_INTERPRET: the compile check needs the compiler, not the interpreter")
+    _Dispatch.compiler = compiler
+    _common.launch = _Dispatch.launch
     _common.wrap_triton = lambda kernel: kernel
+<<<<<<< HEAD
+=======
+
+
+# student / teacher channels and map side of ResNet-50 -> ResNet-18 on 224 x 224 images (the benchmark's
+# headline case): every level goes through the launchers, so the variants are the ones it compiles.
+RESNET = [(64, 256, 56), (128, 512, 28), (256, 1024, 14), (512, 2048, 7)]
+
+
+def drive(full: bool = False, batch: int = 2) -> None:
+    """Run the launchers of attention_map, dct2d / idct2d and dct_at_loss on CPU tensors (the launches
+    go to the installed compiler)."""
+    from . import load
+>>>>>>> gpu
     from ..presets import resolve_options
     from . import load
 
@@ -127,17 +166,15 @@ def run(arch: int = 90, full: bool = False, verbose: bool = True) -> dict:
     for dtype in dtypes:
         for cl in (False, True):
             for c, hw in ((64, 56), (3, 7)) if full else ((64, 56),):
-                x = feats(2, c, hw, hw, dtype, cl)
-                for p in (2.0, 1.0, 1.5) if full else (2.0,):
+                x = feats(batch, c, hw, hw, dtype, cl)
+                for p in (2.0, 1.0, 1.5) if full else (2.0, 1.5):
                     ops.attention_map(x, p, "mean")
-                    ops.attention_map_backward(torch.randn(2, hw, hw), x, p, "sum")
+                    ops.attention_map_backward(torch.randn(batch, hw, hw), x, p, "sum")
     for dtype in dtypes + ((torch.float64,) if full else ()):
-        for shape in ((3, 7, 7), (2, 56, 56), (1, 1)) if full else ((3, 7, 7), (2, 56, 56)):
+        for shape in ((3, 7, 7), (batch, 56, 56), (1, 1)) if full else ((3, 7, 7), (batch, 56, 56)):
             a = torch.randn(shape).to(dtype)
             ops.dct2d(a)
             ops.idct2d(a)
-    # student / teacher channels and map side of ResNet-50 -> ResNet-18 on 224 x 224 images
-    resnet = [(64, 256, 56), (128, 512, 28), (256, 1024, 14), (512, 2048, 7)]
     configs = [dict(preset="dct"), dict(preset="paper"), dict(preset="at")]
     if full:
         configs += [dict(preset="dct", map_norm=n) for n in ("max", "l2", "none")]
@@ -145,33 +182,72 @@ def run(arch: int = 90, full: bool = False, verbose: bool = True) -> dict:
         configs += [dict(preset="dct", transform="fft_real"), dict(preset="dct", transform="identity")]
         configs += [dict(preset="dct", distance=d) for d in ("mse", "sse")]
         configs += [dict(preset="dct", center=False, coef_abs=False), dict(preset="dct", p=1.5)]
-    # quick: one map held in registers (14 x 14) and one through scratch (28 x 28), preset dct
+    # quick: the four ResNet levels (7 x 7 and 14 x 14 held in registers, 28 x 28 and 56 x 56 through
+    # scratch), preset dct, fp32, bf16 and fp64 features (--full: every preset and option)
     for cfg in configs if full else configs[:1]:
         cfg = dict(cfg)
         o = resolve_options(cfg.pop("preset"), cfg)
-        for dtype in (torch.float32, torch.bfloat16) if full else (torch.float32,):
-            levels = resnet if full else resnet[1:3]
-            s = [feats(2, cs, hw, hw, dtype, False) for cs, _, hw in levels]
-            t = [feats(2, ct, hw, hw, dtype, False) for _, ct, hw in levels]
-            _, gmaps = ops.dct_at_loss(s, t, [1.0] * len(levels), o["p"], o["map_norm"], o["center"],
-                                       o["transform"], o["coef_abs"], o["coef_norm"], o["distance"], o["eps"])
-            gmaps = [torch.randn(g.shape) for g in gmaps]
-            ops.dct_at_loss_backward(torch.randn(2), gmaps, s, o["p"])
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            for cl in (False, True) if full else (False,):
+                s = [feats(batch, cs, hw, hw, dtype, cl) for cs, _, hw in RESNET]
+                t = [feats(batch, ct, hw, hw, dtype, cl) for _, ct, hw in RESNET]
+                _, gmaps = ops.dct_at_loss(s, t, [1.0] * len(RESNET), o["p"], o["map_norm"], o["center"],
+                                           o["transform"], o["coef_abs"], o["coef_norm"], o["distance"], o["eps"])
+                gmaps = [torch.randn(g.shape, dtype=g.dtype) for g in gmaps]
+                ops.dct_at_loss_backward(torch.randn(batch, dtype=gmaps[0].dtype), gmaps, s, o["p"])
+
+
+def run(arch: int = 90, full: bool = False, verbose: bool = True) -> dict:
+    compiler = Compiler(arch, verbose)
+    install(compiler)
+    drive(full)
     return compiler.seen
+
+
+def batch_variants(batches=(16, 17, 5), full: bool = False) -> list:
+    """The set of variant keys the launchers need at each batch size (nothing compiled): equal sets
+    mean a new batch size (an odd last batch) compiles nothing new."""
+    out = []
+    for b in batches:
+        compiler = Compiler(90, verbose=False, compile=False)
+        install(compiler)
+        drive(full, batch=b)
+        out.append(set(compiler.seen))
+    return out
+
+
+def report(compiler) -> str:
+    """One line per variant: kernel, registers, stack bytes, approximate PTX ops, its parameters."""
+    rows = sorted(((k[0], compiler.names.get(k, ""), r, st, ",".join(compiler.approx.get(k, [])) or "-")
+                   for k, (r, st) in compiler.seen.items()), key=lambda t: (t[0], t[1]))
+    return "\n".join(f"{n:22s} regs={r!s:>4} stack={st!s:>5}B approx={a:<10s} {label}" for n, label, r, st, a in rows)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
     ap.add_argument("--full", action="store_true", help="every option of dct_at_loss (slow)")
+    ap.add_argument("--batch-invariance", action="store_true",
+                    help="only check that batch sizes 16, 17 and 5 need the same kernel variants (no compiling)")
     args = ap.parse_args(argv)
     import triton
 
+    if args.batch_invariance:
+        sets = batch_variants(full=args.full)
+        extra = sorted({k[0] for s in sets[1:] for k in s - sets[0]})
+        print(f"{len(sets[0])} variants at batch 16; new at batch 17 or 5: {len(extra)} {extra}")
+        return 1 if extra else 0
     t0 = time.time()
-    seen = run(args.arch, args.full)
+    compiler = Compiler(args.arch, verbose=True)
+    install(compiler)
+    drive(args.full)
+    seen = compiler.seen
+    print(report(compiler))
     stack = [k[0] for k, (_, s) in seen.items() if s]
+    approx = [k[0] for k in seen if compiler.approx.get(k)]
     print(f"triton {triton.__version__}, sm_{args.arch}: {len(seen)} kernel variants compiled in "
-          f"{time.time() - t0:.0f}s; {len(stack)} use local memory (stack)")
+          f"{time.time() - t0:.0f}s; {len(stack)} use local memory (stack); {len(approx)} use approximate "
+          f"fp32 division / pow / sqrt: {sorted(set(approx))}")
 
 
 if __name__ == "__main__":

@@ -77,11 +77,13 @@ def _reduce_item(x_ptr, out_ptr, item, C, HW, out_off, p,
     tl.store(out_ptr + out_off + b * HW + offs_hw, a, mask=m_hw)
 
 
-@triton.jit
+# Batch-dependent integers (item ends, output offsets) are not specialised: a new batch size (an odd
+# last batch) must not compile a new variant.
+@triton.jit(do_not_specialize=[f"{n}{i}" for n in "EO" for i in range(8)])
 def reduce_kernel(out_ptr,
                   x0, C0, HW0, E0, O0, x1, C1, HW1, E1, O1, x2, C2, HW2, E2, O2, x3, C3, HW3, E3, O3,
                   x4, C4, HW4, E4, O4, x5, C5, HW5, E5, O5, x6, C6, HW6, E6, O6, x7, C7, HW7, E7, O7,
-                  p, NS: tl.constexpr, POW: tl.constexpr, MEAN: tl.constexpr, CL: tl.constexpr,
+                  p: tl.float64, NS: tl.constexpr, POW: tl.constexpr, MEAN: tl.constexpr, CL: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Channel reduction of NS tensors in one launch; tensor i (x_i: B_i x C_i x HW_i) owns programs
     [E_{i-1}, E_i), one per (b, BLOCK_HW positions), and writes its maps at out_ptr + O_i.
@@ -171,12 +173,12 @@ def _backward_item(x_ptr, dx_ptr, g_ptr, gl_ptr, gl_stride, item, C, HW, p,
     tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[f"E{i}" for i in range(8)])
 def backward_kernel(gl_ptr, gl_stride,
                     x0, d0, g0, C0, HW0, E0, x1, d1, g1, C1, HW1, E1, x2, d2, g2, C2, HW2, E2,
                     x3, d3, g3, C3, HW3, E3, x4, d4, g4, C4, HW4, E4, x5, d5, g5, C5, HW5, E5,
                     x6, d6, g6, C6, HW6, E6, x7, d7, g7, C7, HW7, E7,
-                    p, NS: tl.constexpr, POW: tl.constexpr, MEAN: tl.constexpr, CL: tl.constexpr,
+                    p: tl.float64, NS: tl.constexpr, POW: tl.constexpr, MEAN: tl.constexpr, CL: tl.constexpr,
                     HAS_GL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Elementwise backward of NS tensors in one launch (x_i, its gradient d_i, its map gradient g_i
     of shape (B, HW_i) in fp32/fp64); tensor i owns programs [E_{i-1}, E_i), one per tile.

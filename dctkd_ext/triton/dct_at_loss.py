@@ -31,6 +31,7 @@ from ._common import (
     basis,
     chunks,
     define_op,
+    div_ieee,
     kernel_layout,
     launch,
     slot_args,
@@ -70,6 +71,12 @@ def _as_acc(n, ACC: tl.constexpr):
 
 
 @triton.jit
+def _to_acc(v, ACC: tl.constexpr):
+    """v (an fp64 scalar argument, or a Python float in the interpreter) rounded once to ACC."""
+    return (scalar(0.0, ACC) + v).to(ACC)
+
+
+@triton.jit
 def _norm_params(lo, hi, ss, KIND: tl.constexpr, eps):
     """u = (x - shift) / denom for the normalisation KIND (none, minmax, max, l2); nrm = ||x||_2."""
     zero = lo * 0.0
@@ -92,17 +99,17 @@ def _norm_backward(g, x, idx, sum_g, sum_gu, denom, nrm, imin, imax, KIND: tl.co
     if KIND == 0:
         return g
     else:
-        gin = g / denom
+        gin = div_ieee(g, denom)
         if KIND == 3:
-            coef = tl.where(nrm > 0, -sum_gu / (denom * tl.where(nrm > 0, nrm, 1.0)), 0.0)
+            coef = tl.where(nrm > 0, div_ieee(-sum_gu, denom * tl.where(nrm > 0, nrm, 1.0)), 0.0)
             gin += coef * x
         else:
             if KIND == 1:
-                cmin = (sum_gu - sum_g) / denom
+                cmin = div_ieee(sum_gu - sum_g, denom)
             else:
-                cmin = -sum_g / denom
+                cmin = div_ieee(-sum_g, denom)
             gin += tl.where(idx == imin, cmin, 0.0)
-            gin += tl.where(idx == imax, -sum_gu / denom, 0.0)
+            gin += tl.where(idx == imax, div_ieee(-sum_gu, denom), 0.0)
         return gin
 
 
@@ -126,11 +133,11 @@ def _map_forward(a_ptr, u_ptr, c_ptr, t1_ptr, t2_ptr, bh_ptr, bw_ptr, H, W, eps,
         for j0 in range(0, W, TW):
             a = load_tile(a_ptr, H, W, i0, j0, 0.0, TH, TW, ACC, False)
             idx, valid = tile_index(H, W, i0, j0, TH, TW)
-            u = tl.where(valid, (a - shift) / denom, 0.0)
+            u = tl.where(valid, div_ieee(a - shift, denom), 0.0)
             su += tl.sum(tl.sum(u, axis=1), axis=0)
             store_tile(u_ptr, H, W, i0, j0, u, TH, TW)
     if CENTER:
-        mean = su / _as_acc(H * W, ACC)
+        mean = div_ieee(su, _as_acc(H * W, ACC))
     else:
         mean = su * 0.0
     tl.debug_barrier()
@@ -157,6 +164,9 @@ def _phi_level(b, maps_ptr, scr_ptr, dist_ptr, gmap_ptr, bh_ptr, bw_ptr, B, H, W
                NB: tl.constexpr, REGS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, KB: tl.constexpr):
     """Sample b of one level: dist_ptr[b] = w * dist(phi(A_S), phi(A_T)) and gmap[b] = w * d dist / d A_S."""
     ACC: tl.constexpr = maps_ptr.dtype.element_ty
+    # eps and the weight arrive as fp64 (exact for an fp64 loss); fp32 losses round them once here
+    eps = _to_acc(eps, ACC)
+    weight = _to_acc(weight, ACC)
     n = H * W
     a_s = maps_ptr + map_off + b * n
     a_t = maps_ptr + map_off + (B + b) * n
@@ -186,18 +196,18 @@ def _phi_level(b, maps_ptr, scr_ptr, dist_ptr, gmap_ptr, bh_ptr, bw_ptr, B, H, W
     for i0 in range(0, H, TH):
         for j0 in range(0, W, TW):
             idx, valid = tile_index(H, W, i0, j0, TH, TW)
-            zs = (_coef(load_tile(cs_buf, H, W, i0, j0, 0.0, TH, TW, ACC, True), COEF_ABS) - s2) / d2
-            zt = (_coef(load_tile(ct_buf, H, W, i0, j0, 0.0, TH, TW, ACC, True), COEF_ABS) - s2t) / d2t
+            zs = div_ieee(_coef(load_tile(cs_buf, H, W, i0, j0, 0.0, TH, TW, ACC, True), COEF_ABS) - s2, d2)
+            zt = div_ieee(_coef(load_tile(ct_buf, H, W, i0, j0, 0.0, TH, TW, ACC, True), COEF_ABS) - s2t, d2t)
             diff = tl.where(valid, zs - zt, 0.0)
             ss += tl.sum(tl.sum(diff * diff, axis=1), axis=0)
             sd += tl.sum(tl.sum(diff, axis=1), axis=0)
             sdz += tl.sum(tl.sum(diff * zs, axis=1), axis=0)
     if DISTANCE == 0:  # l2; at exactly 0 the gradient is 0
         dist = sqrt_ieee(ss)
-        gscale = tl.where(dist > 0, weight / tl.where(dist > 0, dist, 1.0), 0.0)
+        gscale = tl.where(dist > 0, div_ieee(weight, tl.where(dist > 0, dist, 1.0)), 0.0)
     elif DISTANCE == 1:  # mse
-        dist = ss / _as_acc(n, ACC)
-        gscale = weight * 2.0 / _as_acc(n, ACC)
+        dist = div_ieee(ss, _as_acc(n, ACC))
+        gscale = div_ieee(weight * 2.0, _as_acc(n, ACC))
     else:  # sse
         dist = ss
         gscale = ss * 0.0 + weight * 2.0
@@ -211,8 +221,8 @@ def _phi_level(b, maps_ptr, scr_ptr, dist_ptr, gmap_ptr, bh_ptr, bw_ptr, B, H, W
             idx, valid = tile_index(H, W, i0, j0, TH, TW)
             c = load_tile(cs_buf, H, W, i0, j0, 0.0, TH, TW, ACC, True)
             cabs = _coef(c, COEF_ABS)
-            zs = (cabs - s2) / d2
-            zt = (_coef(load_tile(ct_buf, H, W, i0, j0, 0.0, TH, TW, ACC, True), COEF_ABS) - s2t) / d2t
+            zs = div_ieee(cabs - s2, d2)
+            zt = div_ieee(_coef(load_tile(ct_buf, H, W, i0, j0, 0.0, TH, TW, ACC, True), COEF_ABS) - s2t, d2t)
             g = tl.where(valid, (zs - zt) * gscale, 0.0)
             g = _norm_backward(g, cabs, idx, sum_g, sum_gu, d2, n2, ilo2, ihi2, COEF_NORM)
             if COEF_ABS:  # d|c|/dc = sign(c), 0 at 0
@@ -228,7 +238,7 @@ def _phi_level(b, maps_ptr, scr_ptr, dist_ptr, gmap_ptr, bh_ptr, bw_ptr, B, H, W
                                                 TRANSFORM, True, REGS, False, True, False, TH, TW, KB, ACC)
     tl.debug_barrier()
     if CENTER:
-        gmean = sg / _as_acc(n, ACC)
+        gmean = div_ieee(sg, _as_acc(n, ACC))
     else:
         gmean = sg * 0.0
     # ---- map normalisation's backward -> dL/dA_S
@@ -239,7 +249,7 @@ def _phi_level(b, maps_ptr, scr_ptr, dist_ptr, gmap_ptr, bh_ptr, bw_ptr, B, H, W
             for j0 in range(0, W, TW):
                 idx, valid = tile_index(H, W, i0, j0, TH, TW)
                 g = load_tile(cs_buf, H, W, i0, j0, gmean, TH, TW, ACC, True)
-                u = tl.where(valid, (load_tile(a_s, H, W, i0, j0, 0.0, TH, TW, ACC, False) - s1) / d1, 0.0)
+                u = tl.where(valid, div_ieee(load_tile(a_s, H, W, i0, j0, 0.0, TH, TW, ACC, False) - s1, d1), 0.0)
                 if not CENTER:  # a centred gradient sums to 0 exactly
                     sum_g1 += tl.sum(tl.sum(g, axis=1), axis=0)
                 sum_gu1 += tl.sum(tl.sum(g * u, axis=1), axis=0)
@@ -253,12 +263,13 @@ def _phi_level(b, maps_ptr, scr_ptr, dist_ptr, gmap_ptr, bh_ptr, bw_ptr, B, H, W
             store_tile(out, H, W, i0, j0, g, TH, TW)
 
 
-@triton.jit
-def phi_kernel(maps_ptr, scr_ptr, dist_ptr, dist_off, B, eps,
-               g0, bh0, bw0, H0, W0, w0, M0, S0, g1, bh1, bw1, H1, W1, w1, M1, S1,
-               g2, bh2, bw2, H2, W2, w2, M2, S2, g3, bh3, bw3, H3, W3, w3, M3, S3,
-               g4, bh4, bw4, H4, W4, w4, M4, S4, g5, bh5, bw5, H5, W5, w5, M5, S5,
-               g6, bh6, bw6, H6, W6, w6, M6, S6, g7, bh7, bw7, H7, W7, w7, M7, S7,
+# B and the offsets that grow with it are not specialised (no new variant for a new batch size).
+@triton.jit(do_not_specialize=["dist_off", "B"] + [f"{n}{i}" for n in "MS" for i in range(8)])
+def phi_kernel(maps_ptr, scr_ptr, dist_ptr, dist_off, B, eps: tl.float64,
+               g0, bh0, bw0, H0, W0, w0: tl.float64, M0, S0, g1, bh1, bw1, H1, W1, w1: tl.float64, M1, S1,
+               g2, bh2, bw2, H2, W2, w2: tl.float64, M2, S2, g3, bh3, bw3, H3, W3, w3: tl.float64, M3, S3,
+               g4, bh4, bw4, H4, W4, w4: tl.float64, M4, S4, g5, bh5, bw5, H5, W5, w5: tl.float64, M5, S5,
+               g6, bh6, bw6, H6, W6, w6: tl.float64, M6, S6, g7, bh7, bw7, H7, W7, w7: tl.float64, M7, S7,
                NS: tl.constexpr, MAP_NORM: tl.constexpr, CENTER: tl.constexpr, TRANSFORM: tl.constexpr,
                COEF_ABS: tl.constexpr, COEF_NORM: tl.constexpr, DISTANCE: tl.constexpr, NB: tl.constexpr,
                KB: tl.constexpr,

@@ -61,7 +61,7 @@ def _next_pow2(n: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------- global filter
-@triton.jit
+@triton.jit(do_not_specialize=["B", "b_per_prog"])  # batch-dependent: no new variant per batch size
 def _gf_fwd_kernel(x_ptr, w_ptr, m_ptr, y_ptr, B, N, HK, C, b_per_prog,
                    MASK_MODE: tl.constexpr, BLOCK: tl.constexpr):
     # x, y: B samples of N complex values as (re, im) pairs; w: N. MASK_MODE 0: none, 1: mask[j % HK]
@@ -92,7 +92,7 @@ def _gf_fwd_kernel(x_ptr, w_ptr, m_ptr, y_ptr, B, N, HK, C, b_per_prog,
         tl.store(y_ptr + off, tl.join(xr * wr - xi * wi, xr * wi + xi * wr).to(x.dtype), mask=valid[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "b_per_split"])
 def _gf_bwd_kernel(g_ptr, x_ptr, w_ptr, m_ptr, dx_ptr, dw_ptr, B, N, HK, C, b_per_split,
                    MASK_MODE: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr, BLOCK: tl.constexpr):
     # dx[b, j] = g * conj(w[j]) * m; dw_part[split, j] = m * sum_{b in split} g * conj(x)
@@ -227,48 +227,72 @@ def global_filter_backward(grad, xf, w, mask, need_xf: bool, need_w: bool):
 
 
 # ---------------------------------------------------------------------------------------- spectral conv
-@triton.jit
+@triton.jit(do_not_specialize=["M", "K"])  # M or K is the batch (forward / dw)
 def _cgemm_freq_kernel(a_ptr, b_ptr, m_ptr, o_ptr, M, N, K, F, sAm, sAk, sBk, sBn,
                        CONJ_A: tl.constexpr, CONJ_B: tl.constexpr, HAS_MASK: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     # out[m, n, f] = mask[f] * sum_k opA(A[m, k, f]) * opB(B[k, n, f]); strides in complex elements,
     # the frequency contiguous; out contiguous (M, N, F). One program: one frequency, a BM x BN tile.
+    # Each complex element is one 8-byte (re, im) load, split in registers. Offsets within a tile are
+    # int32 (the launcher checks their range) on int64 base pointers advanced per k-step: int64
+    # offset tensors double the address registers, which is what made this kernel spill.
     f = tl.program_id(0).to(tl.int64)
-    rm = tl.program_id(1).to(tl.int64) * BM + tl.arange(0, BM)
-    rn = tl.program_id(2).to(tl.int64) * BN + tl.arange(0, BN)
+    m0 = tl.program_id(1) * BM
+    n0 = tl.program_id(2) * BN
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    acc_r = tl.full((BM, BN), 0.0, tl.float32 if o_ptr.dtype.element_ty == tl.float32 else tl.float64)
-    acc_i = tl.full((BM, BN), 0.0, tl.float32 if o_ptr.dtype.element_ty == tl.float32 else tl.float64)
+    two = tl.arange(0, 2)
+    a_ptrs = a_ptr + (m0.to(tl.int64) * sAm + f) * 2
+    b_ptrs = b_ptr + (n0.to(tl.int64) * sBn + f) * 2
+    a_off = ((rm[:, None] * sAm + rk[None, :] * sAk) * 2)[:, :, None] + two[None, None, :]
+    b_off = ((rk[:, None] * sBk + rn[None, :] * sBn) * 2)[:, :, None] + two[None, None, :]
+    m_ok = (m0 + rm) < M
+    n_ok = (n0 + rn) < N
+    acc_ty: tl.constexpr = tl.float32 if o_ptr.dtype.element_ty == tl.float32 else tl.float64
+    acc_r = tl.zeros((BM, BN), acc_ty)
+    acc_i = tl.zeros((BM, BN), acc_ty)
     for k0 in range(0, K, BK):
-        kk = k0 + rk
-        a_off = (rm[:, None] * sAm + kk[None, :] * sAk + f) * 2
-        a_msk = (rm[:, None] < M) & (kk[None, :] < K)
-        ar = tl.load(a_ptr + a_off, mask=a_msk, other=0.0)
-        ai = tl.load(a_ptr + a_off + 1, mask=a_msk, other=0.0)
+        k_ok = (k0 + rk) < K
+        a = tl.load(a_ptrs + a_off, mask=(m_ok[:, None] & k_ok[None, :])[:, :, None], other=0.0)
+        ar, ai = tl.split(a)
         if CONJ_A:
             ai = -ai
-        b_off = (kk[:, None] * sBk + rn[None, :] * sBn + f) * 2
-        b_msk = (kk[:, None] < K) & (rn[None, :] < N)
-        br = tl.load(b_ptr + b_off, mask=b_msk, other=0.0)
-        bi = tl.load(b_ptr + b_off + 1, mask=b_msk, other=0.0)
+        b = tl.load(b_ptrs + b_off, mask=(k_ok[:, None] & n_ok[None, :])[:, :, None], other=0.0)
+        br, bi = tl.split(b)
         if CONJ_B:
             bi = -bi
         acc_r = tl.dot(ar, br, acc_r, input_precision=PREC)
         acc_r = tl.dot(-ai, bi, acc_r, input_precision=PREC)
         acc_i = tl.dot(ar, bi, acc_i, input_precision=PREC)
         acc_i = tl.dot(ai, br, acc_i, input_precision=PREC)
+        a_ptrs += sAk.to(tl.int64) * (2 * BK)
+        b_ptrs += sBk.to(tl.int64) * (2 * BK)
     if HAS_MASK:
         mv = tl.load(m_ptr + f)
         acc_r = acc_r * mv
         acc_i = acc_i * mv
-    o_off = ((rm[:, None] * N + rn[None, :]) * F + f) * 2
-    o_msk = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(o_ptr + o_off, acc_r, mask=o_msk)
-    tl.store(o_ptr + o_off + 1, acc_i, mask=o_msk)
+    o_ptrs = o_ptr + ((m0.to(tl.int64) * N + n0) * F + f) * 2
+    o_off = ((rm[:, None] * N + rn[None, :]) * F * 2)[:, :, None] + two[None, None, :]
+    tl.store(o_ptrs + o_off, tl.join(acc_r, acc_i), mask=(m_ok[:, None] & n_ok[None, :])[:, :, None])
 
 
 def _tile(n: int, cap: int = 64) -> int:
     return max(16, min(cap, _next_pow2(n)))
+
+
+def cgemm_tiles(M: int, N: int, real_dtype: torch.dtype, prec: str):
+    """(BM, BN, BK, num_warps, num_stages) of the frequency GEMM. Chosen from sm_90 register counts
+    (triton 3.8; python -m dctkd_ext.triton.spectral prints them): at BK = 32 every precision spills
+    (tf32x3 255 registers + 200-500 B of stack, "ieee" fp32 7 KB, fp64 600 B); BK = 16 with 8 warps
+    for a 64 x 64 tile does not. BM does not depend on M (the batch, or the input channels for dw),
+    so a new batch size compiles no new variant (small batches pad the tile: the GEMM is small there)."""
+    bm = 32 if real_dtype == torch.float64 else 64
+    if real_dtype == torch.float64:  # testing path: FMA, small tiles
+        return bm, _tile(N, 32), 16, 4, 1
+    bn = _tile(N)
+    warps = 8 if bm * bn >= 64 * 64 else 4
+    return bm, bn, 16, warps, (3 if prec != "ieee" else 1)
 
 
 def _cgemm_freq(a, sAm, sAk, b, sBk, sBn, mask, out, M, N, K, F, conj_a, conj_b):
@@ -276,13 +300,18 @@ def _cgemm_freq(a, sAm, sAk, b, sBk, sBn, mask, out, M, N, K, F, conj_a, conj_b)
         return out
     if K == 0:
         return out.zero_()
-    bm, bn, bk = _tile(M), _tile(N), _tile(K, 32)
+    real = a.real.dtype if a.is_complex() else a.dtype
+    bm, bn, bk, warps, stages = cgemm_tiles(M, N, real, _precision(real))
+    for name, bound in (("xf", (bm * sAm + bk * sAk) * 2), ("w", (bk * sBk + bn * sBn) * 2), ("out", bm * N * F * 2)):
+        if bound >= 2**31:
+            raise ValueError(f"spectral_conv: {name} too large for the Triton kernel's int32 tile offsets "
+                             f"({bound} elements per tile span); use the CUDA backend")
     grid = (F, triton.cdiv(M, bm), triton.cdiv(N, bn))
     ar, br_ = _real_view(a), _real_view(b)
     _launch(_cgemm_freq_kernel, grid,
         ar, br_, mask if mask is not None else ar, torch.view_as_real(out), M, N, K, F, sAm, sAk, sBk, sBn,
         CONJ_A=conj_a, CONJ_B=conj_b, HAS_MASK=mask is not None, BM=bm, BN=bn, BK=bk,
-        PREC=_precision(ar.dtype), num_warps=4)
+        PREC=_precision(ar.dtype), num_warps=warps, num_stages=stages)
     return out
 
 
@@ -595,58 +624,83 @@ OPS = {
 
 
 # --------------------------------------------------------------------------------------- compile check
-def compile_check(arch: int = 90, verbose: bool = True) -> dict:
+def _drive(batch: int = 4) -> None:
+    """Run every launcher on CPU tensors (the launches go to the installed compile-check compiler):
+    small shapes for the layouts and options, and the benchmark's spectral_conv shapes (batch 64 / 128,
+    32 to 512 channels) for the tile sizes real runs pick."""
+    torch.manual_seed(0)
+    for dt in (torch.complex64, torch.complex128):
+        xf = torch.randn(batch, 6, 7, 4, dtype=dt)
+        w = torch.randn(6, 7, 4, dtype=dt)
+        m = torch.rand(7, 4)
+        for x_ in (xf, xf.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
+            for mask in (None, m):
+                global_filter(x_, w, mask)
+                for need in ((True, True), (True, False), (False, True)):
+                    global_filter_backward(x_, x_, w, mask, *need)
+        w2 = torch.randn(6, 5, 7, 4, dtype=dt)
+        for mask in (None, m):
+            spectral_conv(xf, w2, mask)
+            spectral_conv_backward(torch.randn(batch, 5, 7, 4, dtype=dt), xf, w2, mask, True, True)
+        # benchmark shapes: (batch, in = out channels, S) of the FAM-KD stages (bench/suites/fam.py)
+        for b, c, s in ((64 + batch, 32, 32), (64 + batch, 256, 8), (128 + batch, 128, 28)):
+            k = s // 2 + 1
+            xf = torch.empty(b, c, s, k, dtype=dt)
+            w2 = torch.empty(c, c, s, k, dtype=dt)
+            spectral_conv(xf, w2, torch.rand(s, k))
+            spectral_conv_backward(torch.empty(b, c, s, k, dtype=dt), xf, w2, torch.rand(s, k), True, True)
+        fam_half_weight(torch.randn(3, 2, 8, 8, dtype=dt), 0.3)
+        fam_half_weight_backward(torch.randn(3, 2, 8, 5, dtype=dt), 0.3, 8)
+    for s in (1, 4, 7, 8, 16, 32):
+        k = s // 2 + 1
+        for depthwise in (False, True):
+            c_in, c_out = (8, 8) if depthwise else (8, 64)
+            x = torch.randn(batch, c_in, s, s)
+            wh = torch.randn(*((c_in, s, k) if depthwise else (c_in, c_out, s, k)), dtype=torch.complex64)
+            fam_filter_fused(x, wh, depthwise, False)
+            g = torch.randn(batch, c_out, s, s)
+            fam_filter_fused(g, wh, depthwise, True)
+
+
+def compile_check(arch: int = 90, verbose: bool = True, compile: bool = True, batch: int = 4):
     """Compile every kernel variant the launchers above use, for sm_<arch>, on a machine without a GPU
-    (dctkd_ext/triton/_compile_check.py's compiler: frontend to ptxas, the JIT's specialisation), by
-    running the launchers on small CPU tensors with the launches replaced. TRITON_INTERPRET must be
-    unset. Returns {variant: (registers, stack bytes)}."""
+    (dctkd_ext/triton/_compile_check.py's compiler: frontend to ptxas, the JIT's own specialisation),
+    by running the launchers on CPU tensors with the launches replaced. TRITON_INTERPRET must be
+    unset. Returns the compiler: .seen {variant: (registers, stack bytes)}, .names {variant: label}."""
     if _common.INTERPRET:
         raise SystemExit("unset TRITON_INTERPRET: the compile check needs the compiler, not the interpreter")
     from ._compile_check import Compiler
 
-    compiler = Compiler(arch, verbose)
+    compiler = Compiler(arch, verbose, compile)
     saved = _common.launch, _common.wrap_triton
     _common.launch, _common.wrap_triton = compiler.launch, (lambda kernel: kernel)
     try:
-        torch.manual_seed(0)
-        for dt in (torch.complex64, torch.complex128):
-            xf = torch.randn(4, 6, 7, 4, dtype=dt)
-            w = torch.randn(6, 7, 4, dtype=dt)
-            m = torch.rand(7, 4)
-            for x_ in (xf, xf.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
-                for mask in (None, m):
-                    global_filter(x_, w, mask)
-                    for need in ((True, True), (True, False), (False, True)):
-                        global_filter_backward(x_, x_, w, mask, *need)
-            w2 = torch.randn(6, 5, 7, 4, dtype=dt)
-            for mask in (None, m):
-                spectral_conv(xf, w2, mask)
-                spectral_conv_backward(torch.randn(4, 5, 7, 4, dtype=dt), xf, w2, mask, True, True)
-            fam_half_weight(torch.randn(3, 2, 8, 8, dtype=dt), 0.3)
-            fam_half_weight_backward(torch.randn(3, 2, 8, 5, dtype=dt), 0.3, 8)
-        for s in (1, 4, 7, 8, 16, 32):
-            k = s // 2 + 1
-            for depthwise in (False, True):
-                c_in, c_out = (8, 8) if depthwise else (8, 64)
-                x = torch.randn(2, c_in, s, s)
-                wh = torch.randn(*((c_in, s, k) if depthwise else (c_in, c_out, s, k)), dtype=torch.complex64)
-                fam_filter_fused(x, wh, depthwise, False)
-                g = torch.randn(2, c_out, s, s)
-                fam_filter_fused(g, wh, depthwise, True)
+        _drive(batch)
     finally:
         _common.launch, _common.wrap_triton = saved
-    return compiler.seen
+    return compiler
 
 
-if __name__ == "__main__":  # python -m dctkd_ext.triton.spectral [--arch 90]
+if __name__ == "__main__":  # python -m dctkd_ext.triton.spectral [--arch 90] [--batch-invariance]
     import argparse
+    import sys
     import time
+
+    from ._compile_check import report
 
     ap = argparse.ArgumentParser(description="compile the spectral-filter Triton kernels for a GPU architecture")
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--batch-invariance", action="store_true",
+                    help="only check that batch sizes 16, 17 and 5 need the same kernel variants (no compiling)")
     args = ap.parse_args()
+    if args.batch_invariance:
+        sets = [set(compile_check(args.arch, False, False, b).seen) for b in (16, 17, 5)]
+        extra = sorted({k[0] for s_ in sets[1:] for k in s_ - sets[0]})
+        print(f"{len(sets[0])} variants at batch 16; new at batch 17 or 5: {len(extra)} {extra}")
+        sys.exit(1 if extra else 0)
     t0 = time.time()
-    seen = compile_check(args.arch)
-    stack = [k[0] for k, (_, st) in seen.items() if st]
-    print(f"triton {triton.__version__}, sm_{args.arch}: {len(seen)} kernel variants compiled in "
+    c = compile_check(args.arch, verbose=False)
+    print(report(c))
+    stack = [k[0] for k, (_, st) in c.seen.items() if st]
+    print(f"triton {triton.__version__}, sm_{args.arch}: {len(c.seen)} kernel variants compiled in "
           f"{time.time() - t0:.0f}s; {len(stack)} use local memory (stack): {sorted(set(stack))}")

@@ -10,9 +10,13 @@ for name in os.listdir(src):
         continue
     s = open(os.path.join(src, name)).read()
     s = re.sub(r'#include <(c10/cuda/[^>]*|cuda_runtime\.h|ATen/cuda/[^>]*)>\n', '', s)
-    s = s.replace('#include "../dctkd_math.h"', '#include "dctkd_math.h"')
+    for h in ('dctkd_math.h', 'dct_at_args.h', 'spectral_common.h', 'spectral_math.h'):
+        s = s.replace('#include "../%s"' % h, '#include "%s"' % h)
     if name == 'common.cuh' or name == 'attention_map.cuh':
         s = s.replace('#pragma once\n', '#pragma once\n#include "emu.h"\n', 1)
+    if name == 'spectral.cu':
+        s = s.replace('#include <ATen/ATen.h>\n', '#include <ATen/ATen.h>\n#include "emu.h"\n', 1)
+    s = s.replace('c10::cuda::getCurrentCUDAStream().stream()', 'cudaStream_t(nullptr)')
     s = re.sub(r'extern __shared__ __align__\(16\) unsigned char smem\[\];', 'unsigned char* smem = emu::dyn_smem;', s)
     s = re.sub(r'\s*const c10::cuda::CUDAGuard guard\([^;]*\);', '', s)
     s = s.replace('c10::cuda::getCurrentCUDAStream()', 'cudaStream_t(nullptr)')
@@ -30,10 +34,17 @@ TORCH_LIBRARY(dctkd_emu, m) {
   m.def("idct2d(Tensor c) -> Tensor");
   m.def("dct_at_loss(Tensor[] student, Tensor[] teacher, float[] weights, float p, str map_norm, bool center, str transform, bool coef_abs, str coef_norm, str distance, float eps) -> (Tensor, Tensor[])");
   m.def("dct_at_loss_backward(Tensor grad_loss, Tensor[] grad_maps, Tensor[] student, float p) -> Tensor[]");
+  m.def("global_filter(Tensor xf, Tensor w, Tensor? mask) -> Tensor");
+  m.def("global_filter_backward(Tensor grad, Tensor xf, Tensor w, Tensor? mask, bool need_xf, bool need_w) -> (Tensor, Tensor)");
+  m.def("spectral_conv(Tensor xf, Tensor w, Tensor? mask) -> Tensor");
+  m.def("spectral_conv_backward(Tensor grad, Tensor xf, Tensor w, Tensor? mask, bool need_xf, bool need_w) -> (Tensor, Tensor)");
+  m.def("fam_half_weight(Tensor w, float cuton) -> Tensor");
+  m.def("fam_half_weight_backward(Tensor grad, float cuton, int width) -> Tensor");
   m.def("stats() -> int[]");
 }
 static std::vector<int64_t> stats() { return {emu::launches, emu::blocks_run}; }
 TORCH_LIBRARY_IMPL(dctkd_emu, CompositeExplicitAutograd, m) { m.impl("stats", &stats); }
 ''')
 shutil.copy(os.path.join(here, 'emu.h'), dst)
-shutil.copy(os.path.join(os.path.dirname(src), 'dctkd_math.h'), dst)
+for h in ('dctkd_math.h', 'dct_at_args.h', 'spectral_common.h', 'spectral_math.h'):
+    shutil.copy(os.path.join(os.path.dirname(src), h), dst)
