@@ -346,6 +346,9 @@ def test_explicit_flags_override_the_recipe_and_short_runs_keep_its_shape():
         resolve_config(raw, world_size=3)
     with pytest.raises(UserError, match="unknown recipe 'rkd'"):
         _resolve(recipe="rkd")
+    with pytest.raises(UserError, match="--fam-mid-channels sets the fusion width of fam-abf"):
+        _resolve(method="fam", teacher="t.pt", fam_mid_channels=32)
+    assert _resolve(method="fam-abf", teacher="t.pt", fam_mid_channels=32)["fam_mid_channels"] == 32
 
 
 def test_the_famkd_cifar_command_records_the_released_settings(tmp_path, capsys):

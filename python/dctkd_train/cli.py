@@ -151,10 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("--out", default="runs/demo", metavar="DIR")
     d.add_argument("--budget", type=float, default=1.0,
-                   help="scales the training images seen (1: about 15 minutes on 2 CPU cores)")
+                   help="scales the training images seen (1: about 20 minutes on 2 CPU cores)")
     d.add_argument("--device", default="auto")
     d.add_argument("--methods", help="comma-separated students (default: ce,kd,at,dct,dct+kd,dct-paper,"
-                   "dct-paper+kd,fam,fam-abf)")
+                   "dct-paper+kd,fam)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=_nonneg_int)
     d.add_argument("--resume", action="store_true", help="reuse the runs that already finished in DIR")

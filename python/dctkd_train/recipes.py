@@ -117,6 +117,8 @@ def apply_recipe(cfg: dict, raw: dict, world_size: int = 1) -> None:
     given = {k for k, v in raw.items() if v is not None}
     name = cfg.get("recipe")
     recipe = None
+    if name in ("cifar", "imagenet"):  # the trainer's own defaults, as a resolved config names them
+        return
     if name is not None:
         if name not in RECIPES:
             raise UserError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
@@ -149,6 +151,9 @@ def apply_fam_pair(cfg: dict, raw: dict) -> None:
     if cfg.get("method") != "fam":
         return
     given = {k for k, v in raw.items() if v is not None}
+    if "fam_mid_channels" in given:
+        raise UserError("--fam-mid-channels sets the fusion width of fam-abf; fam uses the student's widths at "
+                        "every level, as released")
     pair = fam_pair_settings(_teacher_arch(cfg), cfg["model"])
     for k in ("feat_weight", "fam_student_preact", "fam_pooled_target"):
         if k not in given:
