@@ -6,22 +6,21 @@ Every method's total loss is ``ce_weight * CE + kd_weight * KD + feat_weight * F
 * KD  -- Hinton's loss, ``KL(softmax(t/T) || softmax(s/T)) * T^2`` (batch mean), T = 4;
 * FEAT -- the method's feature term:
 
-  ============  =========================================================================  =======================
-  method        FEAT                                                                       (ce, kd, feat) default
-  ============  =========================================================================  =======================
-  ``ce``        none (a teacher or a baseline)                                             (1, 0, 0)
-  ``kd``        none                                                                       (0.1, 0.9, 0)
-  ``at``        ``dctkd_ext.dct_at_loss(preset="at")`` (attention transfer)                (1, 0, 1000)
-  ``dct``       ``dctkd_ext.dct_at_loss(preset="dct")`` (DCT-KD, orthonormal DCT)          (1, 0, 1)
-  ``dct-paper`` ``dctkd_ext.dct_at_loss(preset="paper")`` (the authors' released formula)  (1, 0, 1)
-  ``dct+kd``    ``dctkd_ext.dct_at_loss(preset="dct")``                                    (0.1, 1, 1)
-  ``dct-paper+kd`` ``dctkd_ext.dct_at_loss(preset="paper")``                               (0.1, 1, 1)
-  ``fam``       FAM-KD as released: cross-attention fusion ending in                       (1, 0, 1), warmed up;
-                ``dctkd_ext.nn.FrequencyAttention`` (:mod:`dctkd_train.fam_head`), over      the released
-                the stages and the pooled feature; sum over levels of                      per-pair weight
-                ``mse(fused_l, teacher_l)``                                                (see recipes.py)
-  ``fam-abf``   the same loss with ReviewKD's ABF fusion (this project's variant)         (1, 0, 1), warmed up
-  ============  =========================================================================  =======================
+  ================  ===========================================================================  ======================
+  method            FEAT                                                                         (ce, kd, feat) default
+  ================  ===========================================================================  ======================
+  ``ce``            none (a teacher or a baseline)                                               (1, 0, 0)
+  ``kd``            none                                                                         (0.1, 0.9, 0)
+  ``at``            ``dctkd_ext.dct_at_loss(preset="at")`` (attention transfer)                  (1, 0, 1000)
+  ``dct``           ``dctkd_ext.dct_at_loss(preset="dct")`` (DCT-KD, orthonormal DCT)            (1, 0, 1)
+  ``dct-paper``     ``dctkd_ext.dct_at_loss(preset="paper")`` (the authors' released formula)    (1, 0, 1)
+  ``dct+kd``        ``dctkd_ext.dct_at_loss(preset="dct")``                                      (0.1, 1, 1)
+  ``dct-paper+kd``  ``dctkd_ext.dct_at_loss(preset="paper")``                                    (0.1, 1, 1)
+  ``fam``           FAM-KD as released (:mod:`dctkd_train.fam_head`): cross-attention fusion     (1, 0, 1), warmed up;
+                    over the stages and the pooled feature, each level ending in                 the pair's released
+                    ``dctkd_ext.nn.FrequencyAttention``; sum over levels of ``mse(out_l, t_l)``  weight (recipes.py)
+  ``fam-abf``       the same loss with ReviewKD's ABF fusion (this project's variant)            (1, 0, 1), warmed up
+  ================  ===========================================================================  ======================
 
 Feature pairs whose spatial sizes differ are matched by ``adaptive_avg_pool2d`` of the larger one
 (as mdistiller does for AT). ``guide=True`` (the teacher-prediction guide of DCT-KD) passes
