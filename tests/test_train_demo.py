@@ -20,7 +20,7 @@ def test_demo_plan_scales_with_the_budget():
     assert demo_plan(0.01)["n_train"] >= 4 * p1["classes"]
     with pytest.raises(UserError, match="--budget"):
         demo_plan(0)
-    assert set(DEFAULT_METHODS) >= {"ce", "kd", "at", "dct", "dct+kd", "fam"}
+    assert set(DEFAULT_METHODS) >= {"ce", "kd", "at", "dct", "dct+kd", "dct-paper+kd", "fam"}
 
 
 @pytest.mark.skipif(not method_available("dct"), reason="dctkd_ext is not built")
@@ -38,6 +38,7 @@ def test_tiny_demo(tmp_path, capsys):
     assert len(data["rows"]) == 3
     dct = data["rows"][-1]
     assert dct["loss_time_s"] > 0 and 0 <= dct["top1"] <= 100
+    assert dct["images_per_sec"] > 0 and "| img/s |" in md
     for run in ("teacher", "student-kd", "student-dct"):
         assert (tmp_path / run / "best.pt").is_file() and (tmp_path / run / "curves.png").is_file()
     # --resume reuses the finished runs

@@ -73,7 +73,7 @@ def feats(b=4, shapes=((8, 8, 8), (16, 4, 4)), grad=False, seed=0):
 
 def test_default_weights_per_method():
     expect = {"ce": (1, 0, 0), "kd": (0.1, 0.9, 0), "at": (1, 0, 1000), "dct": (1, 0, 1), "dct-paper": (1, 0, 1),
-              "dct+kd": (0.1, 1, 1), "fam": (1, 0, 1)}
+              "dct+kd": (0.1, 1, 1), "dct-paper+kd": (0.1, 1, 1), "fam": (1, 0, 1), "fam-abf": (1, 0, 1)}
     assert set(expect) == set(Mth.METHODS)
     for name, (ce, kd, ft) in expect.items():
         c = Mth.MethodConfig.make(name)
@@ -112,7 +112,7 @@ def test_kd_loss_is_hinton_with_t_squared():
 @pytest.mark.parametrize("name,preset,term", [("at", "at", "at"), ("dct", "dct", "dct"), ("dct-paper", "paper", "dct"),
                                               ("dct+kd", "dct", "dct")])
 def test_feature_methods_call_dct_at_loss_with_their_preset_and_weights(name, preset, term):
-    m = Mth.Method(Mth.MethodConfig.make(name, level_weights=[1.0, 2.0], loss_options={"eps": 1e-6}))
+    m = Mth.Method(Mth.MethodConfig.make(name, level_weights=[1.0, 2.0], loss_options={"eps": 1e-6}, guide=False))
     rec = m.ext = Recorder(0.5)
     y = torch.tensor([0, 1, 2, 3])
     s_logits, t_logits = torch.randn(4, 5), torch.randn(4, 5)
@@ -203,7 +203,7 @@ def test_fam_without_frequency_attention_says_so(fam_missing):
 
 def test_fam_review_distiller(fam_available):
     torch.manual_seed(0)
-    cfg = Mth.MethodConfig.make("fam", feat_warmup=4)
+    cfg = Mth.MethodConfig.make("fam-abf", feat_warmup=4)
     m = Mth.Method(cfg)
     s_shapes = [(16, 16, 16), (32, 8, 8), (64, 4, 4)]
     t_shapes = [(32, 16, 16), (64, 8, 8), (128, 4, 4)]
@@ -230,7 +230,7 @@ def test_fam_review_distiller(fam_available):
 
 def test_fam_deepest_level_sets_the_fusion_path(fam_available):
     # the student's features are at other sizes than the teacher's: the ABF resizes to the teacher
-    m = Mth.Method(Mth.MethodConfig.make("fam"))
+    m = Mth.Method(Mth.MethodConfig.make("fam-abf"))
     head = m.build_head([(8, 8, 8), (16, 4, 4)], [(12, 16, 16), (24, 8, 8)])
     out = head([torch.randn(3, 8, 8, 8), torch.randn(3, 16, 4, 4)])
     assert [tuple(o.shape) for o in out] == [(3, 12, 16, 16), (3, 24, 8, 8)]
@@ -257,7 +257,8 @@ def test_every_method_trains_in_the_loop(method, teacher_ckpt, tmp_path, fam_ava
                      "progress": False, "guide": method == "dct+guide" or None})
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     expect_terms = {"ce": set(), "kd": {"kd"}, "at": {"at"}, "dct": {"dct"}, "dct-paper": {"dct"},
-                    "dct+kd": {"dct", "kd"}, "fam": {"fam"}}[name]
+                    "dct+kd": {"dct", "kd"}, "dct-paper+kd": {"dct", "kd"}, "fam": {"fam"},
+                    "fam-abf": {"fam"}}[name]
     terms = {k[len("train_loss_"):] for k in row if k.startswith("train_loss_")}
     assert terms == expect_terms | {"ce"}
     assert row["epoch"] == 1 and 0 <= row["val_top1"] <= 100 and math.isfinite(row["train_loss"])
@@ -266,7 +267,7 @@ def test_every_method_trains_in_the_loop(method, teacher_ckpt, tmp_path, fam_ava
         assert row["loss_time_s"] > 0
     assert summary["best"]["val_top1"] == row["val_top1"]
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
-    assert (ck["head"] is not None) == (name == "fam")
+    assert (ck["head"] is not None) == (name in ("fam", "fam-abf"))
 
 
 def test_compile_keeps_the_hooks(teacher_ckpt, tmp_path, monkeypatch):

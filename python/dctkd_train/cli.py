@@ -9,7 +9,8 @@ from .errors import UserError
 
 EPILOG_MODELS = ("models: resnet8 resnet14 resnet20 resnet32 resnet44 resnet56 resnet110 resnet8x4 resnet32x4 "
                  "wrn16_1 wrn16_2 wrn40_1 wrn40_2; with torchvision: resnet18 resnet34 resnet50 mobilenet_v2. "
-                 "methods: ce kd at dct dct-paper dct+kd fam. "
+                 "methods: ce kd at dct dct-paper dct+kd dct-paper+kd fam fam-abf. "
+                 "recipes: dctkd-scenes dctkd-cifar famkd-cifar famkd-imagenet. "
                  "data: synthetic-scenes[:size=32,classes=20,train=10000,val=2000,seed=0] | cifar100:DIR | "
                  "cifar10:DIR | imagefolder:DIR")
 
@@ -63,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("run")
     g.add_argument("--data", required=True, metavar="SPEC", help="data set (see below)")
     g.add_argument("--model", required=True, metavar="NAME", help="student (or teacher) architecture")
-    g.add_argument("--method", metavar="M", help="ce (default) | kd | at | dct | dct-paper | dct+kd | fam")
+    g.add_argument("--method", metavar="M", help="ce (default) | kd | at | dct | dct-paper | dct+kd | dct-paper+kd | "
+                   "fam | fam-abf")
+    g.add_argument("--recipe", choices=("dctkd-scenes", "dctkd-cifar", "famkd-cifar", "famkd-imagenet"),
+                   help="a paper's released training settings (optimiser, lr, batch, epochs, schedule, weight decay, "
+                   "warm-ups, fp32, crops); flags given explicitly override them (see docs/TRAINER.md)")
     g.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (from `train --method ce`, or a "
                    "RepDistiller/mdistiller state dict with --teacher-model)")
     g.add_argument("--teacher-model", metavar="NAME", help="teacher architecture, for checkpoints that do not name it")
@@ -105,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kd-weight", type=float, help="weight of Hinton KD (delta)")
     g.add_argument("--feat-weight", type=float, help="weight of the feature term: DCT (alpha), AT (1000), FAM")
     g.add_argument("--kd-temperature", "-T", type=float, help="KD temperature (4)")
-    g.add_argument("--guide", action="store_true", default=None,
-                   help="teacher-prediction guide: only samples the teacher gets right count in the feature loss")
+    g.add_argument("--guide", action=argparse.BooleanOptionalAction, default=None,
+                   help="teacher-prediction guide: only samples the teacher gets right count in the DCT loss "
+                   "(default: on for dct-paper and dct-paper+kd, and as the recipe says)")
     g.add_argument("--level-weights", type=_csv_floats, help="per-level weights of the DCT/AT loss, e.g. 1,1,2")
     g.add_argument("--loss-opt", action="append", metavar="KEY=VALUE",
                    help="override a dct_at_loss option, e.g. --loss-opt distance=mse (repeatable)")
@@ -114,8 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-layers", metavar="A,B,C", help="teacher layers to hook (default: stage outputs)")
     g.add_argument("--feat-warmup", type=_nonneg_int, help="epochs of linear warm-up of the feature weight "
                    "(fam: 20 of 240, scaled to --epochs)")
-    g.add_argument("--fam-mid-channels", type=_positive_int, help="fam: channels of the fusion (64)")
-    g.add_argument("--fam-cuton", type=float, help="fam: high-pass cut-on of FrequencyAttention (0.1)")
+    g.add_argument("--fam-mid-channels", type=_positive_int, help="fam-abf: channels of the fusion (64); fam uses "
+                   "the student's widths, as released")
+    g.add_argument("--fam-cuton", type=float, help="fam, fam-abf: high-pass cut-on of FrequencyAttention (0.1)")
+    g.add_argument("--fam-student-preact", action=argparse.BooleanOptionalAction, default=None,
+                   help="fam: the student's pre-ReLU stage outputs (default: the released pair's setting)")
+    g.add_argument("--fam-pooled-target", action=argparse.BooleanOptionalAction, default=None,
+                   help="fam: compare the pooled level with the teacher's pooled feature (default: the released "
+                   "setting, on for CIFAR pairs, off for resnet34->resnet18)")
     g.add_argument("--no-eval-teacher", dest="eval_teacher", action="store_false", default=None,
                    help="skip evaluating the teacher before training")
 
@@ -134,13 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="FILE", help="also write the result as JSON")
 
     # ------------------------------------------------------------------ demo
-    d = sub.add_parser("demo", help="teacher + CE/KD/AT/DCT/DCT+KD(/FAM) students on synthetic-scenes",
+    d = sub.add_parser("demo", help="teacher + CE/KD/AT/DCT/DCT+KD/released DCT-KD and FAM-KD students on "
+                       "synthetic-scenes",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("--out", default="runs/demo", metavar="DIR")
     d.add_argument("--budget", type=float, default=1.0,
-                   help="scales the training images seen (1: about 15 minutes on 2 CPU cores)")
+                   help="scales the training images seen (1: about 20 minutes on 2 CPU cores)")
     d.add_argument("--device", default="auto")
-    d.add_argument("--methods", help="comma-separated students (default: ce,kd,at,dct,dct+kd[,fam])")
+    d.add_argument("--methods", help="comma-separated students (default: ce,kd,at,dct,dct+kd,dct-paper,"
+                   "dct-paper+kd,fam)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=_nonneg_int)
     d.add_argument("--resume", action="store_true", help="reuse the runs that already finished in DIR")

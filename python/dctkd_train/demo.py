@@ -1,9 +1,10 @@
-"""``python -m dctkd_train demo``: a teacher and CE, KD, AT, DCT, DCT+KD (and FAM) students on
-synthetic-scenes, with a results table (top-1, top-5, MCA, the time the distillation loss took).
+"""``python -m dctkd_train demo``: a teacher and CE, KD, AT, DCT, DCT+KD, the released DCT-KD
+(with and without KD) and the released FAM-KD students on synthetic-scenes, with a results table
+(top-1, top-5, MCA, the time the distillation loss took, training throughput).
 
-At ``--budget 1`` it fits in about 15 minutes on 2 CPU cores; ``--budget B`` scales the number of
-training images (and so the time) by B. Every run is an ordinary ``train`` run in OUT/<name>/ with
-its own metrics.jsonl, checkpoints and curves.png.
+At ``--budget 1`` it takes about 20 minutes on 2 CPU cores (``fam`` about a quarter of it);
+``--budget B`` scales the number of training images (and so the time) by B. Every run is an
+ordinary ``train`` run in OUT/<name>/ with its own metrics.jsonl, checkpoints and curves.png.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ DEMO = {
     "lr": 0.05,
     "schedule": "cosine",
 }
-DEFAULT_METHODS = ("ce", "kd", "at", "dct", "dct+kd", "fam")
+DEFAULT_METHODS = ("ce", "kd", "at", "dct", "dct+kd", "dct-paper", "dct-paper+kd", "fam")
 
 
 def demo_plan(budget: float, seed: int = 0, teacher_model: str | None = None, student_model: str | None = None,
@@ -55,8 +56,8 @@ def demo_plan(budget: float, seed: int = 0, teacher_model: str | None = None, st
 
 
 def _fmt_table(rows: list[dict]) -> str:
-    head = ("| run | model | method | top-1 | top-5 | MCA | loss time (s) | loss ms/step | train time (s) |\n"
-            "|---|---|---|---:|---:|---:|---:|---:|---:|\n")
+    head = ("| run | model | method | top-1 | top-5 | MCA | loss time (s) | loss ms/step | train time (s) | img/s |\n"
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
     lines = []
     for r in rows:
         distill = r["method"] != "ce"  # ce has no distillation loss to time
@@ -64,7 +65,7 @@ def _fmt_table(rows: list[dict]) -> str:
         lms = f"{r['loss_ms_per_step']:.2f}" if distill else "-"
         lines.append(
             f"| {r['run']} | {r['model']} | {r['method']} | {r['top1']:.2f} | {r['top5']:.2f} | {r['mca']:.2f} | "
-            f"{lt} | {lms} | {r['train_time_s']:.0f} |"
+            f"{lt} | {lms} | {r['train_time_s']:.0f} | {r['images_per_sec']:.0f} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -86,12 +87,14 @@ def run_demo(out: str = "runs/demo", budget: float = 1.0, device: str = "auto", 
         wanted = list(DEFAULT_METHODS)
     skipped = [m for m in wanted if not method_available(m)]
     if skipped and not quiet:
+        fam_only = set(skipped) <= {"fam", "fam-abf"}
         print(f"demo: skipping {', '.join(skipped)} (not available in this install: "
-              f"{'fam needs dctkd_ext.nn.FrequencyAttention' if skipped == ['fam'] else 'dctkd_ext is not built'})")
+              f"{'fam needs dctkd_ext.nn.FrequencyAttention' if fam_only else 'dctkd_ext is not built'})")
     if skipped and methods:
         # asked for explicitly: say why it cannot run
         raise UserError(f"demo: method(s) {', '.join(skipped)} cannot run in this install"
-                        + (" (fam needs dctkd_ext.nn.FrequencyAttention, which the installed dctkd_ext does not provide)" if "fam" in skipped else ""))
+                        + (" (fam needs dctkd_ext.nn.FrequencyAttention, which the installed dctkd_ext does not provide)"
+                           if {"fam", "fam-abf"} & set(skipped) else ""))
     wanted = [m for m in wanted if m not in skipped]
 
     out_dir = Path(out).expanduser()
@@ -135,7 +138,9 @@ def run_demo(out: str = "runs/demo", budget: float = 1.0, device: str = "auto", 
         return {"run": name, "model": s["model"], "method": s["method"], "top1": b["val_top1"], "top5": b["val_top5"],
                 "mca": b["val_mca"], "loss_time_s": s["loss_time_s"],
                 "loss_ms_per_step": 1000 * s["loss_time_s"] / max(1, s.get("steps", 0)),
-                "train_time_s": s["train_time_s"], "best_top1": s["best"]["val_top1"]}
+                "train_time_s": s["train_time_s"], "best_top1": s["best"]["val_top1"],
+                # every step is a full batch (drop_last): training images over the epochs' wall time
+                "images_per_sec": s.get("steps", 0) * plan["batch_size"] / max(s["train_time_s"], 1e-9)}
 
     rows.append(row("teacher", teacher))
     for m in wanted:
@@ -154,7 +159,8 @@ def run_demo(out: str = "runs/demo", budget: float = 1.0, device: str = "auto", 
     md = (f"Demo results ({plan['data']}; teacher {plan['teacher_model']}, students {plan['student_model']}, "
           f"{plan['student_epochs']} epochs; {env}; {wall / 60:.1f} min in all).\n"
           f"Command: `{cmd}`. Accuracies are the final epoch's on the validation split, in %; "
-          f"loss time is the wall time of the distillation-loss calls (forward) over the whole run.\n\n"
+          f"loss time is the wall time of the distillation-loss calls (forward) over the whole run; "
+          f"img/s is the training throughput (student, teacher and loss, forward and backward).\n\n"
           + _fmt_table(rows))
     result = {"plan": plan, "rows": rows, "wall_time_s": wall, "command": cmd, "environment": env,
               "skipped": skipped}

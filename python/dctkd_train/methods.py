@@ -6,22 +6,26 @@ Every method's total loss is ``ce_weight * CE + kd_weight * KD + feat_weight * F
 * KD  -- Hinton's loss, ``KL(softmax(t/T) || softmax(s/T)) * T^2`` (batch mean), T = 4;
 * FEAT -- the method's feature term:
 
-  ============  =========================================================================  =======================
-  method        FEAT                                                                       (ce, kd, feat) default
-  ============  =========================================================================  =======================
-  ``ce``        none (a teacher or a baseline)                                             (1, 0, 0)
-  ``kd``        none                                                                       (0.1, 0.9, 0)
-  ``at``        ``dctkd_ext.dct_at_loss(preset="at")`` (attention transfer)                (1, 0, 1000)
-  ``dct``       ``dctkd_ext.dct_at_loss(preset="dct")`` (DCT-KD, orthonormal DCT)          (1, 0, 1)
-  ``dct-paper`` ``dctkd_ext.dct_at_loss(preset="paper")`` (the authors' released formula)  (1, 0, 1)
-  ``dct+kd``    ``dctkd_ext.dct_at_loss(preset="dct")``                                    (0.1, 1, 1)
-  ``fam``       FAM-KD: knowledge-review fusion with ``dctkd_ext.nn.FrequencyAttention``,  (1, 0, 1), warmed up
-                sum over levels of ``mse(fused_l, teacher_l)``
-  ============  =========================================================================  =======================
+  ================  ===========================================================================  ======================
+  method            FEAT                                                                         (ce, kd, feat) default
+  ================  ===========================================================================  ======================
+  ``ce``            none (a teacher or a baseline)                                               (1, 0, 0)
+  ``kd``            none                                                                         (0.1, 0.9, 0)
+  ``at``            ``dctkd_ext.dct_at_loss(preset="at")`` (attention transfer)                  (1, 0, 1000)
+  ``dct``           ``dctkd_ext.dct_at_loss(preset="dct")`` (DCT-KD, orthonormal DCT)            (1, 0, 1)
+  ``dct-paper``     ``dctkd_ext.dct_at_loss(preset="paper")`` (the authors' released formula)    (1, 0, 1)
+  ``dct+kd``        ``dctkd_ext.dct_at_loss(preset="dct")``                                      (0.1, 1, 1)
+  ``dct-paper+kd``  ``dctkd_ext.dct_at_loss(preset="paper")``                                    (0.1, 1, 1)
+  ``fam``           FAM-KD as released (:mod:`dctkd_train.fam_head`): cross-attention fusion     (1, 0, 1), warmed up;
+                    over the stages and the pooled feature, each level ending in                 the pair's released
+                    ``dctkd_ext.nn.FrequencyAttention``; sum over levels of ``mse(out_l, t_l)``  weight (recipes.py)
+  ``fam-abf``       the same loss with ReviewKD's ABF fusion (this project's variant)            (1, 0, 1), warmed up
+  ================  ===========================================================================  ======================
 
 Feature pairs whose spatial sizes differ are matched by ``adaptive_avg_pool2d`` of the larger one
 (as mdistiller does for AT). ``guide=True`` (the teacher-prediction guide of DCT-KD) passes
-``sample_weight = (argmax(teacher_logits) == labels)`` to ``dct_at_loss``.
+``sample_weight = (argmax(teacher_logits) == labels)`` to ``dct_at_loss``; it is on by default for
+``dct-paper`` and ``dct-paper+kd`` (the released DCT-KD configuration's ``PRED_GUIDE: True``).
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 
 from .errors import UserError
 
-METHODS = ("ce", "kd", "at", "dct", "dct-paper", "dct+kd", "fam")
+METHODS = ("ce", "kd", "at", "dct", "dct-paper", "dct+kd", "dct-paper+kd", "fam", "fam-abf")
 
 DEFAULT_WEIGHTS: dict[str, tuple[float, float, float]] = {
     "ce": (1.0, 0.0, 0.0),
@@ -43,10 +47,17 @@ DEFAULT_WEIGHTS: dict[str, tuple[float, float, float]] = {
     "dct": (1.0, 0.0, 1.0),
     "dct-paper": (1.0, 0.0, 1.0),
     "dct+kd": (0.1, 1.0, 1.0),
+    "dct-paper+kd": (0.1, 1.0, 1.0),
     "fam": (1.0, 0.0, 1.0),
+    "fam-abf": (1.0, 0.0, 1.0),
 }
 
-_PRESET = {"at": "at", "dct": "dct", "dct-paper": "paper", "dct+kd": "dct"}
+_PRESET = {"at": "at", "dct": "dct", "dct-paper": "paper", "dct+kd": "dct", "dct-paper+kd": "paper"}
+
+# Methods whose teacher-prediction guide is on unless turned off (the released DCT-KD configuration).
+GUIDED_BY_DEFAULT = ("dct-paper", "dct-paper+kd")
+# Methods that can use the guide (the DCT-KD losses).
+GUIDE_METHODS = ("dct", "dct-paper", "dct+kd", "dct-paper+kd")
 
 FAM_MISSING = "fam needs dctkd_ext.nn.FrequencyAttention, which the installed dctkd_ext does not provide"
 
@@ -79,7 +90,7 @@ def method_available(name: str) -> bool:
         _import_ext()
     except UserError:
         return False
-    return name != "fam" or frequency_attention_class() is not None
+    return name not in ("fam", "fam-abf") or frequency_attention_class() is not None
 
 
 @dataclass
@@ -92,15 +103,19 @@ class MethodConfig:
     guide: bool = False
     level_weights: list[float] | None = None
     loss_options: dict[str, Any] = field(default_factory=dict)
-    fam_mid_channels: int = 64
+    fam_mid_channels: int = 64  # fam-abf only: fam uses the student's widths
     fam_cuton: float = 0.1
-    feat_warmup: int = 0  # epochs of linear warm-up of the feature weight (fam)
+    feat_warmup: int = 0  # epochs of linear warm-up of the feature weight (fam, fam-abf)
+    fam_student_preact: bool = False  # fam: the student's pre-ReLU stage outputs
+    fam_pooled_target: bool = True  # fam: the pooled level is compared with the teacher's pooled feature
 
     @staticmethod
     def make(name: str, ce_weight=None, kd_weight=None, feat_weight=None, **kw) -> "MethodConfig":
         if name not in METHODS:
             raise UserError(f"unknown method {name!r}; methods: {', '.join(METHODS)}")
         ce, kd, feat = DEFAULT_WEIGHTS[name]
+        if kw.get("guide") is None:
+            kw["guide"] = name in GUIDED_BY_DEFAULT
         return MethodConfig(
             name,
             ce if ce_weight is None else float(ce_weight),
@@ -117,7 +132,7 @@ class MethodConfig:
     def feature_kind(self) -> str | None:
         if self.name in _PRESET:
             return "dct_at"
-        if self.name == "fam":
+        if self.name in ("fam", "fam-abf"):
             return "fam"
         return None
 
@@ -142,7 +157,8 @@ def match_spatial(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 # ---------------------------------------------------------------------------------------------
-# FAM-KD: knowledge-review fusion (ReviewKD's ABF) with a FrequencyAttention output conv
+# fam-abf: knowledge-review fusion (ReviewKD's ABF) with a FrequencyAttention output conv
+# (FAM-KD as released is dctkd_train.fam_head)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -234,7 +250,38 @@ class Method:
             raise UserError(f"--level-weights has {len(self.cfg.level_weights)} values for {len(student_shapes)} levels")
         if self.cfg.feature_kind != "fam":
             return None
-        return ReviewFusionHead(student_shapes, teacher_shapes, self.cfg.fam_mid_channels, self.fam_cls, self.cfg.fam_cuton)
+        if self.cfg.name == "fam-abf":
+            return ReviewFusionHead(student_shapes, teacher_shapes, self.cfg.fam_mid_channels, self.fam_cls,
+                                    self.cfg.fam_cuton)
+        from .fam_head import FamHead
+
+        compare = [True] * len(student_shapes)
+        if not self.cfg.fam_pooled_target and tuple(teacher_shapes[-1][1:]) == (1, 1):
+            compare[-1] = False
+        return FamHead(student_shapes, teacher_shapes, self.fam_cls, self.cfg.fam_cuton, compare)
+
+    def default_layers(self, model: nn.Module, image_size: int, role: str) -> list[str]:
+        """The layers hooked when --student-layers / --teacher-layers are not given: the stage
+        outputs; for fam also the pooled feature as the deepest level, and the student's pre-ReLU
+        stage outputs with fam_student_preact."""
+        from .features import default_feature_layers
+
+        if self.cfg.name != "fam":
+            return default_feature_layers(model, image_size)
+        arch = getattr(model, "arch", type(model).__name__)
+        if role == "student" and self.cfg.fam_student_preact:
+            layers = getattr(model, "preact_feature_layers", None)
+            if not layers:
+                raise UserError(f"fam: pre-activation student features were asked for, but {arch} does not expose "
+                                "them (pass --no-fam-student-preact, or --student-layers)")
+            layers = list(layers)
+        else:
+            layers = default_feature_layers(model, image_size)
+        pooled = getattr(model, "pooled_layer", None)
+        if pooled is None:
+            raise UserError(f"fam: the released head takes the {role}'s pooled feature as its deepest level, and "
+                            f"{arch} has no pooling module to hook; pass --{role}-layers with the levels to use")
+        return layers + [pooled]
 
     def feat_scale(self, epoch: int) -> float:
         """Warm-up factor of the feature weight at (1-based) epoch ``epoch``."""
@@ -259,7 +306,8 @@ class Method:
         elif c.feat_weight > 0 and c.feature_kind == "fam":
             loss = 0.0
             for fused, t in zip(head_out, t_feats):
-                loss = loss + F.mse_loss(fused.float(), t.detach().float())
+                if fused is not None:  # None: a level left out of the loss
+                    loss = loss + F.mse_loss(fused.float(), t.detach().float())
             terms["fam"] = loss
         return terms
 

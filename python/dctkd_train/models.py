@@ -40,18 +40,24 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
         self.stride = stride
+        # No parameters: a hook point for the pre-ReLU sum (FAM-KD's pre-activation student features).
+        self.preact = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + residual)
+        return F.relu(self.preact(out + residual))
 
 
 class CifarResNet(nn.Module):
-    """ResNet for 32x32 inputs: a 3x3 stem and three stages (strides 1, 2, 2)."""
+    """ResNet for 32x32 inputs: a 3x3 stem and three stages (strides 1, 2, 2).
+
+    ``preact_feature_layers`` name the pre-ReLU outputs of the stages (the last block's sum before
+    its ReLU); ``pooled_layer`` the global pool, whose (B, C, 1, 1) output is the pooled feature."""
 
     feature_layers = ("layer1", "layer2", "layer3")
+    pooled_layer = "avgpool"
 
     def __init__(self, depth: int, num_filters: list[int], num_classes: int = 100):
         super().__init__()
@@ -65,6 +71,7 @@ class CifarResNet(nn.Module):
         self.layer1 = self._make_layer(num_filters[1], n)
         self.layer2 = self._make_layer(num_filters[2], n, stride=2)
         self.layer3 = self._make_layer(num_filters[3], n, stride=2)
+        self.preact_feature_layers = tuple(f"layer{i}.{n - 1}.preact" for i in (1, 2, 3))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(num_filters[3], num_classes)
         for m in self.modules():
@@ -142,6 +149,7 @@ class NetworkBlock(nn.Module):
 
 class WideResNet(nn.Module):
     feature_layers = ("block1", "block2", "block3")
+    pooled_layer = "avgpool"  # pool of relu(bn1(block3)), (B, C, 1, 1)
 
     def __init__(self, depth: int, num_classes: int = 100, widen_factor: int = 1, drop_rate: float = 0.0):
         super().__init__()
@@ -155,6 +163,7 @@ class WideResNet(nn.Module):
         self.block3 = NetworkBlock(n, ch[2], ch[3], 2, drop_rate)
         self.bn1 = nn.BatchNorm2d(ch[3])
         self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(ch[3], num_classes)
         self.nChannels = ch[3]
         for m in self.modules():
@@ -173,7 +182,7 @@ class WideResNet(nn.Module):
         out = self.block2(out)
         out = self.block3(out)
         out = self.relu(self.bn1(out))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        out = self.avgpool(out).flatten(1)
         return self.fc(out)
 
 
@@ -240,6 +249,8 @@ def build_model(name: str, num_classes: int) -> nn.Module:
 
         model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
         model.feature_layers = _TORCHVISION[name]
+        if isinstance(getattr(model, "avgpool", None), nn.AdaptiveAvgPool2d):
+            model.pooled_layer = "avgpool"
     else:
         known = ", ".join(list(_CIFAR) + [f"{n} (torchvision)" for n in _TORCHVISION])
         raise UserError(f"unknown model {name!r}; known models: {known}")

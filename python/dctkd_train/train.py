@@ -38,10 +38,12 @@ from .checkpoint import (
 )
 from .data import DataBundle, EpochDataset, EpochSampler, build_data
 from .errors import UserError
+from .fam_head import count_real_parameters
 from .features import FeatureHooks, default_feature_layers, probe_feature_shapes
 from .methods import METHODS, Method, MethodConfig, parse_loss_options
 from .models import build_model, count_parameters, model_family
 from .plots import plot_curves
+from .recipes import apply_fam_pair, apply_recipe
 from .progress import Progress
 
 # ---------------------------------------------------------------------------------------------
@@ -56,8 +58,9 @@ DEFAULTS: dict[str, Any] = {
     "lr_decay": 0.1, "warmup_epochs": 0, "nesterov": False,
     "amp": "auto", "compile": False, "channels_last": None, "workers": None, "seed": 0,
     "train_size": None, "val_size": None, "image_size": None, "sync_bn": False,
-    "ce_weight": None, "kd_weight": None, "feat_weight": None, "kd_temperature": 4.0, "guide": False,
-    "level_weights": None, "loss_opt": None, "fam_mid_channels": 64, "fam_cuton": 0.1, "feat_warmup": None,
+    "ce_weight": None, "kd_weight": None, "feat_weight": None, "kd_temperature": 4.0, "guide": None,
+    "level_weights": None, "loss_opt": None, "fam_mid_channels": None, "fam_cuton": 0.1, "feat_warmup": None,
+    "fam_student_preact": None, "fam_pooled_target": None, "recipe": None,
     "student_layers": None, "teacher_layers": None,
     "progress": True, "eval_teacher": True, "quiet": False,
 }
@@ -101,9 +104,10 @@ def resolve_config(raw: dict, world_size: int = 1) -> dict:
         raise UserError(f"--device must be auto, cpu or cuda, not {cfg['device']!r}")
     if cfg["schedule"] not in ("step", "cosine"):
         raise UserError(f"--schedule must be step or cosine, not {cfg['schedule']!r}")
+    apply_recipe(cfg, raw, world_size)  # --recipe NAME: the papers' settings, under the flags given
     recipe_name = "imagenet" if (_is_imagefolder(cfg["data"]) or model_family(cfg["model"]) == "imagenet") else "cifar"
     recipe = RECIPES[recipe_name]
-    cfg["recipe"] = recipe_name
+    cfg["recipe"] = cfg["recipe"] or recipe_name
     for k in ("batch_size", "epochs", "weight_decay"):
         if cfg[k] is None:
             cfg[k] = recipe[k]
@@ -117,11 +121,17 @@ def resolve_config(raw: dict, world_size: int = 1) -> dict:
     if cfg["milestones"] is None:
         cfg["milestones"] = sorted({max(1, int(round(f * cfg["epochs"]))) for f in recipe["milestone_fractions"]})
     cfg["milestones"] = [int(m) for m in cfg["milestones"]]
+    apply_fam_pair(cfg, raw)  # fam: the released per-pair weight, taps, loss levels and warm-up
     if cfg["feat_warmup"] is None:
         # FAM-KD / ReviewKD warm the feature weight up over 20 of 240 epochs; keep that fraction on short runs.
-        cfg["feat_warmup"] = min(20, max(0, round(cfg["epochs"] * 20 / 240))) if cfg["method"] == "fam" else 0
+        cfg["feat_warmup"] = min(20, max(0, round(cfg["epochs"] * 20 / 240))) if cfg["method"] == "fam-abf" else 0
     mc = make_method_config(cfg)
     cfg["ce_weight"], cfg["kd_weight"], cfg["feat_weight"] = mc.ce_weight, mc.kd_weight, mc.feat_weight
+    cfg["guide"] = mc.guide
+    if mc.feature_kind == "fam":
+        cfg["fam_mid_channels"] = mc.fam_mid_channels if mc.name == "fam-abf" else None
+        cfg["fam_student_preact"], cfg["fam_pooled_target"] = (
+            (mc.fam_student_preact, mc.fam_pooled_target) if mc.name == "fam" else (None, None))
     if mc.needs_teacher and not cfg["teacher"]:
         raise UserError(f"method {cfg['method']!r} needs a teacher: --teacher CKPT (train one with --method ce)")
     if cfg["out"] is None:
@@ -139,10 +149,13 @@ def make_method_config(cfg: dict) -> MethodConfig:
     opts = cfg.get("loss_opt")
     return MethodConfig.make(
         cfg["method"], cfg.get("ce_weight"), cfg.get("kd_weight"), cfg.get("feat_weight"),
-        temperature=float(cfg.get("kd_temperature") or 4.0), guide=bool(cfg.get("guide")), level_weights=lw,
+        temperature=float(cfg.get("kd_temperature") or 4.0),
+        guide=None if cfg.get("guide") is None else bool(cfg["guide"]), level_weights=lw,
         loss_options=opts if isinstance(opts, dict) else parse_loss_options(opts),
         fam_mid_channels=int(cfg.get("fam_mid_channels") or 64), fam_cuton=float(cfg.get("fam_cuton", 0.1)),
         feat_warmup=int(cfg.get("feat_warmup") or 0),
+        fam_student_preact=bool(cfg.get("fam_student_preact")),
+        fam_pooled_target=cfg.get("fam_pooled_target") is not False,
     )
 
 
@@ -491,8 +504,8 @@ def _train(raw: dict, env: Env) -> dict:
     s_layers = t_layers = None
     head = None
     if method.uses_features:
-        s_layers = _split_layers(cfg.get("student_layers")) or default_feature_layers(student, data.image_size)
-        t_layers = _split_layers(cfg.get("teacher_layers")) or default_feature_layers(teacher, data.image_size)
+        s_layers = _split_layers(cfg.get("student_layers")) or method.default_layers(student, data.image_size, "student")
+        t_layers = _split_layers(cfg.get("teacher_layers")) or method.default_layers(teacher, data.image_size, "teacher")
         s_shapes = probe_feature_shapes(student, s_layers, data.image_size, "cpu")
         t_shapes = probe_feature_shapes(teacher, t_layers, data.image_size, "cpu")
         head = method.build_head(s_shapes, t_shapes)
@@ -580,12 +593,14 @@ def _train(raw: dict, env: Env) -> dict:
         except Exception:
             env_info["dctkd_ext"] = None
         write_json({"config": cfg, "data": data_info, "environment": env_info, "teacher": t_info,
-                    "student_params": count_parameters(student)}, out / "config.json")
+                    "student_params": count_parameters(student),
+                    "head_params": count_real_parameters(head) if head is not None else None}, out / "config.json")
         # metrics.jsonl always mirrors the checkpoint's history (drops epochs logged after last.pt).
         atomic_write(out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(m) + "\n" for m in metrics)), mode="w")
 
     log(f"model: {cfg['model']} ({count_parameters(student) / 1e6:.2f} M params), method {cfg['method']} "
         f"(ce {mcfg.ce_weight:g}, kd {mcfg.kd_weight:g}, feat {mcfg.feat_weight:g}{', guide' if mcfg.guide else ''}), "
+        f"recipe {cfg['recipe']}, "
         f"{env.world} process(es) on {device}, batch {batch_size}/process, amp {cfg['amp']}")
 
     teacher_eval = None
