@@ -6,13 +6,16 @@ Public API:
     attention_map(x, p=2, reduce="mean"), dct2d(a), idct2d(c)
     set_backend(name), get_backend(), use_backend(name)   # "auto" | "cpu" | "cuda" | "triton" | "reference"
     PRESETS, nn (DCTATLoss, AttentionTransferLoss, ...), reference (plain-PyTorch formulas)
+    StageFeatures(model, stages, detach=False)   # forward hooks that collect named stage outputs
+    integrations.torchdistill (imported on its own; needs torchdistill)
 """
 
 from ._extension import BUILD_INFO  # loads the compiled ops first; fails with a "rebuild" message
 
-from . import nn, reference
+from . import features, nn, reference
 from ._backend import BACKENDS, get_backend, set_backend, use_backend
 from .ops import attention_map, dct2d, dct_at_loss, global_filter, idct2d, spectral_conv
+from .features import StageFeatures
 from .presets import PRESETS
 
 __version__ = BUILD_INFO["version"]
@@ -32,4 +35,6 @@ __all__ = [
     "BUILD_INFO",
     "nn",
     "reference",
+    "StageFeatures",
+    "features",
 ]
