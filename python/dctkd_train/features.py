@@ -38,6 +38,11 @@ class FeatureHooks:
         self.layers = list(layers)
         self._stages = StageFeatures(model, self.layers, detach=detach)
 
+    @property
+    def _store(self) -> dict:
+        """The outputs captured since the last pop (empty after pop and after remove)."""
+        return self._stages._store
+
     def pop(self) -> list[torch.Tensor]:
         """The captured features of the last forward, in layer order; clears the store."""
         return self._stages.pop()
