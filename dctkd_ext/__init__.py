@@ -7,12 +7,13 @@ Public API:
     set_backend(name), get_backend(), use_backend(name)   # "auto" | "cpu" | "cuda" | "triton" | "reference"
     PRESETS, nn (DCTATLoss, AttentionTransferLoss, ...), reference (plain-PyTorch formulas)
     StageFeatures(model, stages, detach=False)   # forward hooks that collect named stage outputs
+    amp.GradScaler   # torch.amp.GradScaler that also unscales complex (FrequencyAttention) gradients
     integrations.torchdistill (imported on its own; needs torchdistill)
 """
 
 from ._extension import BUILD_INFO  # loads the compiled ops first; fails with a "rebuild" message
 
-from . import features, nn, reference
+from . import amp, features, nn, reference
 from ._backend import BACKENDS, get_backend, set_backend, use_backend
 from .ops import attention_map, dct2d, dct_at_loss, global_filter, idct2d, spectral_conv
 from .features import StageFeatures
@@ -37,4 +38,5 @@ __all__ = [
     "reference",
     "StageFeatures",
     "features",
+    "amp",
 ]

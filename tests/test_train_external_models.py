@@ -172,3 +172,14 @@ def test_seed_and_deterministic_give_the_same_run(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert [m["train_loss"] for m in a["metrics"]] == [m["train_loss"] for m in b["metrics"]]
     assert any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"] if a["model"][k].is_floating_point())
+
+
+def test_fam_trains_under_fp16_autocast(tmp_path):
+    # FrequencyAttention's complex weights under fp16 need dctkd_ext.amp.GradScaler (torch's cannot unscale them)
+    torch.manual_seed(0)
+    sd = build_model("resnet14", 4).state_dict()
+    torch.save({"arch": "resnet14", "num_classes": 4, "model": sd}, tmp_path / "t.pt")
+    ck = _run(tmp_path, "fam", "--method", "fam", "--teacher", str(tmp_path / "t.pt"), "--amp", "fp16",
+              "--fam-mid-channels", "8")
+    assert ck["scaler"]["scale"] > 0 and all(np.isfinite(m["train_loss_fam"]) for m in ck["metrics"])
+    assert any(k.endswith("weights1") for k in ck["head"])

@@ -531,7 +531,10 @@ def _train(raw: dict, env: Env) -> dict:
                                 momentum=float(cfg["momentum"]), weight_decay=float(cfg["weight_decay"]),
                                 nesterov=bool(cfg.get("nesterov")))
     amp_dtype = _amp_dtype(cfg["amp"], device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler_cls = torch.amp.GradScaler
+    if amp_dtype == torch.float16 and any(p.is_complex() for p in params):
+        from dctkd_ext.amp import GradScaler as scaler_cls  # unscales FrequencyAttention's complex weights
+    scaler = scaler_cls(device.type, enabled=amp_dtype == torch.float16)
 
     # ---- loaders
     workers = cfg["workers"] if cfg.get("workers") is not None else _default_workers(data, device, env)
