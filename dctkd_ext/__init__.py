@@ -6,13 +6,17 @@ Public API:
     attention_map(x, p=2, reduce="mean"), dct2d(a), idct2d(c)
     set_backend(name), get_backend(), use_backend(name)   # "auto" | "cpu" | "cuda" | "triton" | "reference"
     PRESETS, nn (DCTATLoss, AttentionTransferLoss, ...), reference (plain-PyTorch formulas)
+    StageFeatures(model, stages, detach=False)   # forward hooks that collect named stage outputs
+    amp.GradScaler   # torch.amp.GradScaler that also unscales complex (FrequencyAttention) gradients
+    integrations.torchdistill (imported on its own; needs torchdistill)
 """
 
 from ._extension import BUILD_INFO  # loads the compiled ops first; fails with a "rebuild" message
 
 # isort: split
-from . import nn, reference
+from . import amp, features, nn, reference
 from ._backend import BACKENDS, get_backend, set_backend, use_backend
+from .features import StageFeatures
 from .ops import attention_map, dct2d, dct_at_loss, global_filter, idct2d, spectral_conv
 from .presets import PRESETS
 
@@ -33,4 +37,7 @@ __all__ = [
     "BUILD_INFO",
     "nn",
     "reference",
+    "StageFeatures",
+    "features",
+    "amp",
 ]

@@ -23,7 +23,7 @@ if not hasattr(ext, "dct_at_loss"):
 from dctkd_ext.nn import FrequencyAttention  # noqa: E402
 from dctkd_train.fam_head import FamHead, LocalSelfAttention, count_real_parameters  # noqa: E402
 from dctkd_train.recipes import FAM_PAIRS, RECIPES  # noqa: E402
-from dctkd_train.train import resolve_config, train  # noqa: E402
+from dctkd_train.train import resolve_config  # noqa: E402
 
 TINY = "synthetic-scenes:size=16,classes=4,train=32,val=16"
 

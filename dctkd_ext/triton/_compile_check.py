@@ -138,8 +138,6 @@ def install(compiler) -> None:
     _Dispatch.compiler = compiler
     _common.launch = _Dispatch.launch
     _common.wrap_triton = lambda kernel: kernel
-<<<<<<< HEAD
-=======
 
 
 # student / teacher channels and map side of ResNet-50 -> ResNet-18 on 224 x 224 images (the benchmark's
@@ -150,8 +148,6 @@ RESNET = [(64, 256, 56), (128, 512, 28), (256, 1024, 14), (512, 2048, 7)]
 def drive(full: bool = False, batch: int = 2) -> None:
     """Run the launchers of attention_map, dct2d / idct2d and dct_at_loss on CPU tensors (the launches
     go to the installed compiler)."""
-    from . import load
->>>>>>> gpu
     from ..presets import resolve_options
     from . import load
 

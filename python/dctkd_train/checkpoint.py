@@ -78,6 +78,15 @@ def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"{what} {str(p)!r} does not exist")
+    if p.suffix == ".safetensors":  # timm / Hugging Face weight files
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UserError(f"{what} {str(p)!r} is a .safetensors file: pip install safetensors") from None
+        try:
+            return load_file(str(p))
+        except Exception as e:
+            raise UserError(f"{what} {str(p)!r} could not be read as safetensors ({type(e).__name__}: {e})") from None
     try:
         # weights_only: tensors, numbers, strings and containers only -- never arbitrary pickled code.
         # This trainer's checkpoints and RepDistiller/mdistiller's load this way.

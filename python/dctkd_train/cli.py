@@ -8,7 +8,8 @@ import sys
 from .errors import UserError
 
 EPILOG_MODELS = ("models: resnet8 resnet14 resnet20 resnet32 resnet44 resnet56 resnet110 resnet8x4 resnet32x4 "
-                 "wrn16_1 wrn16_2 wrn40_1 wrn40_2; with torchvision: resnet18 resnet34 resnet50 mobilenet_v2. "
+                 "wrn16_1 wrn16_2 wrn40_1 wrn40_2; with torchvision: resnet18 resnet34 resnet50 mobilenet_v2, or any "
+                 "classifier as tv:NAME; with timm: timm:NAME (random init; no downloads). "
                  "methods: ce kd at dct dct-paper dct+kd dct-paper+kd fam fam-abf. "
                  "recipes: dctkd-scenes dctkd-cifar famkd-cifar famkd-imagenet. "
                  "data: synthetic-scenes[:size=32,classes=20,train=10000,val=2000,seed=0] | cifar100:DIR | "
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in DIR from DIR/last.pt")
     g.add_argument("--overwrite", action="store_true", help="start over in a DIR that already holds a run")
     g.add_argument("--seed", type=int, help="seed of the initialisation, data order and augmentation (default 0)")
+    g.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic algorithms (with --seed: the same run gives the same weights on the same machine)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     g.add_argument("--quiet", action="store_true", default=None, help="print nothing but errors")
 
@@ -118,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a dct_at_loss option, e.g. --loss-opt distance=mse (repeatable)")
     g.add_argument("--student-layers", metavar="A,B,C", help="student layers to hook (default: stage outputs)")
     g.add_argument("--teacher-layers", metavar="A,B,C", help="teacher layers to hook (default: stage outputs)")
+    g.add_argument("--stages", metavar="S1,S2,...", help="stages to distil, for student and teacher, by name or by "
+                   "index into the model's stage list (timm:/tv: models: feature_info modules / graph nodes)")
     g.add_argument("--feat-warmup", type=_nonneg_int, help="epochs of linear warm-up of the feature weight "
                    "(fam: 20 of 240, scaled to --epochs)")
     g.add_argument("--fam-mid-channels", type=_positive_int, help="fam-abf: channels of the fusion (64); fam uses "

@@ -19,9 +19,10 @@ from .errors import UserError
 
 
 class FeatureHooks:
-    """Forward hooks that store the outputs of the named submodules, in the order given."""
+    """Forward hooks that store the outputs of the named submodules, in the order given: a
+    :class:`dctkd_ext.StageFeatures` whose bad layer names are reported as :class:`UserError`."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[str]):
+    def __init__(self, model: nn.Module, layers: Sequence[str], detach: bool = False):
         modules = dict(model.named_modules())
         missing = [n for n in layers if n not in modules or n == ""]
         if missing:
@@ -32,32 +33,22 @@ class FeatureHooks:
             )
         if len(set(layers)) != len(layers):
             raise UserError(f"feature layers repeat a name: {list(layers)}")
+        from dctkd_ext.features import StageFeatures  # the compiled extension is needed only with features
+
         self.layers = list(layers)
-        self._store: dict[str, torch.Tensor] = {}
-        self._handles = [modules[n].register_forward_hook(self._make_hook(n)) for n in self.layers]
+        self._stages = StageFeatures(model, self.layers, detach=detach)
 
-    def _make_hook(self, name: str):
-        def hook(module, inputs, output):
-            if isinstance(output, (tuple, list)):
-                output = output[0]
-            self._store[name] = output
-
-        return hook
+    @property
+    def _store(self) -> dict:
+        """The outputs captured since the last pop (empty after pop and after remove)."""
+        return self._stages._store
 
     def pop(self) -> list[torch.Tensor]:
         """The captured features of the last forward, in layer order; clears the store."""
-        try:
-            feats = [self._store[n] for n in self.layers]
-        except KeyError as e:
-            raise RuntimeError(f"layer {e.args[0]!r} did not run in the last forward") from None
-        self._store = {}
-        return feats
+        return self._stages.pop()
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._store = {}
+        self._stages.remove()
 
 
 @torch.no_grad()

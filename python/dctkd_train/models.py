@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
+from .external_models import build_external, is_external
 
 # ---------------------------------------------------------------------------------------------
 # CIFAR ResNet (He et al. 2016, CIFAR variant; RepDistiller naming)
@@ -231,12 +232,15 @@ def available_models() -> list[str]:
 
 
 def model_family(name: str) -> str:
-    """"cifar" for the small-input CIFAR networks, "imagenet" for the torchvision ones."""
-    return "imagenet" if name in _TORCHVISION else "cifar"
+    """"cifar" for the small-input CIFAR networks, "imagenet" for the torchvision and timm ones."""
+    return "imagenet" if name in _TORCHVISION or is_external(name) else "cifar"
 
 
-def build_model(name: str, num_classes: int) -> nn.Module:
-    """Build a model by name; raise :class:`UserError` for an unknown or unavailable name."""
+def build_model(name: str, num_classes: int, stages=None, image_size: int = 224) -> nn.Module:
+    """Build a model by name; raise :class:`UserError` for an unknown or unavailable name.
+    ``timm:NAME`` / ``tv:NAME``: see :mod:`dctkd_train.external_models` (``stages``, ``image_size``)."""
+    if is_external(name):
+        return build_external(name, num_classes, stages, image_size)
     if name in _CIFAR:
         model = _CIFAR[name](num_classes)
     elif name in _TORCHVISION:
@@ -253,7 +257,7 @@ def build_model(name: str, num_classes: int) -> nn.Module:
             model.pooled_layer = "avgpool"
     else:
         known = ", ".join(list(_CIFAR) + [f"{n} (torchvision)" for n in _TORCHVISION])
-        raise UserError(f"unknown model {name!r}; known models: {known}")
+        raise UserError(f"unknown model {name!r}; known models: {known}, timm:NAME, tv:NAME")
     model.arch = name
     return model
 

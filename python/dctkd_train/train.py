@@ -38,13 +38,14 @@ from .checkpoint import (
 )
 from .data import DataBundle, EpochDataset, EpochSampler, build_data
 from .errors import UserError
+from .external_models import adapt_state_dict, make_deterministic, stage_layers
 from .fam_head import count_real_parameters
-from .features import FeatureHooks, default_feature_layers, probe_feature_shapes
+from .features import FeatureHooks, probe_feature_shapes
 from .methods import METHODS, Method, MethodConfig, parse_loss_options
 from .models import build_model, count_parameters, model_family
 from .plots import plot_curves
-from .recipes import apply_fam_pair, apply_recipe
 from .progress import Progress
+from .recipes import apply_fam_pair, apply_recipe
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -61,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "ce_weight": None, "kd_weight": None, "feat_weight": None, "kd_temperature": 4.0, "guide": None,
     "level_weights": None, "loss_opt": None, "fam_mid_channels": None, "fam_cuton": 0.1, "feat_warmup": None,
     "fam_student_preact": None, "fam_pooled_target": None, "recipe": None,
-    "student_layers": None, "teacher_layers": None,
+    "student_layers": None, "teacher_layers": None, "stages": None, "deterministic": False,
     "progress": True, "eval_teacher": True, "quiet": False,
 }
 
@@ -319,7 +320,8 @@ class StudentModule(nn.Module):
         return logits, feats, head_out
 
 
-def load_teacher(path: str, arch: str | None, num_classes: int, data_spec: str | None = None) -> tuple[nn.Module, dict]:
+def load_teacher(path: str, arch: str | None, num_classes: int, data_spec: str | None = None, stages=None,
+                 image_size: int = 224) -> tuple[nn.Module, dict]:
     """Build the teacher from a checkpoint of this trainer, or from a foreign state dict with
     ``arch`` (``--teacher-model``). :class:`UserError` when it does not fit."""
     ckpt = load_checkpoint(path, "teacher checkpoint")
@@ -332,8 +334,8 @@ def load_teacher(path: str, arch: str | None, num_classes: int, data_spec: str |
     ck_nc = ckpt.get("num_classes") if isinstance(ckpt, dict) else None
     if ck_nc is not None and int(ck_nc) != num_classes:
         raise UserError(f"teacher checkpoint {path!r} has {ck_nc} classes but the data has {num_classes}")
-    model = build_model(arch, num_classes)
-    sd = extract_state_dict(ckpt)
+    model = build_model(arch, num_classes, stages, image_size)
+    sd = adapt_state_dict(model, extract_state_dict(ckpt))
     bad = describe_mismatch(model, sd)
     if bad:
         raise UserError(f"teacher checkpoint {path!r} does not fit a {arch} with {num_classes} classes: {bad}")
@@ -482,6 +484,8 @@ def _train(raw: dict, env: Env) -> dict:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if cfg.get("deterministic"):
+        make_deterministic()
 
     # ---- data
     data = build_data(cfg["data"], image_size=cfg.get("image_size"), train_size=cfg.get("train_size"),
@@ -491,11 +495,13 @@ def _train(raw: dict, env: Env) -> dict:
     # ---- method, models
     mcfg = make_method_config(cfg)
     method = Method(mcfg)
-    student = build_model(cfg["model"], data.num_classes)
+    stages = cfg.get("stages")
+    student = build_model(cfg["model"], data.num_classes, stages, data.image_size)
     teacher = None
     t_info = None
     if mcfg.needs_teacher:
-        teacher, t_info = load_teacher(cfg["teacher"], cfg.get("teacher_model"), data.num_classes)
+        teacher, t_info = load_teacher(cfg["teacher"], cfg.get("teacher_model"), data.num_classes, stages=stages,
+                                       image_size=data.image_size)
         if t_info.get("data_spec") and data_identity(t_info["data_spec"]) != data_identity(data.spec):
             log(f"warning: the teacher was trained on --data {t_info['data_spec']!r}, this run uses {data.spec!r}")
     elif cfg.get("teacher"):
@@ -504,8 +510,12 @@ def _train(raw: dict, env: Env) -> dict:
     s_layers = t_layers = None
     head = None
     if method.uses_features:
-        s_layers = _split_layers(cfg.get("student_layers")) or method.default_layers(student, data.image_size, "student")
-        t_layers = _split_layers(cfg.get("teacher_layers")) or method.default_layers(teacher, data.image_size, "teacher")
+        s_layers = _split_layers(cfg.get("student_layers")) or (
+            stage_layers(student, stages, data.image_size, "--stages (student)") if stages
+            else method.default_layers(student, data.image_size, "student"))
+        t_layers = _split_layers(cfg.get("teacher_layers")) or (
+            stage_layers(teacher, stages, data.image_size, "--stages (teacher)") if stages
+            else method.default_layers(teacher, data.image_size, "teacher"))
         s_shapes = probe_feature_shapes(student, s_layers, data.image_size, "cpu")
         t_shapes = probe_feature_shapes(teacher, t_layers, data.image_size, "cpu")
         head = method.build_head(s_shapes, t_shapes)
@@ -543,7 +553,10 @@ def _train(raw: dict, env: Env) -> dict:
                                 momentum=float(cfg["momentum"]), weight_decay=float(cfg["weight_decay"]),
                                 nesterov=bool(cfg.get("nesterov")))
     amp_dtype = _amp_dtype(cfg["amp"], device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler_cls = torch.amp.GradScaler
+    if amp_dtype == torch.float16 and any(p.is_complex() for p in params):
+        from dctkd_ext.amp import GradScaler as scaler_cls  # unscales FrequencyAttention's complex weights
+    scaler = scaler_cls(device.type, enabled=amp_dtype == torch.float16)
 
     # ---- loaders
     workers = cfg["workers"] if cfg.get("workers") is not None else _default_workers(data, device, env)
@@ -764,7 +777,7 @@ def evaluate_checkpoint(checkpoint: str, data_spec: str, *, batch_size: int = 25
         ck_nc = ckpt.get("num_classes") if isinstance(ckpt, dict) else None
         if ck_nc is not None and int(ck_nc) != data.num_classes:
             raise UserError(f"checkpoint {checkpoint!r} has {ck_nc} classes but {data_spec!r} has {data.num_classes}")
-        net = build_model(arch, data.num_classes)
+        net = build_model(arch, data.num_classes, image_size=data.image_size)
         sd = extract_state_dict(ckpt)
         bad = describe_mismatch(net, sd)
         if bad:
