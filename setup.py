@@ -151,6 +151,8 @@ setup(
         "bench": ["matplotlib"],
         "train": ["matplotlib"],
         "vision": ["torchvision"],
+        "timm": ["timm>=1.0"],
+        "torchdistill": ["torchdistill>=1.1"],
     },
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
     zip_safe=False,
