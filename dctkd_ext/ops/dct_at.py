@@ -11,6 +11,7 @@ from .._dtypes import acc_dtype as _acc_dtype
 from .._extension import BUILD_INFO
 from ..presets import REDUCTIONS, resolve_options
 from ._checks import check_finite_enabled, check_real_float, check_same_device, report_non_finite
+from ._higher_order import grads_through, wants_graph
 
 _ops = torch.ops.dctkd_ext
 _FAMILY = "dct_at"
@@ -71,13 +72,17 @@ def register_autograd(ns: str) -> None:
 
     def attention_map_backward(ctx, grad):
         (x,) = ctx.saved_tensors
+        if wants_graph():  # create_graph=True: a backward that can be differentiated again
+            (dx,) = grads_through(lambda x: reference.attention_map(x, ctx.p, ctx.reduce), [x], [True], grad)
+            return dx, None, None
         return ops.attention_map_backward(grad, x, ctx.p, ctx.reduce), None, None
 
     torch.library.register_autograd(
         f"{ns}::attention_map", attention_map_backward, setup_context=attention_map_setup
     )
 
-    # The orthonormal DCT and its inverse are each other's transpose, hence each other's backward.
+    # The orthonormal DCT and its inverse are each other's transpose, hence each other's backward
+    # (differentiable again as it is: the op is linear).
     torch.library.register_autograd(
         f"{ns}::dct2d", lambda ctx, g: ops.idct2d(g), setup_context=lambda ctx, inputs, output: None
     )
@@ -265,7 +270,8 @@ def dct_at_loss(
     if sample_weight is not None:
         per_sample = per_sample * sample_weight.to(per_sample.dtype)
     if reduction == "mean":
-        return per_sample.mean()
+        # an empty batch (e.g. a filtered last batch) adds nothing: 0, not the NaN of an empty mean
+        return per_sample.mean() if per_sample.numel() else per_sample.sum()
     if reduction == "sum":
         return per_sample.sum()
     return per_sample
