@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -16,19 +17,26 @@ namespace {
 
 template <typename in_t, typename acc_t>
 void dct2d_maps(const in_t* x, in_t* y, int64_t N, int64_t H, int64_t W, bool inverse) {
-  const Bases<acc_t> bh(H, true, false), bw(W, true, false);
+  const Bases<acc_t>& bh = cached_bases<acc_t>(H, true, false);
+  const Bases<acc_t>& bw = cached_bases<acc_t>(W, true, false);
   // forward: Y = D_H X D_W^T ; inverse: Y = D_H^T X D_W
   const acc_t* left = inverse ? bh.dt.data() : bh.d.data();
   const acc_t* right = inverse ? bw.d.data() : bw.dt.data();
+  constexpr bool same = std::is_same_v<in_t, acc_t>;
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> a(H * W), tmp(H * W), out(H * W);
+    std::vector<acc_t> a(same ? 0 : H * W), tmp(H * W), out(same ? 0 : H * W);
     for (int64_t i = begin; i < end; ++i) {
       const in_t* xi = x + i * H * W;
-      for (int64_t j = 0; j < H * W; ++j) a[j] = static_cast<acc_t>(xi[j]);
-      matmul(a.data(), right, tmp.data(), H, W, W);
-      matmul(left, tmp.data(), out.data(), H, H, W);
       in_t* yi = y + i * H * W;
-      for (int64_t j = 0; j < H * W; ++j) yi[j] = static_cast<in_t>(out[j]);
+      if constexpr (same) {
+        matmul(xi, right, tmp.data(), H, W, W);
+        matmul(left, tmp.data(), yi, H, H, W);
+      } else {
+        for (int64_t j = 0; j < H * W; ++j) a[j] = static_cast<acc_t>(xi[j]);
+        matmul(a.data(), right, tmp.data(), H, W, W);
+        matmul(left, tmp.data(), out.data(), H, H, W);
+        for (int64_t j = 0; j < H * W; ++j) yi[j] = static_cast<in_t>(out[j]);
+      }
     }
   });
 }
