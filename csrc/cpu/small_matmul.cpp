@@ -10,6 +10,14 @@
 #include <mutex>
 #include <tuple>
 
+#if defined(__GNUC__)
+#define DCTKD_INLINE inline __attribute__((always_inline))
+// The vector helpers below are always inlined into the clones, so no vector crosses a call boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#else
+#define DCTKD_INLINE inline
+#endif
+
 namespace dctkd {
 namespace cpu {
 namespace {
@@ -29,24 +37,24 @@ struct Vec<double> {
 };
 
 template <typename T>
-inline typename Vec<T>::type load(const T* p) {
+DCTKD_INLINE typename Vec<T>::type load(const T* p) {
   typename Vec<T>::type v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 template <typename T>
-inline void store(T* p, typename Vec<T>::type v) {
+DCTKD_INLINE void store(T* p, typename Vec<T>::type v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
 // C[0:MR, 0:NV*lanes] = A[0:MR, 0:K] * B[0:K, 0:NV*lanes]
 template <typename T, int MR, int NV>
-inline void tile(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t K) {
+DCTKD_INLINE void tile(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t K) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   V acc[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = V{} ;
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
   for (int64_t k = 0; k < K; ++k) {
     V b[NV];
     for (int v = 0; v < NV; ++v) b[v] = load(B + k * ldb + v * L);
@@ -61,7 +69,7 @@ inline void tile(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t
 
 // Rows [0, M) for the column block [j, j + NV*lanes).
 template <typename T, int NV>
-inline void column_block(const T* A, const T* B, T* C, int64_t M, int64_t K, int64_t N, int64_t j) {
+DCTKD_INLINE void column_block(const T* A, const T* B, T* C, int64_t M, int64_t K, int64_t N, int64_t j) {
   constexpr int MR = 4;
   int64_t i = 0;
   for (; i + MR <= M; i += MR) tile<T, MR, NV>(A + i * K, K, B + j, N, C + i * N + j, N, K);
@@ -69,7 +77,7 @@ inline void column_block(const T* A, const T* B, T* C, int64_t M, int64_t K, int
 }
 
 template <typename T>
-inline void matmul_blocked(const T* A, const T* B, T* C, int64_t M, int64_t K, int64_t N) {
+DCTKD_INLINE void matmul_blocked(const T* A, const T* B, T* C, int64_t M, int64_t K, int64_t N) {
   constexpr int L = Vec<T>::lanes;
   int64_t j = 0;
   for (; j + 2 * L <= N; j += 2 * L) column_block<T, 2>(A, B, C, M, K, N, j);

@@ -100,8 +100,12 @@ def register_autograd(ns: str) -> None:
         _loss, grad_maps = output
         ctx.save_for_backward(*grad_maps, *student)
         ctx.levels, ctx.p = len(student), p
+        # The map-gradient outputs are never differentiated: no zero tensors for their gradients.
+        ctx.set_materialize_grads(False)
 
     def loss_backward(ctx, grad_loss, _grad_of_grad_maps):
+        if grad_loss is None:
+            return ([None] * ctx.levels, [None] * ctx.levels) + (None,) * 9
         saved = ctx.saved_tensors
         grad_maps, student = list(saved[: ctx.levels]), list(saved[ctx.levels :])
         d_student = ops.dct_at_loss_backward(grad_loss, grad_maps, student, ctx.p)
@@ -130,9 +134,14 @@ def _register_fused_autograd() -> None:
         _loss, grad_maps, d_student = output
         ctx.levels, ctx.p, ctx.fused = len(student), p, len(d_student) > 0
         ctx.save_for_backward(*grad_maps, *student, *d_student, grad_scale)
+        # The gradient outputs are never differentiated: no zero tensors (as large as S) for them.
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, _grad_of_grad_maps, _grad_of_d_student):
-        saved, n = ctx.saved_tensors, ctx.levels
+        n = ctx.levels
+        if grad_loss is None:
+            return ([None] * n, [None] * n) + (None,) * 10
+        saved = ctx.saved_tensors
         grad_maps, student = list(saved[:n]), list(saved[n : 2 * n])
         d_student, grad_scale = list(saved[2 * n : -1]), saved[-1]
         if ctx.fused and not _traced(grad_loss) and torch.equal(grad_loss, grad_scale):
