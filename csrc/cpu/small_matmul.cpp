@@ -4,6 +4,7 @@
 // so each loaded row piece of B feeds MR fused multiply-adds (the i-k-j form reloads C every k).
 #include "small_matmul.h"
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -35,6 +36,38 @@ struct Vec<double> {
   typedef double type __attribute__((vector_size(32)));
   static constexpr int lanes = 4;
 };
+
+// Half-width vectors (16 bytes) for a column tail of 4..7 floats / 2..3 doubles.
+template <typename T>
+struct Half;
+template <>
+struct Half<float> {
+  typedef float type __attribute__((vector_size(16)));
+  static constexpr int lanes = 4;
+};
+template <>
+struct Half<double> {
+  typedef double type __attribute__((vector_size(16)));
+  static constexpr int lanes = 2;
+};
+
+// C[0:M, 0:lanes] = A[0:M, 0:K] * B[0:K, 0:lanes] with 16-byte vectors, 4 rows at a time.
+template <typename T>
+DCTKD_INLINE void half_column(const T* A, const T* B, T* C, int64_t M, int64_t K, int64_t N) {
+  using V = typename Half<T>::type;
+  int64_t i = 0;
+  for (; i < M; i += 4) {
+    const int rows = static_cast<int>(std::min<int64_t>(4, M - i));
+    V acc[4] = {V{}, V{}, V{}, V{}};
+    for (int64_t k = 0; k < K; ++k) {
+      V b;
+      std::memcpy(&b, B + k * N, sizeof(V));
+      for (int r = 0; r < 4; ++r)
+        if (r < rows) acc[r] += A[(i + r) * K + k] * b;
+    }
+    for (int r = 0; r < rows; ++r) std::memcpy(C + (i + r) * N, &acc[r], sizeof(V));
+  }
+}
 
 template <typename T>
 DCTKD_INLINE typename Vec<T>::type load(const T* p) {
@@ -82,6 +115,10 @@ DCTKD_INLINE void matmul_blocked(const T* A, const T* B, T* C, int64_t M, int64_
   int64_t j = 0;
   for (; j + 2 * L <= N; j += 2 * L) column_block<T, 2>(A, B, C, M, K, N, j);
   for (; j + L <= N; j += L) column_block<T, 1>(A, B, C, M, K, N, j);
+  if (j + Half<T>::lanes <= N) {
+    half_column(A, B + j, C + j, M, K, N);
+    j += Half<T>::lanes;
+  }
   if (j < N) {  // the last N % lanes columns
     for (int64_t i = 0; i < M; ++i) {
       T* c = C + i * N;
