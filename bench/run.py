@@ -5,7 +5,7 @@
     python bench/run.py --quick    # the headline cases with short timing loops (CI)
 
 Times forward, backward and forward+backward of every implementation of every case (bench/suites/*.py)
-with medians, measures the device's copy bandwidth in the same run, and reports per record: median
+with medians (backward: `loss.backward()` into .grad, set to None before each step), measures the device's copy bandwidth in the same run, and reports per record: median
 time, GB/s on the case's minimal bytes, that as a fraction of the copy bandwidth, peak extra memory,
 and the speed-up of "ours" over every other implementation. Writes JSON (`{"meta": ..., "records": [...]}`),
 CSV and a PNG plot under bench/results/ (or --out), and prints a table.
@@ -132,18 +132,26 @@ def run_case(case: Case, timer: Timer, device, rotate: int, want_memory: bool):
             it["i"] = (it["i"] + 1) % len(sets)
             return sets[it["i"]]
 
+        # The training-step pattern: loss.backward() accumulates into .grad, which is set to None
+        # before each step as optimizer.zero_grad() does.
+        def clear(p):
+            for leaf in p.leaves:
+                leaf.grad = None
+
         def fwd_bwd(_):
             p = nxt()
+            clear(p)
             y = p.fwd()
-            torch.autograd.grad(y, p.leaves, torch.ones_like(y))
+            y.backward(torch.ones_like(y))
 
         def setup_bwd():
             p = nxt()
+            clear(p)
             return p, p.fwd()
 
         def bwd(state):
-            p, y = state
-            torch.autograd.grad(y, p.leaves, torch.ones_like(y))
+            _p, y = state
+            y.backward(torch.ones_like(y))
 
         try:
             t = {
@@ -261,6 +269,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", type=lambda s: s.split(","), default=None, help="e.g. float32,bfloat16")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<device>.json); CSV/PNG beside it")
+    ap.add_argument("--ops", action="store_true", help="also the single-op cases (attention_map, dct2d) without --full")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode of the compiled baselines (default: max-autotune-no-cudagraphs on "

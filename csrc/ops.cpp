@@ -29,6 +29,12 @@ TORCH_LIBRARY(dctkd_ext, m) {
       "dct_at_loss(Tensor[] student, Tensor[] teacher, float[] weights, float p, str map_norm, "
       "bool center, str transform, bool coef_abs, str coef_norm, str distance, float eps) "
       "-> (Tensor, Tensor[])");
+  // The same loss in one pass that also returns the student's gradient dS_l for the objective
+  // sum_b grad_scale[b] * loss[b], written while S[b] is in cache (empty list when grad_scale is None).
+  m.def(
+      "dct_at_loss_fused(Tensor[] student, Tensor[] teacher, float[] weights, float p, str map_norm, "
+      "bool center, str transform, bool coef_abs, str coef_norm, str distance, float eps, Tensor? grad_scale) "
+      "-> (Tensor, Tensor[], Tensor[])");
   // dS_l = grad_loss[b] * grad_maps_l[b,h,w] * (p/C_l) |S_l|^(p-1) sign(S_l), one pass per level.
   m.def("dct_at_loss_backward(Tensor grad_loss, Tensor[] grad_maps, Tensor[] student, float p) -> Tensor[]");
 }

@@ -1,8 +1,11 @@
 """DCT-KD cases: the multi-level dct_at_loss at real stage shapes, plus its ops alone.
 
-Impls: ours (dctkd_ext), eager_paper (the authors' released formulation, eager and unfused),
-eager_reference (dctkd_ext.reference), compiled_reference (torch.compile of the reference).
-All impls compute preset="paper" (the released code's math), so the comparison is like for like.
+Impls: ours (dctkd_ext; on the CPU the single pass that writes the student's gradient in the
+forward), ours_two_pass (fused_grad=False), eager_paper (the authors' released formulation, eager and
+unfused), eager_reference (dctkd_ext.reference: the DFT written as matmuls), compiled_reference
+(torch.compile of that reference). All compute preset="paper" (the released code's math), so the
+comparison is like for like. The op "at_loss" is preset="at" against the attention-transfer formula
+of RepDistiller / mdistiller / torchdistill, eager (eager_at) and compiled (compiled_at).
 """
 
 import torch
@@ -29,8 +32,9 @@ def _feature_bytes(batch, levels, dtype):
 def loss_min_bytes(batch, shape, dtype):
     s = _feature_bytes(batch, shape["student"], dtype)
     t = _feature_bytes(batch, shape["teacher"], dtype)
-    # fwd: read S and T; bwd: read S, write dS; fwd+bwd: read T once, S twice, write dS once.
-    return {"fwd": s + t, "bwd": 2 * s, "fwd+bwd": t + 3 * s}
+    # fwd: read S and T; bwd: read S, write dS. fwd+bwd: the single pass reads T and S once and
+    # writes dS once (T + 2S); a forward and a separate backward read S twice (T + 3S).
+    return {"fwd": s + t, "bwd": 2 * s, "fwd+bwd": t + 2 * s}
 
 
 def _make_features(batch, shape, dtype, device, seed):
@@ -44,21 +48,29 @@ def _make_features(batch, shape, dtype, device, seed):
 _compiled = {}
 
 
+def _compiled_fn(key, fn, mode):
+    if (key, mode) not in _compiled:
+        _compiled[key, mode] = torch.compile(fn, mode=mode) if mode else torch.compile(fn)
+    return _compiled[key, mode]
+
+
 def _compiled_reference(mode):
-    if mode not in _compiled:
-        fn = lambda s, t: reference.dct_at_loss(s, t, preset="paper")  # noqa: E731
-        _compiled[mode] = torch.compile(fn, mode=mode) if mode else torch.compile(fn)
-    return _compiled[mode]
+    return _compiled_fn("paper", lambda s, t: reference.dct_at_loss(s, t, preset="paper"), mode)
 
 
-def loss_impls(batch, shape, dtype, device, compile_mode):
+def _prep(batch, shape, dtype, device):
     def prep(fn):
         def make():
             s, t = _make_features(batch, shape, dtype, device, seed=len(_compiled) + batch)
             return Prepared(fwd=lambda: fn(s, t), leaves=s)
         return make
+    return prep
 
+
+def loss_impls(batch, shape, dtype, device, compile_mode):
+    prep = _prep(batch, shape, dtype, device)
     ours = lambda s, t: dctkd_ext.dct_at_loss(s, t, preset="paper")  # noqa: E731
+    two_pass = lambda s, t: dctkd_ext.dct_at_loss(s, t, preset="paper", fused_grad=False)  # noqa: E731
     # The released code runs in fp32 (torch.fft has no bf16): half inputs are cast first, as it must.
     eager_paper = lambda s, t: reference.released_dct_loss(  # noqa: E731
         [x.float() for x in s], [x.float() for x in t])
@@ -68,8 +80,8 @@ def loss_impls(batch, shape, dtype, device, compile_mode):
     if device.type == "cuda":  # each GPU backend by name, to set the default from measurements
         for backend in gpu_backends():
             impls.append(Impl(f"ours_{backend}", prep(_on_backend(backend, ours))))
-    return impls + [Impl("eager_paper", prep(eager_paper)), Impl("eager_reference", prep(eager_ref)),
-                    Impl("compiled_reference", prep(compiled))]
+    return impls + [Impl("ours_two_pass", prep(two_pass)), Impl("eager_paper", prep(eager_paper)),
+                    Impl("eager_reference", prep(eager_ref)), Impl("compiled_reference", prep(compiled))]
 
 
 def gpu_backends():
@@ -89,6 +101,15 @@ def _on_backend(backend, fn):
         with dctkd_ext.use_backend(backend):
             return fn(*args)
     return run
+
+
+def at_impls(batch, shape, dtype, device, compile_mode):
+    """preset="at" against the AT formula as the distillation libraries write it (their weight aside)."""
+    prep = _prep(batch, shape, dtype, device)
+    ours = lambda s, t: dctkd_ext.dct_at_loss(s, t, preset="at")  # noqa: E731
+    eager_at = lambda s, t: reference.released_at_loss(s, t)  # noqa: E731
+    compiled_at = lambda s, t: _compiled_fn("at", reference.released_at_loss, compile_mode)(s, t)  # noqa: E731
+    return [Impl("ours", prep(ours)), Impl("eager_at", prep(eager_at)), Impl("compiled_at", prep(compiled_at))]
 
 
 def op_cases(batch, dtype, device):
@@ -152,6 +173,11 @@ def cases(args, device):
         shape = SHAPES[name]
         out.append(Case("dct_at_loss", name, batch, dtype, loss_min_bytes(batch, shape, dtype),
                         loss_impls(batch, shape, dtype, device, compile_mode), extra={"preset": "paper"}))
-    if full:
+    # the at preset against the AT formula: every case of the grid with --full, the first otherwise
+    for name, batch, dtype in grid if full else grid[:1]:
+        shape = SHAPES[name]
+        out.append(Case("at_loss", name, batch, dtype, loss_min_bytes(batch, shape, dtype),
+                        at_impls(batch, shape, dtype, device, compile_mode), extra={"preset": "at"}))
+    if full or getattr(args, "ops", False):
         out += op_cases(16 if not gpu else 128, torch.float32, device)
     return out

@@ -1,18 +1,23 @@
-// CPU kernels of the multi-level DCT-KD loss (docs/DESIGN.md §3.3).
-// Per level: (a) the streaming channel reduction of S and T (attention_map.cpp, reads each once);
-// (b) per sample, phi on both maps, the distance, and by hand-written reverse mode dL/dA_S;
-// backward: one elementwise pass dS = g[b] * dL/dA[b,h,w] * (p/C) |S|^(p-1) sign(S).
+// CPU kernels of the multi-level DCT-KD loss (docs/DESIGN.md §3.3), one pass over the features: per
+// (sample, level) the channel sweeps of T[b] and S[b], phi on both maps, the distance, dL/dA_S by
+// hand-written reverse mode and (dct_at_loss_fused, when asked) the student's gradient dS[b] while
+// S[b] is still in cache. Backward of the two-pass form: one elementwise pass
+// dS = g[b] * dL/dA[b,h,w] * (p/C) |S|^(p-1) sign(S).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "../dct_at_args.h"
 #include "../dctkd_math.h"
+#include "attention_map_sample.h"
 #include "cpu_kernels.h"
 #include "small_matmul.h"
 
@@ -169,21 +174,53 @@ void phi_backward(const PhiTrace<T>& tr, T* g, T* g_a, T* tmp, T* tmp2, T* tmp3,
   norm_backward(g, tr.a.data(), tr.u.data(), g_a, n, cfg.map_norm, tr.n1);
 }
 
-// One level: maps (B, H, W) of S and T in acc type -> dist[b] and gmap[b] = w * d dist_b / d A_S[b].
+// One level as the single pass reads it: S and T in the layout the kernel reads (NCHW-contiguous or
+// channels_last; anything else copied to NCHW first), the level's outputs, its bases.
 template <typename T>
-void level_loss(const T* as, const T* at, T* dist, T* gmap, int64_t B, int64_t H, int64_t W, T weight,
-                const PhiConfig<T>& cfg) {
-  const int64_t n = H * W;
-  const bool dct = cfg.transform == Transform::Dct, dft = cfg.transform == Transform::FftReal;
-  const Bases<T> bh(H, dct, dft), bw(W, dct, dft);
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    PhiTrace<T> ts(n), tt(n);
-    std::vector<T> tmp(n), tmp2(n), tmp3(n), g(n);
-    for (int64_t b = begin; b < end; ++b) {
-      std::copy(as + b * n, as + (b + 1) * n, ts.a.begin());
-      std::copy(at + b * n, at + (b + 1) * n, tt.a.begin());
-      phi_forward(ts, tmp.data(), tmp2.data(), H, W, cfg, bh, bw);
-      phi_forward(tt, tmp.data(), tmp2.data(), H, W, cfg, bh, bw);
+struct LevelPlan {
+  at::Tensor s, t, gmap, ds;
+  sample::Block sb, tb;
+  int64_t H = 0, W = 0;
+  T weight = T(1);
+  const Bases<T>* bh = nullptr;
+  const Bases<T>* bw = nullptr;
+};
+
+inline bool reads_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline sample::Block block_of(const at::Tensor& x) {
+  sample::Block blk;
+  blk.x = x.const_data_ptr();
+  blk.type = x.scalar_type();
+  blk.channels_last = reads_channels_last(x);
+  blk.C = x.size(1);
+  blk.HW = x.size(2) * x.size(3);
+  return blk;
+}
+
+// The single pass: one work item per (sample, level), samples outermost so both threads get every
+// level. Per item: the channel sweeps of T[b] then S[b] (S last, so it is still in L2 when its
+// gradient is written), phi of both maps, the distance, dL/dA_S by hand-written reverse mode, and,
+// when grad_scale is given, dS[b] = grad_scale[b] * dL/dA_S[b] * (p/C) |S[b]|^(p-1) sign(S[b]).
+template <typename T>
+void loss_single_pass(std::vector<LevelPlan<T>>& levels, T* dist, const T* grad_scale, int64_t B, double p,
+                      const PhiConfig<T>& cfg) {
+  const int64_t L = static_cast<int64_t>(levels.size());
+  int64_t maxn = 1;
+  for (const auto& lv : levels) maxn = std::max(maxn, lv.H * lv.W);
+  at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
+    PhiTrace<T> ts(maxn), tt(maxn);
+    std::vector<T> tmp(maxn), tmp2(maxn), tmp3(maxn), g(maxn);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / L, l = item % L;
+      LevelPlan<T>& lv = levels[l];
+      const int64_t H = lv.H, W = lv.W, n = H * W;
+      sample::attention_map<T>(lv.tb, b, p, T(1) / T(lv.tb.C), tt.a.data());
+      sample::attention_map<T>(lv.sb, b, p, T(1) / T(lv.sb.C), ts.a.data());
+      phi_forward(ts, tmp.data(), tmp2.data(), H, W, cfg, *lv.bh, *lv.bw);
+      phi_forward(tt, tmp.data(), tmp2.data(), H, W, cfg, *lv.bh, *lv.bw);
       T ss = 0;
       for (int64_t i = 0; i < n; ++i) {
         g[i] = ts.z[i] - tt.z[i];
@@ -193,57 +230,124 @@ void level_loss(const T* as, const T* at, T* dist, T* gmap, int64_t B, int64_t H
       T d, gscale;
       if (cfg.distance == Distance::L2) {
         d = std::sqrt(ss);
-        gscale = d > T(0) ? weight / d : T(0);
+        gscale = d > T(0) ? lv.weight / d : T(0);
       } else if (cfg.distance == Distance::Mse) {
         d = ss / T(n);
-        gscale = weight * T(2) / T(n);
+        gscale = lv.weight * T(2) / T(n);
       } else {
         d = ss;
-        gscale = weight * T(2);
+        gscale = lv.weight * T(2);
       }
-      dist[b] = d;
+      dist[l * B + b] = d;
       for (int64_t i = 0; i < n; ++i) g[i] *= gscale;
-      phi_backward(ts, g.data(), gmap + b * n, tmp.data(), tmp2.data(), tmp3.data(), H, W, cfg, bh, bw);
+      T* gm = lv.gmap.template mutable_data_ptr<T>() + b * n;
+      phi_backward(ts, g.data(), gm, tmp.data(), tmp2.data(), tmp3.data(), H, W, cfg, *lv.bh, *lv.bw);
+      if (grad_scale != nullptr) {
+        // The same products in the same order as dct_at_loss_backward: (dL/dA * g_b) * (1/C), then * d|S|^p/dS.
+        const T k = grad_scale[b], inv_c = T(1) / T(lv.sb.C);
+        for (int64_t i = 0; i < n; ++i) tmp[i] = (gm[i] * k) * inv_c;
+        sample::attention_map_grad<T>(lv.sb, b, p, tmp.data());
+      }
     }
   });
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> dct_at_loss_cpu(
-    at::TensorList student, at::TensorList teacher, at::ArrayRef<double> weights, double p, std::string map_norm,
-    bool center, std::string transform, bool coef_abs, std::string coef_norm, std::string distance, double eps) {
+using LossResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+LossResult loss_impl(at::TensorList student, at::TensorList teacher, at::ArrayRef<double> weights, double p,
+                     const std::string& map_norm, bool center, const std::string& transform, bool coef_abs,
+                     const std::string& coef_norm, const std::string& distance, double eps,
+                     const std::optional<at::Tensor>& grad_scale_in) {
   check_levels(student, teacher, weights);
   const LossOptions o = parse_loss_options(p, map_norm, transform, coef_norm, distance, eps);
-
   bool any_double = false;
   for (size_t l = 0; l < student.size(); ++l)
     any_double = any_double || student[l].scalar_type() == at::kDouble || teacher[l].scalar_type() == at::kDouble;
   const at::ScalarType acc = any_double ? at::kDouble : at::kFloat;
   const int64_t B = student[0].size(0);
-  at::Tensor loss = at::zeros({B}, student[0].options().dtype(acc));
-  std::vector<at::Tensor> grad_maps;
-  grad_maps.reserve(student.size());
-  for (size_t l = 0; l < student.size(); ++l) {
-    const int64_t H = student[l].size(2), W = student[l].size(3);
-    const at::Tensor as = attention_map_into(student[l], p, true, acc);
-    const at::Tensor at_ = attention_map_into(teacher[l], p, true, acc);
-    at::Tensor gmap = at::empty({B, H, W}, as.options());
-    at::Tensor level_dist = at::empty({B}, as.options());
-    if (B > 0 && H * W > 0) {
-      AT_DISPATCH_FLOATING_TYPES(acc, "dct_at_loss_cpu", [&] {
-        const PhiConfig<scalar_t> cfg{o.map_norm, center, o.transform, coef_abs, o.coef_norm, o.distance,
-                                         static_cast<scalar_t>(eps)};
-        level_loss<scalar_t>(as.const_data_ptr<scalar_t>(), at_.const_data_ptr<scalar_t>(),
-                             level_dist.mutable_data_ptr<scalar_t>(), gmap.mutable_data_ptr<scalar_t>(), B, H, W,
-                             static_cast<scalar_t>(weights[l]), cfg);
-      });
-    } else {
-      level_dist.zero_();
-      gmap.zero_();
-    }
-    loss.add_(level_dist, weights[l]);
-    grad_maps.push_back(gmap);
+  const int64_t L = static_cast<int64_t>(student.size());
+  const bool want_grad = grad_scale_in.has_value();
+  at::Tensor grad_scale;
+  if (want_grad) {
+    const at::Tensor& gs = *grad_scale_in;
+    TORCH_CHECK(gs.dim() == 1 && gs.size(0) == B, "grad_scale: expected a 1-D (", B, ",) tensor, got shape ",
+                gs.sizes());
+    TORCH_CHECK(at::isFloatingType(gs.scalar_type()), "grad_scale: expected a floating tensor, got ",
+                gs.scalar_type());
+    TORCH_CHECK(gs.device() == student[0].device(), "grad_scale: expected a tensor on ", student[0].device(),
+                ", got one on ", gs.device());
+    grad_scale = gs.to(acc).contiguous();
   }
-  return {loss, grad_maps};
+
+  at::Tensor loss = at::zeros({B}, student[0].options().dtype(acc));
+  at::Tensor dist = at::zeros({L, B}, student[0].options().dtype(acc));
+  std::vector<at::Tensor> grad_maps, d_student;
+  AT_DISPATCH_FLOATING_TYPES(acc, "dct_at_loss_cpu", [&] {
+    using T = scalar_t;
+    const bool dct = o.transform == Transform::Dct, dft = o.transform == Transform::FftReal;
+    std::vector<LevelPlan<T>> levels(L);
+    bool any_work = false;
+    for (int64_t l = 0; l < L; ++l) {
+      LevelPlan<T>& lv = levels[l];
+      lv.s = reads_channels_last(student[l]) ? student[l] : student[l].contiguous();
+      lv.t = reads_channels_last(teacher[l]) ? teacher[l] : teacher[l].contiguous();
+      lv.H = lv.s.size(2);
+      lv.W = lv.s.size(3);
+      lv.weight = static_cast<T>(weights[l]);
+      lv.gmap = at::zeros({B, lv.H, lv.W}, loss.options());
+      lv.sb = block_of(lv.s);
+      lv.tb = block_of(lv.t);
+      if (want_grad) {
+        lv.ds = at::empty_like(lv.s);  // keeps the layout the kernel reads
+        lv.sb.dx = lv.ds.mutable_data_ptr();
+      }
+      lv.bh = &cached_bases<T>(lv.H, dct, dft);
+      lv.bw = &cached_bases<T>(lv.W, dct, dft);
+      any_work = any_work || lv.H * lv.W > 0;
+    }
+    if (B > 0 && any_work) {
+      // A level with an empty map contributes 0 and gets a zero gradient; the rest go through the pass.
+      std::vector<LevelPlan<T>> work;
+      std::vector<int64_t> index;
+      for (int64_t l = 0; l < L; ++l) {
+        if (levels[l].H * levels[l].W > 0) {
+          work.push_back(levels[l]);
+          index.push_back(l);
+        } else if (want_grad) {
+          levels[l].ds.zero_();
+        }
+      }
+      at::Tensor work_dist = at::zeros({static_cast<int64_t>(work.size()), B}, loss.options());
+      const PhiConfig<T> cfg{o.map_norm, center, o.transform, coef_abs, o.coef_norm, o.distance, static_cast<T>(eps)};
+      loss_single_pass<T>(work, work_dist.mutable_data_ptr<T>(),
+                          want_grad ? grad_scale.const_data_ptr<T>() : nullptr, B, p, cfg);
+      for (size_t w = 0; w < work.size(); ++w) dist[index[w]].copy_(work_dist[static_cast<int64_t>(w)]);
+    } else if (want_grad) {
+      for (auto& lv : levels) lv.ds.zero_();
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      grad_maps.push_back(levels[l].gmap);
+      if (want_grad) d_student.push_back(levels[l].ds);
+    }
+  });
+  for (int64_t l = 0; l < L; ++l) loss.add_(dist[l], weights[l]);
+  return {loss, grad_maps, d_student};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> dct_at_loss_cpu(
+    at::TensorList student, at::TensorList teacher, at::ArrayRef<double> weights, double p, std::string map_norm,
+    bool center, std::string transform, bool coef_abs, std::string coef_norm, std::string distance, double eps) {
+  auto r = loss_impl(student, teacher, weights, p, map_norm, center, transform, coef_abs, coef_norm, distance, eps,
+                     std::nullopt);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
+LossResult dct_at_loss_fused_cpu(at::TensorList student, at::TensorList teacher, at::ArrayRef<double> weights,
+                                 double p, std::string map_norm, bool center, std::string transform, bool coef_abs,
+                                 std::string coef_norm, std::string distance, double eps,
+                                 const std::optional<at::Tensor>& grad_scale) {
+  return loss_impl(student, teacher, weights, p, map_norm, center, transform, coef_abs, coef_norm, distance, eps,
+                   grad_scale);
 }
 
 std::vector<at::Tensor> dct_at_loss_backward_cpu(const at::Tensor& grad_loss, at::TensorList grad_maps,
@@ -269,5 +373,6 @@ std::vector<at::Tensor> dct_at_loss_backward_cpu(const at::Tensor& grad_loss, at
 
 TORCH_LIBRARY_IMPL(dctkd_ext, CPU, m) {
   m.impl("dct_at_loss", &dctkd::cpu::dct_at_loss_cpu);
+  m.impl("dct_at_loss_fused", &dctkd::cpu::dct_at_loss_fused_cpu);
   m.impl("dct_at_loss_backward", &dctkd::cpu::dct_at_loss_backward_cpu);
 }

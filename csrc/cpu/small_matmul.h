@@ -9,8 +9,8 @@
 namespace dctkd {
 namespace cpu {
 
-// C (M x N) = A (M x K) * B (K x N), all row-major (small_matmul.cpp: an AVX2/FMA clone is picked at
-// load time where the CPU has it, the baseline x86-64 code elsewhere).
+// C (M x N) = A (M x K) * B (K x N), all row-major (small_matmul.cpp: an AVX2/FMA clone is
+// picked at load time where the CPU has it, the baseline x86-64 code elsewhere).
 void matmul(const float* A, const float* B, float* C, int64_t M, int64_t K, int64_t N);
 void matmul(const double* A, const double* B, double* C, int64_t M, int64_t K, int64_t N);
 
@@ -40,6 +40,10 @@ struct Bases {
     }
   }
 };
+
+// The bases of size n, built once per process and shared (thread-safe; never freed).
+template <typename T>
+const Bases<T>& cached_bases(int64_t n, bool dct, bool dft);
 
 }  // namespace cpu
 }  // namespace dctkd

@@ -54,12 +54,40 @@ def _(student, teacher, weights, p, map_norm, center, transform, coef_abs, coef_
     return loss, [s.new_empty((s.shape[0], s.shape[2], s.shape[3]), dtype=acc) for s in student]
 
 
+@torch.library.register_fake("dctkd_ext::dct_at_loss_fused")
+def _(student, teacher, weights, p, map_norm, center, transform, coef_abs, coef_norm, distance, eps, grad_scale):
+    acc = _acc_dtype(*student, *teacher)
+    b = student[0].shape[0]
+    loss = student[0].new_empty((b,), dtype=acc)
+    grad_maps = [s.new_empty((s.shape[0], s.shape[2], s.shape[3]), dtype=acc) for s in student]
+    d_student = [] if grad_scale is None else [kernel_layout_like(s) for s in student]
+    return loss, grad_maps, d_student
+
+
 @torch.library.register_fake("dctkd_ext::dct_at_loss_backward")
 def _(grad_loss, grad_maps, student, p):
     return [kernel_layout_like(s) for s in student]
 
 
 # ------------------------------------------------------------------------------------------ autograd
+_OPTION_NAMES = ("p", "map_norm", "center", "transform", "coef_abs", "coef_norm", "distance", "eps")
+
+
+def _save_loss_options(ctx, inputs) -> None:
+    """What a differentiable backward needs besides the student: the teacher and the options."""
+    ctx.teacher, ctx.weights = list(inputs[1]), list(inputs[2])
+    ctx.options = dict(zip(_OPTION_NAMES, inputs[3:11]))
+
+
+def _loss_grads_through_reference(ctx, student, grad_loss):
+    """The student's gradient as a graph (create_graph=True), through the float formulation."""
+
+    def formula(*s):
+        return reference.dct_at_loss(list(s), ctx.teacher, weights=ctx.weights, reduction="none", **ctx.options)
+
+    return grads_through(formula, student, [True] * len(student), grad_loss)
+
+
 def register_autograd(ns: str) -> None:
     """Register the backward formulas of the op family on the ops of namespace `ns` (torch.ops.<ns>):
     the C++ ops ("dctkd_ext") and the Triton ops ("dctkd_ext_triton", same schemas) share them."""
@@ -95,11 +123,19 @@ def register_autograd(ns: str) -> None:
         _loss, grad_maps = output
         ctx.save_for_backward(*grad_maps, *student)
         ctx.levels, ctx.p = len(student), p
+        _save_loss_options(ctx, inputs)
+        # The map-gradient outputs are never differentiated: no zero tensors for their gradients.
+        ctx.set_materialize_grads(False)
 
     def loss_backward(ctx, grad_loss, _grad_of_grad_maps):
+        if grad_loss is None:
+            return ([None] * ctx.levels, [None] * ctx.levels) + (None,) * 9
         saved = ctx.saved_tensors
         grad_maps, student = list(saved[: ctx.levels]), list(saved[ctx.levels :])
-        d_student = ops.dct_at_loss_backward(grad_loss, grad_maps, student, ctx.p)
+        if wants_graph():  # create_graph=True: a backward that can be differentiated again
+            d_student = _loss_grads_through_reference(ctx, student, grad_loss)
+        else:
+            d_student = ops.dct_at_loss_backward(grad_loss, grad_maps, student, ctx.p)
         # student, teacher (a constant), then the non-tensor options
         return (d_student, [None] * ctx.levels) + (None,) * 9
 
@@ -107,6 +143,52 @@ def register_autograd(ns: str) -> None:
 
 
 register_autograd("dctkd_ext")
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """Whether t is a stand-in of a trace (torch.compile, make_fx, opcheck): no value to look at."""
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
+
+
+def _register_fused_autograd() -> None:
+    """Autograd of dctkd_ext::dct_at_loss_fused (CPU): the forward already wrote dS for the upstream
+    gradient grad_scale. When the upstream gradient is exactly grad_scale (compared on the host: the
+    CPU holds both), the backward hands dS over without touching it; otherwise (another upstream
+    gradient, or a trace) it runs the two-pass backward from the saved map gradients."""
+
+    def setup(ctx, inputs, output):
+        student, p, grad_scale = inputs[0], inputs[3], inputs[11]
+        _loss, grad_maps, d_student = output
+        ctx.levels, ctx.p, ctx.fused = len(student), p, len(d_student) > 0
+        ctx.save_for_backward(*grad_maps, *student, *d_student, grad_scale)
+        _save_loss_options(ctx, inputs)
+        # The gradient outputs are never differentiated: no zero tensors (as large as S) for them.
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_loss, _grad_of_grad_maps, _grad_of_d_student):
+        n = ctx.levels
+        if grad_loss is None:
+            return ([None] * n, [None] * n) + (None,) * 10
+        saved = ctx.saved_tensors
+        grad_maps, student = list(saved[:n]), list(saved[n : 2 * n])
+        d_student, grad_scale = list(saved[2 * n : -1]), saved[-1]
+        if wants_graph():  # create_graph=True: a backward that can be differentiated again
+            d_student = _loss_grads_through_reference(ctx, student, grad_loss)
+        elif ctx.fused and not _traced(grad_loss) and torch.equal(grad_loss, grad_scale):
+            # A retained graph may run this again: then .grad must not share dS's memory, or the
+            # next accumulation into .grad would change the saved dS.
+            keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+            if keep_graph is None or keep_graph():
+                d_student = [d.clone() for d in d_student]
+        else:
+            d_student = _ops.dct_at_loss_backward(grad_loss, grad_maps, student, ctx.p)
+        # student, teacher (a constant), the non-tensor options, grad_scale
+        return (d_student, [None] * n) + (None,) * 10
+
+    torch.library.register_autograd("dctkd_ext::dct_at_loss_fused", backward, setup_context=setup)
+
+
+_register_fused_autograd()
 
 
 # -------------------------------------------------------------------------------------- backends
@@ -231,6 +313,18 @@ def _check_loss_inputs(student, teacher, weights, sample_weight, reduction):
     return student, teacher, weights, device
 
 
+def _expected_grad(b, dtype, device, sample_weight, reduction) -> torch.Tensor:
+    """The gradient of the per-sample losses that `loss.backward()` delivers through the sample
+    weights and the reduction below, computed with the same operations autograd uses (mean: 1/B
+    per sample, then times the sample weight), so that the backward can test it for equality."""
+    g = torch.ones(b, dtype=dtype, device=device)
+    if reduction == "mean":
+        g = g / b
+    if sample_weight is not None:
+        g = g * sample_weight.to(dtype)
+    return g
+
+
 def dct_at_loss(
     student_feats: Sequence[torch.Tensor],
     teacher_feats: Sequence[torch.Tensor],
@@ -239,6 +333,7 @@ def dct_at_loss(
     weights: Optional[Sequence[float]] = None,
     sample_weight: Optional[torch.Tensor] = None,
     reduction: str = "mean",
+    fused_grad: bool = True,
     **overrides,
 ) -> torch.Tensor:
     """Multi-level frequency-domain attention distillation loss (docs/DESIGN.md §3.3).
@@ -249,19 +344,37 @@ def dct_at_loss(
     any option (p, map_norm, center, transform, coef_abs, coef_norm, distance, eps) may be overridden.
     weights: per-level weights (default 1). sample_weight: (B,) multiplier of the per-sample losses
     (e.g. (teacher_logits.argmax(1) == labels).float()). reduction: "mean" | "sum" | "none" -> (B,).
+    fused_grad: on the CPU, when a student level needs a gradient, write the student's gradient in
+    the forward's single pass over the features (T + 2S bytes instead of T + 3S); the backward then
+    costs nothing when it receives the gradient of `loss.backward()` on this loss as returned (put a
+    loss weight in `weights` to keep it so), and falls back to a pass over S otherwise. The gradient
+    is held from the forward to the backward (memory of the student's features); fused_grad=False
+    keeps the two-pass form (map gradients only, a pass over S in the backward). Other backends
+    always use the two-pass form.
     """
     opts = resolve_options(preset, overrides)
     student, teacher, weights, device = _check_loss_inputs(
         student_feats, teacher_feats, weights, sample_weight, reduction
     )
+    if not isinstance(fused_grad, bool):
+        raise TypeError(f"fused_grad: expected a bool, got {fused_grad!r}")
     backend = _compiled_backend(device)
     if backend == "reference":
         per_sample = reference.dct_at_loss(student, teacher, preset=preset, weights=weights, reduction="none", **overrides)
     else:
-        per_sample, _grad_maps = _kernels(backend).dct_at_loss(
+        args = (
             student, [t.detach() for t in teacher], weights, opts["p"], opts["map_norm"], opts["center"],
             opts["transform"], opts["coef_abs"], opts["coef_norm"], opts["distance"], opts["eps"],
         )
+        need_grad = torch.is_grad_enabled() and any(s.requires_grad for s in student)
+        # Under torch.compile the backward cannot look at the upstream gradient: the two-pass form
+        # moves the same bytes there without holding dS.
+        if fused_grad and need_grad and backend == "cpu" and not torch.compiler.is_compiling():
+            grad_scale = _expected_grad(student[0].shape[0], _acc_dtype(*student, *teacher), device,
+                                        sample_weight, reduction)
+            per_sample, _grad_maps, _d_student = _ops.dct_at_loss_fused(*args, grad_scale)
+        else:
+            per_sample, _grad_maps = _kernels(backend).dct_at_loss(*args)
     if check_finite_enabled(device) and not bool(torch.isfinite(per_sample.detach()).all()):
         report_non_finite(
             [(f"student_feats[{l}]", s) for l, s in enumerate(student)]

@@ -1,0 +1,256 @@
+"""The single-pass CPU loss that writes the student's gradient in its forward (fused_grad, the
+default on the CPU): values and gradients against the float64 reference and against the two-pass
+form, the backward's no-pass path and its fallback, retained graphs, when no gradient is made,
+gradcheck, opcheck and torch.compile."""
+
+import pytest
+import torch
+
+import dctkd_ext
+from dctkd_ext import reference as ref
+from dctkd_ext.ops import dct_at as dct_at_ops
+
+OPS = torch.ops.dctkd_ext
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+PRESET_OPTS = {
+    "dct": (2.0, "minmax", True, "dct", True, "minmax", "l2", 1e-8),
+    "paper": (2.0, "max", True, "fft_real", True, "max", "l2", 0.0),
+}
+
+
+def rel(out, want):
+    out, want = out.detach().double(), want.detach().double()
+    return ((out - want).norm() / want.norm().clamp_min(1e-12)).item()
+
+
+def feats(gen, shape, dtype, layout="nchw", requires_grad=False):
+    x = (torch.randn(*shape, generator=gen, dtype=torch.float64) + 0.1).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # H and W strides swapped: neither NCHW nor channels_last
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
+    return x.requires_grad_(requires_grad)
+
+
+# (student (B, C, H, W), teacher channels): channels differ, square and odd maps
+SHAPES = [((3, 5, 8, 6), 7), ((3, 9, 4, 4), 3), ((3, 7, 3, 2), 9), ((3, 4, 5, 9), 3)]
+
+
+def levels(gen, dtype, layout="nchw", t_dtype=None):
+    s = [feats(gen, sh, dtype, layout, requires_grad=True) for sh, _ in SHAPES]
+    t = [feats(gen, (sh[0], ct, sh[2], sh[3]), t_dtype or dtype, layout) for sh, ct in SHAPES]
+    return s, t
+
+
+def reference_loss_and_grads(s, t, **kwargs):
+    sr = [x.detach().double().requires_grad_() for x in s]
+    loss = ref.dct_at_loss(sr, [x.double() for x in t], **kwargs)
+    return loss, torch.autograd.grad(loss, sr)
+
+
+class CountingOps:
+    """Stands in for torch.ops.dctkd_ext inside dctkd_ext.ops.dct_at: records the ops called."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        op = getattr(OPS, name)
+
+        def call(*args):
+            self.calls.append((name, args))
+            return op(*args)
+
+        return call
+
+    def names(self):
+        return [n for n, _ in self.calls]
+
+
+@pytest.fixture
+def counting_ops(monkeypatch):
+    spy = CountingOps()
+    monkeypatch.setattr(dct_at_ops, "_ops", spy)
+    monkeypatch.setattr(dct_at_ops, "_kernels", lambda backend: spy)
+    return spy
+
+
+# ------------------------------------------------------------------------------ values, gradients
+@pytest.mark.parametrize("preset", ["dct", "paper", "at"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_fused_matches_reference_and_two_pass(preset, dtype, layout, gen):
+    s, t = levels(gen, dtype, layout)
+    w = [1.0, 0.5, 2.0, 1.5]
+    loss = dctkd_ext.dct_at_loss(s, t, preset=preset, weights=w)
+    loss.backward()
+    fused = [x.grad for x in s]
+    for x in s:
+        x.grad = None
+    loss2 = dctkd_ext.dct_at_loss(s, t, preset=preset, weights=w, fused_grad=False)
+    loss2.backward()
+    two_pass = [x.grad for x in s]
+    lr, gr = reference_loss_and_grads(s, t, preset=preset, weights=w)
+    assert rel(loss, lr) <= TOL[dtype], (rel(loss, lr), "loss")
+    assert torch.equal(loss, loss2)
+    for l, (g, g2, want, x) in enumerate(zip(fused, two_pass, gr, s)):
+        assert g.dtype == x.dtype and g.shape == x.shape
+        assert torch.isfinite(g).all()
+        # same products in the same order as the two-pass backward: bitwise equal
+        assert torch.equal(g, g2), f"level {l}: fused and two-pass gradients differ"
+        assert rel(g, want) <= TOL[dtype] * 10, (l, rel(g, want))
+        if layout != "strided":
+            assert g.stride() == x.stride(), f"level {l}: gradient layout {g.stride()} != {x.stride()}"
+
+
+def test_mixed_dtypes_per_level(gen):
+    s, t = levels(gen, torch.bfloat16, t_dtype=torch.float32)
+    s[1] = feats(gen, SHAPES[1][0], torch.float16, requires_grad=True)
+    loss = dctkd_ext.dct_at_loss(s, t, preset="dct")
+    loss.backward()
+    lr, gr = reference_loss_and_grads(s, t, preset="dct")
+    assert rel(loss, lr) < 1e-2
+    for x, want in zip(s, gr):
+        assert x.grad.dtype == x.dtype and rel(x.grad, want) < 2e-2
+
+
+# --------------------------------------------------------------------- backward: no pass / fallback
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("with_sample_weight", [False, True])
+def test_backward_hands_over_the_forward_gradient(reduction, with_sample_weight, counting_ops, gen):
+    s, t = levels(gen, torch.float32)
+    sw = (torch.rand(3, generator=gen) > 0.3).float() if with_sample_weight else None
+    loss = dctkd_ext.dct_at_loss(s, t, preset="paper", sample_weight=sw, reduction=reduction)
+    assert counting_ops.names() == ["dct_at_loss_fused"]
+    d_student = OPS.dct_at_loss_fused(*counting_ops.calls[0][1])[2]  # what the forward wrote
+    loss.backward()
+    assert "dct_at_loss_backward" not in counting_ops.names()  # no second pass over S
+    for x, d in zip(s, d_student):
+        assert torch.equal(x.grad, d)
+    lr, gr = reference_loss_and_grads(s, t, preset="paper", sample_weight=sw, reduction=reduction)
+    for x, want in zip(s, gr):
+        assert rel(x.grad, want) < 1e-4
+
+
+def test_gradient_storage_is_handed_over_without_a_copy(gen):
+    s, t = levels(gen, torch.float32)
+    loss, _maps, d_student = OPS.dct_at_loss_fused(s, t, [1.0] * 4, *PRESET_OPTS["paper"], torch.ones(3))
+    loss.sum().backward()
+    for x, d in zip(s, d_student):
+        assert x.grad.data_ptr() == d.data_ptr()
+
+
+@pytest.mark.parametrize("upstream", ["scaled", "random", "sample_weight_times_scale"])
+def test_other_upstream_gradients_take_the_pass_over_s(upstream, counting_ops, gen):
+    s, t = levels(gen, torch.float32)
+    sw = torch.rand(3, generator=gen) if upstream == "sample_weight_times_scale" else None
+    kw = dict(preset="dct", sample_weight=sw, reduction="none" if upstream == "random" else "mean")
+    loss = dctkd_ext.dct_at_loss(s, t, **kw)
+    g = torch.randn(3, generator=gen) if upstream == "random" else torch.tensor(2.5)
+    loss.backward(g)
+    assert "dct_at_loss_backward" in counting_ops.names()
+    sr = [x.detach().double().requires_grad_() for x in s]
+    lr = ref.dct_at_loss(sr, [x.double() for x in t], **kw)
+    gr = torch.autograd.grad(lr, sr, g.double())
+    for x, want in zip(s, gr):
+        assert rel(x.grad, want) < 1e-4
+
+
+def test_retain_graph_backward_twice_and_more(gen):
+    s, t = levels(gen, torch.float32)
+    loss = dctkd_ext.dct_at_loss(s, t, preset="dct")
+    loss.backward(retain_graph=True)
+    first = [x.grad.clone() for x in s]
+    loss.backward(retain_graph=True)
+    for x, g in zip(s, first):
+        assert torch.allclose(x.grad, 2 * g, rtol=1e-6, atol=0)
+    loss.backward(retain_graph=True)
+    for x, g in zip(s, first):
+        assert torch.allclose(x.grad, 3 * g, rtol=1e-6, atol=0)
+    # the saved gradient was not changed by the accumulations into .grad
+    again = torch.autograd.grad(loss, s, retain_graph=True)
+    for a, g in zip(again, first):
+        assert torch.equal(a, g)
+    # and a retained graph also serves another upstream gradient
+    scaled = torch.autograd.grad(loss, s, torch.tensor(-3.0))
+    for a, g in zip(scaled, first):
+        assert torch.allclose(a, -3 * g, rtol=1e-5, atol=1e-12)
+
+
+# ------------------------------------------------------------------------ when no gradient is made
+def test_no_student_gradient_under_no_grad_teacher_only_or_two_pass(counting_ops, gen):
+    s, t = levels(gen, torch.float32)
+    with torch.no_grad():
+        dctkd_ext.dct_at_loss(s, t, preset="dct")
+    assert counting_ops.names() == ["dct_at_loss"]
+    counting_ops.calls.clear()
+    dctkd_ext.dct_at_loss([x.detach() for x in s], [x.requires_grad_() for x in t], preset="dct")
+    assert counting_ops.names() == ["dct_at_loss"]
+    counting_ops.calls.clear()
+    dctkd_ext.dct_at_loss(s, t, preset="dct", fused_grad=False).backward()
+    assert counting_ops.names() == ["dct_at_loss"]
+    counting_ops.calls.clear()
+    dctkd_ext.dct_at_loss(s, t, preset="dct")
+    (name, args), = counting_ops.calls
+    assert name == "dct_at_loss_fused" and args[-1] is not None
+
+
+def test_op_without_grad_scale_returns_no_gradient(gen):
+    s, t = levels(gen, torch.float32)
+    loss, maps, d_student = OPS.dct_at_loss_fused(s, t, [1.0] * 4, *PRESET_OPTS["dct"], None)
+    assert d_student == [] and len(maps) == 4
+    loss2, maps2 = OPS.dct_at_loss(s, t, [1.0] * 4, *PRESET_OPTS["dct"])
+    assert torch.equal(loss, loss2) and all(torch.equal(a, b) for a, b in zip(maps, maps2))
+
+
+def test_bad_arguments(gen):
+    s, t = levels(gen, torch.float32)
+    with pytest.raises(RuntimeError, match="grad_scale"):
+        OPS.dct_at_loss_fused(s, t, [1.0] * 4, *PRESET_OPTS["dct"], torch.ones(4))
+    with pytest.raises(RuntimeError, match="grad_scale"):
+        OPS.dct_at_loss_fused(s, t, [1.0] * 4, *PRESET_OPTS["dct"], torch.ones(3, 1))
+    with pytest.raises(TypeError, match="fused_grad"):
+        dctkd_ext.dct_at_loss(s, t, fused_grad=1)
+
+
+# ----------------------------------------------------------------------- gradcheck, opcheck, compile
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_gradcheck_fused(reduction, gen):
+    x = feats(gen, (2, 3, 4, 5), torch.float64, requires_grad=True)
+    x2 = feats(gen, (2, 2, 3, 3), torch.float64, "channels_last", requires_grad=True)
+    t = [feats(gen, (2, 4, 4, 5), torch.float64), feats(gen, (2, 5, 3, 3), torch.float64)]
+    sw = torch.rand(2, generator=gen, dtype=torch.float64)
+    for preset in ["dct", "paper", "at"]:
+        assert torch.autograd.gradcheck(
+            lambda a, b: dctkd_ext.dct_at_loss([a, b], t, preset=preset, reduction=reduction, sample_weight=sw,
+                                               weights=[1.0, 0.5]),
+            (x, x2),
+        ), preset
+
+
+@pytest.mark.parametrize("with_grad_scale", [True, False])
+def test_opcheck_fused(with_grad_scale, gen):
+    s = [feats(gen, (2, 3, 5, 4), torch.float32, requires_grad=True),
+         feats(gen, (2, 5, 3, 3), torch.float32, "channels_last", requires_grad=True)]
+    t = [feats(gen, (2, 4, 5, 4), torch.float32), feats(gen, (2, 2, 3, 3), torch.float32)]
+    grad_scale = torch.full((2,), 0.5) if with_grad_scale else None
+    torch.library.opcheck(OPS.dct_at_loss_fused, (s, t, [1.0, 0.5], *PRESET_OPTS["dct"], grad_scale))
+
+
+def test_torch_compile_fullgraph_fused_op_and_face(gen):
+    torch._dynamo.reset()
+    s, t = levels(gen, torch.float32)
+
+    def with_op(*s):
+        loss, _maps, _d = OPS.dct_at_loss_fused(list(s), t, [1.0] * 4, *PRESET_OPTS["paper"], torch.ones(3))
+        return loss.sum()
+
+    def with_face(*s):
+        return dctkd_ext.dct_at_loss(list(s), t, preset="paper", reduction="sum")
+
+    want = torch.autograd.grad(with_face(*s), s)
+    for fn in (with_op, with_face):
+        compiled = torch.compile(fn, fullgraph=True)
+        got = torch.autograd.grad(compiled(*s), s)
+        for g, w in zip(got, want):
+            assert rel(g, w) < 1e-6
