@@ -16,7 +16,8 @@ def hvp(fn, inputs, v):
     inputs = [x.detach().clone().requires_grad_() for x in inputs]
     y = fn(*inputs)
     g = torch.autograd.grad(y, inputs, torch.ones_like(y), create_graph=True)
-    s = sum((gi * vi).sum() for gi, vi in zip(g, v))
+    s = sum((torch.view_as_real(gi) * torch.view_as_real(vi)).sum() if gi.is_complex() else (gi * vi).sum()
+            for gi, vi in zip(g, v))
     return [t.detach() for t in torch.autograd.grad(s, inputs, allow_unused=True, materialize_grads=True)]
 
 

@@ -179,7 +179,7 @@ def test_fam_trains_under_fp16_autocast(tmp_path):
     torch.manual_seed(0)
     sd = build_model("resnet14", 4).state_dict()
     torch.save({"arch": "resnet14", "num_classes": 4, "model": sd}, tmp_path / "t.pt")
-    ck = _run(tmp_path, "fam", "--method", "fam", "--teacher", str(tmp_path / "t.pt"), "--amp", "fp16",
+    ck = _run(tmp_path, "fam", "--method", "fam-abf", "--teacher", str(tmp_path / "t.pt"), "--amp", "fp16",
               "--fam-mid-channels", "8")
     assert ck["scaler"]["scale"] > 0 and all(np.isfinite(m["train_loss_fam"]) for m in ck["metrics"])
     assert any(k.endswith("weights1") for k in ck["head"])
