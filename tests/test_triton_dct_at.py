@@ -30,12 +30,8 @@ pytest.importorskip("triton", reason="the Triton backend needs the triton packag
 DEVICE = "cpu" if INTERPRET else "cuda"
 # fp32 everywhere; half precision on the GPU only
 DTYPES = [torch.float32] + ([] if INTERPRET else [torch.float16, torch.bfloat16])
-TOL32 = 1e-5  # relative-norm error of fp32 kernels against the float64 reference
-TOL_HALF = 1e-2
-
-
-def tol(dtype):
-    return TOL32 if dtype == torch.float32 else TOL_HALF
+# the Triton kernels' fp32 error bound is twice the C++ kernels' (ACC_TOL): other summation orders
+FACTOR = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +56,9 @@ def poison_outputs():
 
 
 def check(out, ref, dtype, what):
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{what}: non-finite (unwritten?) elements"
-    err = rel_err(out, ref)
-    assert err < tol(dtype), f"{what}: relative error {err:.3e} >= {tol(dtype):.0e}"
+    """Against the float64 reference, within the precision-derived bound (conftest.error_bound); the
+    finiteness check also catches elements a kernel leaves unwritten (poisoned with NaN)."""
+    assert_close(out, ref, dtype, what, factor=FACTOR)
 
 
 def ref_copy(x):
