@@ -364,20 +364,18 @@ def main(argv=None):
         ap.error(f"unknown mutation(s) {unknown}; see --list")
     names = args.names or list(MUTATIONS)
 
-    # 1. unmutated, the selected tests pass (so a failure under a mutation is the mutation's doing)
+    # 1. unmutated, the named tests pass (so a failure under a mutation is the mutation's doing): one
+    # run of every named test, all its cases
     ok = True
-    for name in names:
-        m = MUTATIONS[name]
-        data, sec = run_selection(m["tests"], m["k"])
-        outcomes = data["outcomes"]
-        bad = [n for n, o in outcomes.items() if o == "failed"]
-        empty = [t for t in m["tests"] if not ran_tests(outcomes, t)]
-        m["baseline"] = "ok" if not bad and not empty else "broken"
-        if bad or empty:
-            ok = False
-            print(f"baseline of {name}: {len(bad)} failing, selections that ran nothing: {empty}\n"
-                  + data["stdout"][-3000:])
-        m["baseline_s"] = sec
+    union = sorted({t for name in names for t in MUTATIONS[name]["tests"]})
+    data, sec = run_selection(union, None)
+    outcomes = data["outcomes"]
+    bad = sorted(n for n, o in outcomes.items() if o == "failed")
+    empty = [t for t in union if not ran_tests(outcomes, t)]
+    print(f"unmutated: {len(outcomes)} tests, {len(bad)} failing [{sec:.0f} s]", flush=True)
+    if bad or empty:
+        print(f"the named tests must pass unmutated; failing: {bad}; ran nothing: {empty}\n" + data["stdout"][-3000:])
+        return 1
 
     # 2. each mutation is caught by each of its tests
     rows = []
@@ -389,8 +387,12 @@ def main(argv=None):
             if not m["optional"]:
                 ok = False
             continue
+        idle = [t for t in m["tests"] if not ran_tests(data["outcomes"], t)]
         missed = [t for t in m["tests"] if not failed_tests(data["outcomes"], t)]
-        if missed:
+        if idle:
+            ok = False
+            rows.append((name, "RAN NOTHING of " + ", ".join(t.split("::")[-1] for t in idle) + " (check -k)", sec))
+        elif missed:
             ok = False
             rows.append((name, "MISSED by " + ", ".join(t.split("::")[-1] for t in missed), sec))
         else:

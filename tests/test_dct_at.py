@@ -13,6 +13,11 @@ from dctkd_ext import reference as ref
 from conftest import BACKENDS, DEVICES, HALF, LAYOUTS, assert_close, error_bound, features, in_layout, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def dtype_id(dtype):
+    return str(dtype).replace("torch.", "")
+
 SHAPES = [(1, 1), (7, 7), (5, 9), (14, 14), (56, 56)]
 
 
@@ -29,7 +34,7 @@ def ref_inputs(xs):
 
 # ---------------------------------------------------------------------------------- attention_map
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("hw", SHAPES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_attention_map_matches_reference(device, dtype, hw, channels_last, gen):
@@ -90,7 +95,7 @@ def test_dct_matrix_matches_numpy_formula():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("hw", [(1, 1), (7, 7), (5, 9), (56, 56)])
 def test_dct2d_dtypes_roundtrip_and_grad(device, dtype, hw, gen):
     a = torch.randn(4, *hw, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
@@ -152,7 +157,7 @@ LOSS_OPTION_IDS = [p + "".join(f"-{k}={v}" for k, v in o.items()) for p, o in LO
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("preset,over", LOSS_OPTIONS, ids=LOSS_OPTION_IDS)
 @pytest.mark.parametrize("kind", ["tiny", "square", "odd", "big"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_loss_matches_reference(device, preset, over, kind, dtype, channels_last, gen):
     if preset == "paper" and kind == "tiny":

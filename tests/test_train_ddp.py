@@ -91,9 +91,12 @@ def test_ddp_ranks_agree_and_equal_one_process_with_the_global_batch(tmp_path):
     rows_ddp = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     rows_one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert rows_ddp[-1]["steps"] == rows_one[-1]["steps"] == 4  # 64 images, global batch 16
+    # Summation order alone (e.g. one thread or two in the one-process run) moves the parameters by up
+    # to ~2e-4 of their size after these 4 steps; a sharding or averaging bug moves them by O(1).
     for k in r0:
         diff = (r0[k] - single[k]).abs().max().item()
         scale = single[k].abs().max().item()
-        assert diff <= 1e-4 * max(scale, 1e-3), f"{k}: DDP and one process differ by {diff:.2e} (scale {scale:.2e})"
-    for k in ("train_loss", "train_loss_dct", "val_top1"):
-        assert rows_ddp[-1][k] == pytest.approx(rows_one[-1][k], rel=1e-4, abs=1e-6), k
+        assert diff <= 2e-3 * max(scale, 1e-3), f"{k}: DDP and one process differ by {diff:.2e} (scale {scale:.2e})"
+    for k in ("train_loss", "train_loss_dct", "train_loss_ce"):
+        assert rows_ddp[-1][k] == pytest.approx(rows_one[-1][k], rel=1e-4), k
+    assert rows_ddp[-1]["val_top1"] == pytest.approx(rows_one[-1]["val_top1"], abs=100 / 30 + 1e-9)
