@@ -111,10 +111,12 @@ def phi(a: torch.Tensor, *, map_norm, center, transform, coef_abs, coef_norm, ep
 def _distance(zs: torch.Tensor, zt: torch.Tensor, kind: str) -> torch.Tensor:
     sq = (zs - zt).pow(2)
     if kind == "l2":
-        # sqrt with a zero-safe gradient: 0 (not NaN) at exactly zero distance
+        # sqrt with a zero-safe gradient: 0 (not NaN) at exactly zero distance; NaN and inf pass
+        # through (a test on `ss > 0` would turn a NaN distance into 0)
         ss = sq.sum(1)
-        safe = torch.where(ss > 0, ss, torch.ones_like(ss))
-        return torch.where(ss > 0, safe.sqrt(), torch.zeros_like(ss))
+        zero = ss == 0
+        safe = torch.where(zero, torch.ones_like(ss), ss)
+        return torch.where(zero, torch.zeros_like(ss), safe.sqrt())
     if kind == "mse":
         return sq.mean(1)
     if kind == "sse":

@@ -9,7 +9,17 @@ import dctkd_ext
 from dctkd_ext import reference as R
 from dctkd_ext.nn import FrequencyAttention, GlobalFilter
 
-from conftest import DEVICES, TOL, assert_close, rel_err
+from conftest import DEVICES, rel_err
+
+# Under autocast the convolutions and the features themselves are rounded to the half dtype, so the
+# comparison with fp32 is at a few units of that rounding (2^-8 for bf16), not at fp32's accuracy.
+TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def assert_close(out, ref, dtype, what):
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    err = rel_err(out, ref)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]:.0e}"
 
 SIZES = [7, 14, 28]
 HALF = [torch.float16, torch.bfloat16]

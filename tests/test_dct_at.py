@@ -1,6 +1,7 @@
 """attention_map, dct2d/idct2d and dct_at_loss on the compiled backends (CPU, and CUDA where a GPU
 exists) against the float64 reference, an independent DCT oracle and the released-code formula."""
 
+
 import numpy as np
 import pytest
 import scipy.fft
@@ -9,9 +10,14 @@ import torch
 import dctkd_ext
 from dctkd_ext import reference as ref
 
-from conftest import DEVICES, assert_close, features, rel_err
+from conftest import DEVICES, HALF, assert_close, features, in_layout, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def dtype_id(dtype):
+    return str(dtype).replace("torch.", "")
+
 SHAPES = [(1, 1), (7, 7), (5, 9), (14, 14), (56, 56)]
 
 
@@ -28,7 +34,7 @@ def ref_inputs(xs):
 
 # ---------------------------------------------------------------------------------- attention_map
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("hw", SHAPES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_attention_map_matches_reference(device, dtype, hw, channels_last, gen):
@@ -81,7 +87,7 @@ def test_dct2d_matches_scipy_oracle(device, hw, gen):
 
 
 def test_dct_matrix_matches_numpy_formula():
-    # the basis written independently in numpy from the formula of docs/DESIGN.md §3.2
+    # the basis written independently in numpy from the formula of DESIGN §3.2
     for n in (1, 5, 7, 56):
         k, m = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
         d = np.cos(np.pi * (2 * m + 1) * k / (2 * n)) * np.where(k == 0, np.sqrt(1 / n), np.sqrt(2 / n))
@@ -89,7 +95,7 @@ def test_dct_matrix_matches_numpy_formula():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("hw", [(1, 1), (7, 7), (5, 9), (56, 56)])
 def test_dct2d_dtypes_roundtrip_and_grad(device, dtype, hw, gen):
     a = torch.randn(4, *hw, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
@@ -98,7 +104,9 @@ def test_dct2d_dtypes_roundtrip_and_grad(device, dtype, hw, gen):
     assert c.dtype == dtype
     assert_close(c, ref.dct2d(a.detach().double()), dtype, "dct2d")
     back = dctkd_ext.idct2d(c.detach().double() if dtype == torch.float64 else c.detach().float())
-    assert_close(back, a.detach().double(), dtype, "idct2d(dct2d(a))", factor=2)
+    # half precision: c itself is rounded, so the round trip is checked on the rounded coefficients
+    expect = ref.idct2d(c.detach().double()) if dtype in HALF else a.detach().double()
+    assert_close(back, expect, dtype, "idct2d(dct2d(a))", factor=2)
     g = torch.randn(c.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     (da,) = torch.autograd.grad(c, a, g)
     assert_close(da, ref.idct2d(g.double()), dtype, "dct2d backward")
@@ -123,31 +131,41 @@ def make_levels(kind, dtype, device, channels_last, gen):
 
 
 def check_loss_against_reference(s, t, dtype, what, **kwargs):
+    """Loss and gradients against the float64 reference, with a random upstream gradient (per sample
+    with reduction="none", so that a backward mixing samples fails)."""
     loss = dctkd_ext.dct_at_loss(s, t, **kwargs)
     sr, tr = ref_inputs(s), ref_inputs(t)
     lr = ref.dct_at_loss(sr, tr, **kwargs)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close(loss, lr, dtype, what + " loss")
     g = torch.randn(loss.shape, dtype=torch.float64).to(loss)
     gs = torch.autograd.grad(loss, s, g)
     gsr = torch.autograd.grad(lr, sr, g.double())
     for l, (a, b) in enumerate(zip(gs, gsr)):
-        assert a.dtype == s[l].dtype
-        # Half-precision gradients: compared with the reference rounded to the same dtype (these
-        # gradients can lie below fp16's normal range, where rounding alone is a large relative error).
-        assert_close(a, b.to(a.dtype), dtype, f"{what} grad[{l}]")
+        assert a.dtype == s[l].dtype and a.shape == s[l].shape
+        assert_close(a, b, dtype, f"{what} grad[{l}]")
     return loss
 
 
+# The presets, and the options under which the loss depends on the scale of the maps (no
+# normalisation: the 1/C of the map and the transform's scale count).
+LOSS_OPTIONS = [("dct", {}), ("paper", {}), ("at", {}), ("dct", dict(map_norm="none", coef_norm="none")),
+                ("at", dict(map_norm="none"))]
+LOSS_OPTION_IDS = [p + "".join(f"-{k}={v}" for k, v in o.items()) for p, o in LOSS_OPTIONS]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("preset", ["dct", "paper", "at"])
+@pytest.mark.parametrize("preset,over", LOSS_OPTIONS, ids=LOSS_OPTION_IDS)
 @pytest.mark.parametrize("kind", ["tiny", "square", "odd", "big"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_loss_matches_reference(device, preset, kind, dtype, channels_last, gen):
+def test_loss_matches_reference(device, preset, over, kind, dtype, channels_last, gen):
     if preset == "paper" and kind == "tiny":
         pytest.skip("1x1 maps: (A - min) / max is 0/0 with the released code's eps = 0 (NaN by design)")
     s, t = make_levels(kind, dtype, device, channels_last, gen)
-    check_loss_against_reference(s, t, dtype, f"{preset}/{kind}", preset=preset)
+    weights = [0.5 + l for l in range(len(s))]
+    check_loss_against_reference(s, t, dtype, f"{preset}{over}/{kind}", preset=preset, weights=weights,
+                                 reduction="none", **over)
 
 
 OVERRIDES = [
@@ -162,7 +180,7 @@ OVERRIDES = [
 @pytest.mark.parametrize("override", OVERRIDES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_loss_overrides(device, override, gen):
     s, t = make_levels("odd", torch.float32, device, False, gen)
-    check_loss_against_reference(s, t, torch.float32, str(override), preset="dct", **override)
+    check_loss_against_reference(s, t, torch.float32, str(override), preset="dct", reduction="none", **override)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -340,6 +358,83 @@ def test_env_backend_is_read_and_checked():
     assert out.returncode != 0 and "DCTKD_BACKEND" in out.stderr
 
 
+def test_auto_routes_to_the_cpu_kernels(gen):
+    """`auto` on CPU tensors runs the C++ kernels (op names in the profiler), forward and backward,
+    not the plain-PyTorch reference."""
+    x = features(2, 3, 5, 4, generator=gen, requires_grad=True)
+    s, t = make_levels("square", torch.float32, "cpu", False, gen)
+    with dctkd_ext.use_backend("auto"), torch.autograd.profiler.profile() as prof:
+        dctkd_ext.attention_map(x).sum().backward()
+        dctkd_ext.dct2d(x.detach()).sum()
+        dctkd_ext.idct2d(x.detach()).sum()
+        dctkd_ext.dct_at_loss(s, t, reduction="none").sum().backward()
+    names = {e.name for e in prof.function_events}
+    ours = sorted(n for n in names if n.startswith("dctkd_ext::"))
+    for op in ("attention_map", "attention_map_backward", "dct2d", "idct2d"):
+        assert f"dctkd_ext::{op}" in names, f"auto did not run the C++ {op}; dctkd_ext ops that ran: {ours}"
+    assert any("dct_at_loss" in n for n in ours), f"auto did not run a C++ dct_at_loss op; ran: {ours}"
+    assert x.grad is not None and all(v.grad is not None for v in s)
+
+
+@pytest.mark.parametrize("layout", ["sliced", "transposed", "channels_last"])
+def test_every_op_accepts_strided_inputs(backend, layout, gen):
+    """Views with offsets and strides (slices, transposes) give the results of contiguous copies,
+    forward and backward, on every backend."""
+    _, device = backend
+    x = in_layout(features(2, 5, 6, 7, device=device, generator=gen), layout).requires_grad_()
+    xr = ref_inputs([x])[0]
+    a = dctkd_ext.attention_map(x, 1.5)
+    ar = ref.attention_map(xr, 1.5)
+    assert_close(a, ar, torch.float32, f"attention_map {layout}")
+    g = torch.randn(a.shape, dtype=torch.float64, generator=gen)
+    (dx,) = torch.autograd.grad(a, x, g.to(device, a.dtype))
+    (dxr,) = torch.autograd.grad(ar, xr, g)
+    assert dx.shape == x.shape
+    assert_close(dx, dxr, torch.float32, f"attention_map backward {layout}")
+
+    m = in_layout(torch.randn(3, 6, 7, generator=gen, dtype=torch.float64).to(device, torch.float32),
+                  layout if layout != "channels_last" else "sliced").requires_grad_()
+    for fn, rfn in ((dctkd_ext.dct2d, ref.dct2d), (dctkd_ext.idct2d, ref.idct2d)):
+        c = fn(m)
+        mr = m.detach().double().cpu().requires_grad_()
+        cr = rfn(mr)
+        assert_close(c, cr, torch.float32, f"{fn.__name__} {layout}")
+        g = torch.randn(c.shape, dtype=torch.float64, generator=gen)
+        (dm,) = torch.autograd.grad(c, m, g.to(device, c.dtype))
+        (dmr,) = torch.autograd.grad(cr, mr, g)
+        assert_close(dm, dmr, torch.float32, f"{fn.__name__} backward {layout}")
+
+    s = [in_layout(features(3, 4, 7, 7, device=device, generator=gen), layout).requires_grad_(),
+         in_layout(features(3, 6, 5, 3, device=device, generator=gen), layout).requires_grad_()]
+    t = [in_layout(features(3, 8, 7, 7, device=device, generator=gen), layout),
+         in_layout(features(3, 2, 5, 3, device=device, generator=gen), layout)]
+    check_loss_against_reference(s, t, torch.float32, f"dct_at_loss {layout}", reduction="none")
+
+
+def test_error_bound_rejects_half_precision_accumulation(gen):
+    """The half-precision bound is tight enough to fail a kernel that accumulates the attention map in
+    bf16, or stores the map in bf16, while the fp32-accumulating kernels pass it (the sweeps above)."""
+    x = features(4, 64, 14, 14, dtype=torch.bfloat16, generator=gen)
+    xr = x.double()
+    ar = ref.attention_map(xr)
+    # the map accumulated in bf16
+    acc_bf16 = (x * x).mean(1, dtype=torch.bfloat16).float()
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_close(acc_bf16, ar, torch.bfloat16, "bf16 accumulation")
+    assert_close(dctkd_ext.attention_map(x), ar, torch.bfloat16, "fp32 accumulation")
+    # the loss with maps rounded to bf16 on the way
+    s = [features(4, 16, 14, 14, dtype=torch.bfloat16, generator=gen)]
+    t = [features(4, 24, 14, 14, dtype=torch.bfloat16, generator=gen)]
+    opts = dict(dctkd_ext.PRESETS["dct"])
+    zs = ref.phi(ref.attention_map(s[0].double()).bfloat16().double(), **opts)
+    zt = ref.phi(ref.attention_map(t[0].double()).bfloat16().double(), **opts)
+    rounded_maps = (zs - zt).pow(2).sum(1).sqrt().float()
+    exact = ref.dct_at_loss([v.double() for v in s], [v.double() for v in t], reduction="none")
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_close(rounded_maps, exact, torch.bfloat16, "maps rounded to bf16")
+    assert_close(dctkd_ext.dct_at_loss(s, t, reduction="none"), exact, torch.bfloat16, "loss")
+
+
 # ------------------------------------------------------------------------------------- nn modules
 def test_nn_losses(gen):
     s, t = make_levels("square", torch.float32, "cpu", False, gen)
@@ -383,10 +478,56 @@ def bad_cases():
     ]
 
 
+def _on(device, value):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_on(device, v) for v in value]
+    return value
+
+
 @pytest.mark.parametrize("name,kwargs,exc,msg", bad_cases(), ids=[c[0] for c in bad_cases()])
-def test_loss_bad_input(name, kwargs, exc, msg):
+def test_loss_bad_input(backend, name, kwargs, exc, msg, monkeypatch):
+    # every backend, the reference included; on a GPU the non-finite check is opt-in (a host sync)
+    _, device = backend
+    monkeypatch.setenv("DCTKD_CHECK_FINITE", "1")
     with pytest.raises(exc, match=msg):
-        dctkd_ext.dct_at_loss(**kwargs)
+        dctkd_ext.dct_at_loss(**{k: _on(device, v) for k, v in kwargs.items()})
+
+
+@pytest.mark.parametrize("preset", ["dct", "paper", "at"])
+@pytest.mark.parametrize("where", ["student-nan", "student-inf", "teacher-nan", "teacher-inf"])
+def test_non_finite_loss_is_never_hidden(backend, preset, where, gen, monkeypatch):
+    """A NaN/inf feature gives a non-finite per-sample loss (for that sample) on every backend, and the
+    public op reports it by name; never a finite loss such as 0."""
+    _, device = backend
+    s = [features(3, 4, 5, 6, dtype=torch.float64, generator=gen)]
+    t = [features(3, 2, 5, 6, dtype=torch.float64, generator=gen)]
+    side, kind = where.split("-")
+    bad = (s if side == "student" else t)[0]
+    bad[1, 1, 3, 4] = float(kind)
+    monkeypatch.setenv("DCTKD_CHECK_FINITE", "0")
+    per_sample = dctkd_ext.dct_at_loss(_on(device, s), _on(device, t), preset=preset, reduction="none").cpu()
+    assert not torch.isfinite(per_sample[1]), f"{where}: sample 1 got a finite loss {per_sample[1].item()}"
+    assert torch.isfinite(per_sample[[0, 2]]).all()
+    monkeypatch.setenv("DCTKD_CHECK_FINITE", "1")
+    with pytest.raises(ValueError, match=rf"{side}_feats\[0\]: contains non-finite"):
+        dctkd_ext.dct_at_loss(_on(device, s), _on(device, t), preset=preset)
+
+
+def test_other_ops_propagate_non_finite(backend, gen):
+    _, device = backend
+    x = features(2, 3, 4, 5, generator=gen)
+    x[1, 2, 3, 1] = float("nan")
+    a = dctkd_ext.attention_map(x.to(device)).cpu()
+    expect = torch.zeros_like(a, dtype=torch.bool)
+    expect[1, 3, 1] = True
+    assert torch.equal(torch.isnan(a), expect)
+    m = torch.randn(3, 4, 5, generator=gen)
+    m[1, 0, 2] = float("inf")
+    for fn in (dctkd_ext.dct2d, dctkd_ext.idct2d):
+        c = fn(m.to(device)).cpu()
+        assert torch.isfinite(c[[0, 2]]).all() and not torch.isfinite(c[1]).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to put tensors on two devices")
@@ -395,21 +536,24 @@ def test_loss_mixed_devices():
         dctkd_ext.dct_at_loss([torch.randn(2, 3, 5, 5)], [torch.randn(2, 3, 5, 5, device="cuda")])
 
 
-def test_other_ops_bad_input():
+def test_other_ops_bad_input(backend):
+    dev = backend[1]
     with pytest.raises(ValueError, match="x: expected a 4-D"):
-        dctkd_ext.attention_map(torch.randn(3, 4, 5))
+        dctkd_ext.attention_map(torch.randn(3, 4, 5, device=dev))
     with pytest.raises(TypeError, match="x: expected a real floating"):
-        dctkd_ext.attention_map(torch.ones(1, 2, 3, 3, dtype=torch.int32))
+        dctkd_ext.attention_map(torch.ones(1, 2, 3, 3, dtype=torch.int32, device=dev))
     with pytest.raises(ValueError, match="p: expected a positive"):
-        dctkd_ext.attention_map(torch.randn(1, 2, 3, 3), p=-1)
+        dctkd_ext.attention_map(torch.randn(1, 2, 3, 3, device=dev), p=-1)
     with pytest.raises(ValueError, match="reduce: expected"):
-        dctkd_ext.attention_map(torch.randn(1, 2, 3, 3), reduce="max")
+        dctkd_ext.attention_map(torch.randn(1, 2, 3, 3, device=dev), reduce="max")
     with pytest.raises(ValueError, match="a: expected at least 2 dims"):
-        dctkd_ext.dct2d(torch.randn(5))
+        dctkd_ext.dct2d(torch.randn(5, device=dev))
     with pytest.raises(TypeError, match="c: expected a real floating"):
-        dctkd_ext.idct2d(torch.randn(3, 3, dtype=torch.cfloat))
+        dctkd_ext.idct2d(torch.randn(3, 3, dtype=torch.cfloat, device=dev))
     with pytest.raises(ValueError, match="a: expected H, W >= 1"):
-        dctkd_ext.dct2d(torch.randn(2, 0, 3))
+        dctkd_ext.dct2d(torch.randn(2, 0, 3, device=dev))
+    if backend[0] != "cpu":
+        return
     # the C++ op checks too when called directly
     with pytest.raises(RuntimeError, match="reduce: expected"):
         torch.ops.dctkd_ext.attention_map(torch.randn(1, 2, 3, 3), 2.0, "max")

@@ -3,8 +3,8 @@
 module (outputs, gradients, state_dict), the exact half-plane form, the fused small-map path,
 GlobalFilter against GFNet's formula, autocast, torch.compile, and bad input."""
 
-import importlib.util
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -17,19 +17,10 @@ from dctkd_ext import reference as R
 from dctkd_ext.nn import FrequencyAttention, GlobalFilter
 from dctkd_ext.ops import spectral as sp
 
-from conftest import TOL, rel_err
+from conftest import ACC_TOL, HAS_CUDA, HAS_TRITON, TRITON_DEVICE, crandn, in_layout, rel_err
 
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
-# (backend, device): every implementation of the ops that can run here
-BACKENDS = [("cpu", "cpu"), ("reference", "cpu")]
-if HAS_TRITON:
-    BACKENDS.append(("triton", TRITON_DEVICE))
-if HAS_CUDA:
-    BACKENDS.append(("cuda", "cuda"))
-CTOL = {torch.complex64: TOL[torch.float32], torch.complex128: TOL[torch.float64]}
+CTOL = {torch.complex64: ACC_TOL[torch.float32], torch.complex128: ACC_TOL[torch.float64]}
+TOL32 = ACC_TOL[torch.float32]
 
 
 @pytest.fixture
@@ -43,23 +34,20 @@ def triton_mode():
     return sp.triton_ops()
 
 
-@pytest.fixture(params=BACKENDS, ids=[b for b, _ in BACKENDS])
-def backend(request):
-    name, device = request.param
-    if name == "triton":
-        request.getfixturevalue("triton_mode")
-    with dctkd_ext.use_backend(name):
-        yield name, device
-
-
-def crandn(*shape, dtype=torch.complex64, device="cpu", generator=None, requires_grad=False):
-    real = torch.randn(*shape, 2, dtype=torch.float64, generator=generator)
-    t = torch.view_as_complex(real).to(dtype=dtype, device=device)
-    return t.requires_grad_(requires_grad)
-
-
 def channels_last(t):
     return t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+def cuton_for(size, r):
+    """A cut-on whose high-pass box has radius r at this size (r = int(cuton * int(size / 2)))."""
+    c = min(1.0, (r + 0.5) / max(1, int(size / 2)))
+    assert sp.fam_mask_radius(size, c) == r or size < 2
+    return c
+
+
+def assert_mask_not_empty(size, cuton):
+    m = R.fam_highpass_mask(size, size, cuton)
+    assert (m == 0).any(), f"cuton {cuton} masks nothing at size {size}"
 
 
 def assert_rel(out, ref, tol, what):
@@ -112,19 +100,19 @@ def test_spectral_conv_large_channels_cpu(gen):
 
 
 @pytest.mark.parametrize("op", ["global_filter", "spectral_conv"])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "transposed"])
 def test_backward_matches_autograd_of_reference(backend, op, layout, gen):
+    # every operand in the layout: channels_last is GFNet's (B, H, K, C) storage; sliced and
+    # transposed are views with offsets and strides that the kernels must copy or follow
     name, device = backend
-    if op == "spectral_conv" and layout == "channels_last":
-        layout = "nchw"
     b, c, o, h, k = 4, 6, 5, 5, 3
     xf = crandn(b, c, h, k, generator=gen)
-    if layout == "channels_last":
-        xf = channels_last(xf)
     w = crandn(c, h, k, generator=gen) if op == "global_filter" else crandn(c, o, h, k, generator=gen)
     mask = torch.rand(h, k, generator=gen, dtype=torch.float64).float()
     fn, ref_fn = getattr(dctkd_ext, op), getattr(R, op)
-    leaves = [t.detach().to(device).requires_grad_() for t in (xf, w, mask)]
+    wl = "sliced" if layout == "channels_last" else layout
+    leaves = [in_layout(xf.to(device), layout).requires_grad_(), in_layout(w.to(device), wl).requires_grad_(),
+              in_layout(mask.to(device), wl).requires_grad_()]
     out = fn(*leaves)
     g = crandn(*out.shape, generator=gen).to(device)
     grads = torch.autograd.grad(out, leaves, g)
@@ -248,13 +236,14 @@ def test_fam_half_weight_op(backend, shape, gen):
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
-def test_fam_global_op_gradcheck_and_opcheck(depthwise, gen):
-    size = 5
+@pytest.mark.parametrize("size", [5, 6])  # odd; even (a Nyquist column that stands for one frequency)
+def test_fam_global_op_gradcheck_and_opcheck(depthwise, size, gen):
     x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=gen, requires_grad=True)
     shape = (3, size, size) if depthwise else (3, 2, size, size)
     w = crandn(*shape, dtype=torch.complex128, generator=gen, requires_grad=True)
     with dctkd_ext.use_backend("cpu"):
-        assert torch.autograd.gradcheck(lambda a, b_: sp.fam_global(a, b_, 0.5, depthwise), (x, w))
+        # fast mode (random projections of the Jacobian): the full Jacobian takes minutes here
+        assert torch.autograd.gradcheck(lambda a, b_: sp.fam_global(a, b_, 0.5, depthwise), (x, w), fast_mode=True)
         assert_rel(sp.fam_global(x, w, 0.5, depthwise), R.fam_global(x, w, 0.5, "depthwise" if depthwise else "channel"),
                    1e-12, "fam_global")
         torch.library.opcheck(torch.ops.dctkd_ext.fam_global.default, (x.float().detach().requires_grad_(),
@@ -275,9 +264,13 @@ def _released_and_ours(cin, cout, size, cuton, dtype, mix="channel", seed=0):
     return ref, ours
 
 
-@pytest.mark.parametrize("size", [1, 7, 8, 20, 21])
-@pytest.mark.parametrize("cuton", [0.1, 0.5])
-def test_frequency_attention_matches_released_fp64(size, cuton, gen):
+@pytest.mark.parametrize("size", [1, 2, 7, 8, 20, 21])
+@pytest.mark.parametrize("radius", ["r1", "full"])
+def test_frequency_attention_matches_released_fp64(size, radius, gen):
+    # the high-pass box is never empty (but at size 1, where int(1 / 2) = 0 leaves no box to cut)
+    cuton = 1.0 if radius == "full" else cuton_for(size, 1)
+    if size > 1:
+        assert_mask_not_empty(size, cuton)
     ref, ours = _released_and_ours(4, 3, size, cuton, torch.float64)
     x = torch.randn(3, 4, size, size, dtype=torch.float64, generator=gen)
     xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -293,17 +286,18 @@ def test_frequency_attention_matches_released_fp64(size, cuton, gen):
 
 @pytest.mark.parametrize("size", [7, 8, 20, 32])
 def test_frequency_attention_matches_released_fp32(size, gen):
-    cuton = 0.1
+    cuton = 0.5
+    assert_mask_not_empty(size, cuton)
     ref, ours = _released_and_ours(6, 5, size, cuton, torch.float32)
     ref64, _ = _released_and_ours(6, 5, size, cuton, torch.float64)
     x = torch.randn(4, 6, size, size, generator=gen)
     xo, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
     yo, y64 = ours(xo), ref64((x64, cuton))
-    assert_rel(yo, y64, 5 * TOL[torch.float32], "output")
+    assert_rel(yo, y64, 5 * TOL32, "output")
     g = torch.randn(y64.shape, dtype=torch.float64, generator=gen)
     yo.backward(g.float())
     y64.backward(g)
-    assert_rel(xo.grad, x64.grad, 5 * TOL[torch.float32], "dx")
+    assert_rel(xo.grad, x64.grad, 5 * TOL32, "dx")
     for (name, p64), po in zip(ref64.named_parameters(), ours.parameters()):
         if name in ("rate1", "rate2"):  # sums with cancellation: scale by sum |dy * branch|
             with torch.no_grad():
@@ -311,7 +305,7 @@ def test_frequency_attention_matches_released_fp32(size, gen):
                 scale = (g * branch).abs().sum().item()
             assert abs(po.grad.item() - p64.grad.item()) <= 1e-6 * scale, f"d{name}"
         else:
-            assert_rel(po.grad, p64.grad, 20 * TOL[torch.float32], f"d{name}")
+            assert_rel(po.grad, p64.grad, 20 * TOL32, f"d{name}")
 
 
 def test_frequency_attention_state_dict_and_init():
@@ -352,33 +346,99 @@ def test_frequency_attention_depthwise(gen):
     assert_rel(dw, rdw, 1e-12, "depthwise dweights1")
 
 
-def test_frequency_attention_channels_last_and_half_input(gen):
-    m = FrequencyAttention(3, 2, 8)
-    x = torch.randn(2, 3, 8, 8, generator=gen)
+def _released_fp64(m, x, cuton):
+    """The authors' forward in float64 with m's parameters: the independent reference of a module."""
+    return R.released_fam_forward(x.double(), m.weights1.detach().to(torch.complex128),
+                                  m.w0.weight.detach().double(), m.w0.bias.detach().double(),
+                                  m.rate1.detach().double(), m.rate2.detach().double(), cuton)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed"])
+def test_frequency_attention_strided_input(backend, layout, gen):
+    _, device = backend
+    cuton = 0.5
+    m = FrequencyAttention(3, 2, 8, cuton=cuton).to(device)
+    x = in_layout(torch.randn(2, 3, 8, 8, generator=gen).to(device), layout).requires_grad_()
     y = m(x)
-    assert_rel(m(x.contiguous(memory_format=torch.channels_last)), y, 1e-6, "channels_last input")
-    mh = FrequencyAttention(3, 2, 8)
+    x64 = x.detach().double().cpu().requires_grad_()
+    y64 = _released_fp64(m, x64, cuton)
+    assert_rel(y, y64, 5 * TOL32, f"{layout} output")
+    g = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    (dx,) = torch.autograd.grad(y, x, g.to(device, y.dtype))
+    (dx64,) = torch.autograd.grad(y64, x64, g)
+    assert_rel(dx, dx64, 5 * TOL32, f"{layout} dx")
+
+
+def test_frequency_attention_half_input(gen):
+    cuton = 0.5
+    m = FrequencyAttention(3, 2, 8, cuton=cuton)
+    mh = FrequencyAttention(3, 2, 8, cuton=cuton)
     mh.load_state_dict(m.state_dict())
     mh.w0.to(torch.bfloat16)
     mh.rate1.data, mh.rate2.data = mh.rate1.data.bfloat16(), mh.rate2.data.bfloat16()
-    yh = mh(x.bfloat16())
+    xh = torch.randn(2, 3, 8, 8, generator=gen).bfloat16()
+    yh = mh(xh)
     assert yh.dtype == torch.bfloat16
-    assert_rel(yh.float(), y, 2e-2, "bf16 features")
+    # against the float64 formula on the bf16 inputs and parameters: the bf16 conv branch and the
+    # rounding of the output are the error (a few bf16 ulps), the FFT branch runs in fp32
+    ref = R.released_fam_forward(xh.double(), mh.weights1.detach().to(torch.complex128),
+                                 mh.w0.weight.detach().double(), mh.w0.bias.detach().double(),
+                                 mh.rate1.detach().double(), mh.rate2.detach().double(), cuton)
+    assert_rel(yh.float(), ref, 1e-2, "bf16 features")
 
 
 def test_frequency_attention_autocast(gen):
-    m = FrequencyAttention(3, 4, 8)
+    cuton = 0.5
+    m = FrequencyAttention(3, 4, 8, cuton=cuton)
     x = torch.randn(2, 3, 8, 8, generator=gen)
-    y32 = m(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         g = m.global_branch(x)
         y = m(x)
     assert g.dtype == torch.float32, "the FFT branch must stay fp32 under autocast"
-    assert_rel(g, m.global_branch(x), 1e-6, "global branch under autocast")
+    g64 = R.fam_global(x.double(), m.weights1.detach().to(torch.complex128), cuton)
+    assert_rel(g, g64, 5 * TOL32, "global branch under autocast")
     assert y.dtype == torch.float32
-    assert_rel(y, y32, 2e-2, "output under autocast")
+    assert_rel(y, _released_fp64(m, x, cuton), 2e-2, "output under autocast (bf16 conv branch)")
     y.sum().backward()
     assert m.weights1.grad is not None and m.weights1.grad.dtype == torch.complex64
+
+
+@pytest.mark.parametrize("size", [7, 8])
+def test_frequency_attention_forward_cuton(size, gen):
+    """forward(x, cuton) and the released forward((x, cuton)) use the given cut-on, not the
+    constructor's; forward(x) uses the constructor's."""
+    cuton = cuton_for(size, 2 if size >= 8 else 1)
+    torch.manual_seed(5)
+    m = FrequencyAttention(4, 3, size).double()  # constructor cut-on 0.1: no box at these sizes
+    m.weights1.data = m.weights1.data.to(torch.complex128)
+    x = torch.randn(2, 4, size, size, dtype=torch.float64, generator=gen)
+    want = _released_fp64(m, x, cuton)
+    plain = _released_fp64(m, x, m.cuton)
+    assert rel_err(want, plain) > 1e-3, "the test needs a cut-on that changes the output"
+    assert_rel(m(x, cuton), want, 1e-12, "forward(x, cuton)")
+    assert_rel(m((x, cuton)), want, 1e-12, "forward((x, cuton))")
+    assert_rel(m(x), plain, 1e-12, "forward(x)")
+    assert_rel(m.global_branch(x, cuton), R.fam_global(x, m.weights1, cuton), 1e-12, "global_branch(x, cuton)")
+    with pytest.raises(ValueError, match=r"x: expected a tensor or a \(x, cuton\) tuple"):
+        m((x, cuton, 1))
+
+
+def test_frequency_attention_depthwise_init():
+    torch.manual_seed(4)
+    m = FrequencyAttention(6, 6, 9, mix="depthwise")
+    assert m.weights1.shape == (6, 9, 9) and m.weights1.dtype == torch.complex64
+    assert m.scale == pytest.approx(1 / 6)
+    # (1/in) * rand, real and imaginary parts uniform in [0, 1/in)
+    for part in (m.weights1.real, m.weights1.imag):
+        assert 0 <= part.min().item() and part.max().item() < 1 / 6
+        assert part.mean().item() == pytest.approx(0.5 / 6, rel=0.15)
+    assert m.rate1.shape == (1,) and m.rate1.item() == 0.5 == m.rate2.item()
+    assert m.w0.weight.shape == (6, 6, 1, 1) and m.w0.bias.shape == (6,)
+    assert list(m.state_dict()) == ["rate1", "rate2", "weights1", "w0.weight", "w0.bias"]
+    # the same draws as the channel-mixing module's, in the same order
+    torch.manual_seed(4)
+    expect = (1 / 6) * torch.rand(6, 9, 9, dtype=torch.cfloat)
+    assert torch.equal(m.weights1.detach(), expect)
 
 
 # --------------------------------------------------------------------------------- the fused path
@@ -388,8 +448,9 @@ def test_fused_path_matches_fft_path(triton_mode, size, mix, gen):
     dev = TRITON_DEVICE
     cin, cout = (3, 5) if mix == "channel" else (4, 4)
     torch.manual_seed(3)
-    fused = FrequencyAttention(cin, cout, size, cuton=0.3, mix=mix, path="fused").to(dev)
-    fft = FrequencyAttention(cin, cout, size, cuton=0.3, mix=mix, path="fft").to(dev)
+    assert_mask_not_empty(size, 0.5)
+    fused = FrequencyAttention(cin, cout, size, cuton=0.5, mix=mix, path="fused").to(dev)
+    fft = FrequencyAttention(cin, cout, size, cuton=0.5, mix=mix, path="fft").to(dev)
     fft.load_state_dict(fused.state_dict())
     x = torch.randn(2, cin, size, size, generator=gen).to(dev)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -397,19 +458,19 @@ def test_fused_path_matches_fft_path(triton_mode, size, mix, gen):
         assert fused.choose_path(xa) == "fused"
         ya = fused(xa)
     yb = fft(xb)
-    assert_rel(ya, yb, 5 * TOL[torch.float32], "fused output")
+    assert_rel(ya, yb, 5 * TOL32, "fused output")
     g = torch.randn(ya.shape, generator=gen).to(dev)
     with dctkd_ext.use_backend("triton"):
         ya.backward(g)
     yb.backward(g)
-    assert_rel(xa.grad, xb.grad, 5 * TOL[torch.float32], "fused dx")
+    assert_rel(xa.grad, xb.grad, 5 * TOL32, "fused dx")
     with torch.no_grad():  # the rate gradients are sums with cancellation: scale by sum |dy * branch|
         scales = {"rate1": (g * fft.global_branch(x)).abs().sum().item(), "rate2": (g * fft.w0(x)).abs().sum().item()}
     for (name, pa), pb in zip(fused.named_parameters(), fft.parameters()):
         if name in scales:
             assert abs(pa.grad.item() - pb.grad.item()) <= 1e-6 * scales[name], f"fused d{name}"
         else:
-            assert_rel(pa.grad, pb.grad, 5 * TOL[torch.float32], f"fused d{name}")
+            assert_rel(pa.grad, pb.grad, 5 * TOL32, f"fused d{name}")
 
 
 def test_auto_path_rule():
@@ -421,6 +482,77 @@ def test_auto_path_rule():
 
     assert nsp.fused_flops_estimate(2, 8, 8, 8, False) <= nsp.FUSED_MAX_FLOPS
     assert nsp.fused_flops_estimate(64, 32, 32, 32, False) > nsp.FUSED_MAX_FLOPS
+
+
+def test_auto_routes_to_the_cpu_kernels(gen):
+    """`auto` on CPU tensors runs the C++ kernels (op names in the profiler), forward and backward, for
+    the ops and for both modules, not the plain-PyTorch reference."""
+    xf = crandn(2, 3, 5, 3, generator=gen, requires_grad=True)
+    w = crandn(3, 5, 3, generator=gen, requires_grad=True)
+    w2 = crandn(3, 4, 5, 3, generator=gen, requires_grad=True)
+    fam = FrequencyAttention(3, 4, 8, cuton=0.5)
+    gfm = GlobalFilter(3, 6, 6)
+    with dctkd_ext.use_backend("auto"), torch.autograd.profiler.profile() as prof:
+        dctkd_ext.global_filter(xf, w).abs().sum().backward()
+        dctkd_ext.spectral_conv(xf, w2).abs().sum().backward()
+    names = {e.name for e in prof.function_events}
+    ours = sorted(n for n in names if n.startswith("dctkd_ext::"))
+    for op in ("global_filter", "global_filter_backward", "spectral_conv", "spectral_conv_backward"):
+        assert f"dctkd_ext::{op}" in names, f"auto did not run the C++ {op}; dctkd_ext ops that ran: {ours}"
+    for module, x in ((fam, torch.randn(2, 3, 8, 8, generator=gen)), (gfm, torch.randn(2, 6, 6, 3, generator=gen))):
+        with dctkd_ext.use_backend("auto"), torch.autograd.profiler.profile() as prof:
+            module(x.requires_grad_()).sum().backward()
+        ran = sorted({e.name for e in prof.function_events if e.name.startswith("dctkd_ext::")})
+        assert ran, f"auto ran no C++ op in {type(module).__name__}"
+
+
+def test_non_finite_inputs_propagate(backend, gen):
+    """A NaN in the input reaches the outputs it feeds, and only those, on every backend (no
+    masking that hides it)."""
+    _, dev = backend
+    xf = crandn(2, 3, 4, 3, generator=gen)
+    xf[1, 2, 3, 1] = complex(float("nan"), 0.0)
+    w = crandn(3, 4, 3, generator=gen)
+    w2 = crandn(3, 5, 4, 3, generator=gen)
+    y = dctkd_ext.global_filter(xf.to(dev), w.to(dev)).cpu()
+    bad = torch.isnan(torch.view_as_real(y)).any(-1)
+    expect = torch.zeros_like(bad)
+    expect[1, 2, 3, 1] = True
+    assert torch.equal(bad, expect)
+    y = dctkd_ext.spectral_conv(xf.to(dev), w2.to(dev)).cpu()
+    bad = torch.isnan(torch.view_as_real(y)).any(-1)
+    expect = torch.zeros_like(bad)
+    expect[1, :, 3, 1] = True
+    assert torch.equal(bad, expect)
+    # the module: one NaN pixel spreads over its sample's spectrum, never to other samples
+    m = FrequencyAttention(3, 2, 6, cuton=0.5).to(dev)
+    x = torch.randn(3, 3, 6, 6, generator=gen)
+    x[1, 0, 2, 2] = float("inf")
+    y = m(x.to(dev)).detach().cpu()
+    assert torch.isfinite(y[[0, 2]]).all() and not torch.isfinite(y[1]).all()
+
+
+@pytest.mark.parametrize("layout", ["sliced", "transposed"])
+def test_half_weight_and_global_filter_module_strided(backend, layout, gen):
+    _, dev = backend
+    w = in_layout(crandn(3, 2, 8, 8, dtype=torch.complex128, generator=gen).to(dev), layout).requires_grad_()
+    wr = w.detach().cpu().contiguous().requires_grad_()
+    out, ref = sp.fam_half_weight(w, 0.5), R.fam_half_weight(wr, 0.5)
+    assert_rel(out.cpu(), ref.detach(), 1e-14, f"fam_half_weight {layout}")
+    g = crandn(*ref.shape, dtype=torch.complex128, generator=gen)
+    assert_rel(torch.autograd.grad(out, w, g.to(dev))[0].cpu(), torch.autograd.grad(ref, wr, g)[0], 1e-14,
+               f"fam_half_weight backward {layout}")
+    h, wd, dim = 6, 7, 5
+    m = GlobalFilter(dim, h, wd).to(dev)
+    x = in_layout(torch.randn(3, h, wd, dim, generator=gen).to(dev), layout).requires_grad_()
+    xr = x.detach().cpu().contiguous().requires_grad_()
+    y = m(x)
+    cw = m.complex_weight.detach().cpu()
+    yr = R.gfnet_global_filter(xr, cw)
+    assert_rel(y, yr, 5 * TOL32, f"GlobalFilter {layout}")
+    gy = torch.randn(y.shape, generator=gen)
+    assert_rel(torch.autograd.grad(y, x, gy.to(dev))[0], torch.autograd.grad(yr, xr, gy)[0], 5 * TOL32,
+               f"GlobalFilter dx {layout}")
 
 
 # ---------------------------------------------------------------------------------------- GFNet
@@ -438,12 +570,12 @@ def test_global_filter_module_matches_gfnet(backend, tokens, gen):
     y = m(xa, spatial_size=(h, w)) if tokens else m(xa)
     ref = R.gfnet_global_filter(xb, cw, (h, w))
     assert y.dtype == torch.float32 and y.shape == x.shape
-    assert_rel(y, ref, 5 * TOL[torch.float32], "GlobalFilter output")
+    assert_rel(y, ref, 5 * TOL32, "GlobalFilter output")
     g = torch.randn(y.shape, generator=gen).to(device)
     da, dwa = torch.autograd.grad(y, (xa, m.complex_weight), g)
     db, dwb = torch.autograd.grad(ref, (xb, cw), g)
-    assert_rel(da, db, 5 * TOL[torch.float32], "GlobalFilter dx")
-    assert_rel(dwa, dwb, 5 * TOL[torch.float32], "GlobalFilter dcomplex_weight")
+    assert_rel(da, db, 5 * TOL32, "GlobalFilter dx")
+    assert_rel(dwa, dwb, 5 * TOL32, "GlobalFilter dcomplex_weight")
 
 
 # ------------------------------------------------------------------------------------ torch.compile
@@ -463,14 +595,17 @@ def test_torch_compile_fullgraph(gen):
 
 
 # -------------------------------------------------------------------------------------- bad input
-def test_bad_inputs(gen):
-    xf = crandn(2, 3, 4, 3, generator=gen)
-    w = crandn(3, 4, 3, generator=gen)
-    w2 = crandn(3, 5, 4, 3, generator=gen)
+def test_bad_inputs(backend, gen):
+    # every backend: the checks are the ops' Python face, before any kernel
+    name, dev = backend
+    on = re.escape(str(torch.empty(0, device=dev).device))
+    xf = crandn(2, 3, 4, 3, generator=gen, device=dev)
+    w = crandn(3, 4, 3, generator=gen, device=dev)
+    w2 = crandn(3, 5, 4, 3, generator=gen, device=dev)
     with pytest.raises(TypeError, match=r"xf: expected a complex64.*float32.*rfft2"):
-        dctkd_ext.global_filter(torch.randn(2, 3, 4, 3), w)
+        dctkd_ext.global_filter(torch.randn(2, 3, 4, 3, device=dev), w)
     with pytest.raises(TypeError, match=r"xf: expected a complex64"):
-        dctkd_ext.spectral_conv(torch.randn(2, 3, 4, 3), w2)
+        dctkd_ext.spectral_conv(torch.randn(2, 3, 4, 3, device=dev), w2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "ComplexHalf support is experimental"
         xf_half = xf.to(torch.complex32)
@@ -479,50 +614,43 @@ def test_bad_inputs(gen):
     with pytest.raises(ValueError, match=r"xf: expected a 4-D"):
         dctkd_ext.global_filter(xf[0], w)
     with pytest.raises(ValueError, match=r"w: expected shape \(3, 4, 3\)"):
-        dctkd_ext.global_filter(xf, crandn(3, 4, 2, generator=gen))
+        dctkd_ext.global_filter(xf, crandn(3, 4, 2, generator=gen, device=dev))
     with pytest.raises(ValueError, match=r"w: expected shape \(3, \*, 4, 3\)"):
-        dctkd_ext.spectral_conv(xf, crandn(2, 5, 4, 3, generator=gen))
+        dctkd_ext.spectral_conv(xf, crandn(2, 5, 4, 3, generator=gen, device=dev))
     with pytest.raises(ValueError, match=r"w: expected a 4-D"):
         dctkd_ext.spectral_conv(xf, w)
     with pytest.raises(TypeError, match=r"w: expected dtype torch.complex64"):
         dctkd_ext.global_filter(xf, w.to(torch.complex128))
     with pytest.raises(TypeError, match=r"w: expected a complex64"):
-        dctkd_ext.global_filter(xf, torch.randn(3, 4, 3))
+        dctkd_ext.global_filter(xf, torch.randn(3, 4, 3, device=dev))
     with pytest.raises(ValueError, match=r"mask: expected shape \(4, 3\)"):
-        dctkd_ext.global_filter(xf, w, torch.ones(4, 4))
+        dctkd_ext.global_filter(xf, w, torch.ones(4, 4, device=dev))
     with pytest.raises(ValueError, match=r"mask: expected shape \(4, 3\)"):
-        dctkd_ext.spectral_conv(xf, w2, torch.ones(3))
+        dctkd_ext.spectral_conv(xf, w2, torch.ones(3, device=dev))
     with pytest.raises(TypeError, match=r"mask: expected a real"):
-        dctkd_ext.global_filter(xf, w, torch.ones(4, 3, dtype=torch.complex64))
-    with pytest.raises(ValueError, match=r"w: expected a tensor on cpu like xf, got one on meta"):
+        dctkd_ext.global_filter(xf, w, torch.ones(4, 3, dtype=torch.complex64, device=dev))
+    with pytest.raises(ValueError, match=rf"w: expected a tensor on {on} like xf, got one on meta"):
         dctkd_ext.global_filter(xf, w.to("meta"))
-    with pytest.raises(ValueError, match=r"mask: expected a tensor on cpu like xf, got one on meta"):
+    with pytest.raises(ValueError, match=rf"mask: expected a tensor on {on} like xf, got one on meta"):
         dctkd_ext.spectral_conv(xf, w2, torch.ones(4, 3, device="meta"))
     with pytest.raises(TypeError, match=r"xf: expected a .*got list"):
         dctkd_ext.global_filter([1.0], w)
     with pytest.raises(ValueError, match=r"cuton: expected a number in \[0, 1\]"):
-        sp.fam_half_weight(crandn(3, 4, 4, generator=gen), -0.1)
-    with pytest.raises(RuntimeError, match=r"cuton: expected a number in \[0, 1\]"):
-        torch.ops.dctkd_ext.fam_half_weight(crandn(3, 4, 4, generator=gen), 2.0)
-    # the C++ ops check too when called directly
-    with pytest.raises(RuntimeError, match=r"w: expected shape"):
-        torch.ops.dctkd_ext.spectral_conv(xf, crandn(2, 5, 4, 3, generator=gen), None)
-    with pytest.raises(RuntimeError, match=r"mask: expected shape"):
-        torch.ops.dctkd_ext.global_filter(xf, w, torch.ones(2, 2))
-    with pytest.raises(RuntimeError, match=r"xf: expected a complex64"):
-        torch.ops.dctkd_ext.global_filter(torch.randn(2, 3, 4, 3), w, None)
+        sp.fam_half_weight(crandn(3, 4, 4, generator=gen, device=dev), -0.1)
+    if name == "cpu":  # the C++ ops check too when called directly
+        c_ops_check_their_arguments(xf, w, gen)
 
-    m = FrequencyAttention(3, 4, 8)
+    m = FrequencyAttention(3, 4, 8).to(dev)
     with pytest.raises(ValueError, match=r"x: expected spatial size \(8, 8\).*got \(7, 7\)"):
-        m(torch.randn(2, 3, 7, 7))
+        m(torch.randn(2, 3, 7, 7, device=dev))
     with pytest.raises(ValueError, match=r"x: expected 3 channels \(in_channels\)"):
-        m(torch.randn(2, 5, 8, 8))
+        m(torch.randn(2, 5, 8, 8, device=dev))
     with pytest.raises(ValueError, match=r"x: expected a 4-D"):
-        m(torch.randn(3, 8, 8))
+        m(torch.randn(3, 8, 8, device=dev))
     with pytest.raises(TypeError, match=r"x: expected a real floating"):
-        m(torch.randn(2, 3, 8, 8, dtype=torch.complex64))
+        m(torch.randn(2, 3, 8, 8, dtype=torch.complex64, device=dev))
     with pytest.raises(ValueError, match=r"cuton: expected a number in \[0, 1\]"):
-        m(torch.randn(2, 3, 8, 8), cuton=1.5)
+        m(torch.randn(2, 3, 8, 8, device=dev), cuton=1.5)
     with pytest.raises(ValueError, match=r"in_channels == out_channels"):
         FrequencyAttention(3, 4, 8, mix="depthwise")
     with pytest.raises(ValueError, match=r"mix: expected"):
@@ -531,14 +659,26 @@ def test_bad_inputs(gen):
         FrequencyAttention(3, 4, 0)
     with pytest.raises(ValueError, match=r"path: expected"):
         FrequencyAttention(3, 4, 8, path="cufft")
-    if not HAS_CUDA:
+    if name in ("cpu", "reference"):
         with pytest.raises(ValueError, match=r"path='fused' needs"):
-            FrequencyAttention(3, 4, 8, path="fused")(torch.randn(1, 3, 8, 8))
+            FrequencyAttention(3, 4, 8, path="fused")(torch.randn(1, 3, 8, 8, device=dev))
 
-    gf = GlobalFilter(4, 6, 6)
+    gf = GlobalFilter(4, 6, 6).to(dev)
     with pytest.raises(ValueError, match=r"x: expected spatial size \(6, 6\)"):
-        gf(torch.randn(2, 5, 6, 4))
+        gf(torch.randn(2, 5, 6, 4, device=dev))
     with pytest.raises(ValueError, match=r"x: expected 4 channels \(dim\)"):
-        gf(torch.randn(2, 6, 6, 3))
+        gf(torch.randn(2, 6, 6, 3, device=dev))
     with pytest.raises(ValueError, match=r"x: expected N = 6\*6 = 36 tokens"):
-        gf(torch.randn(2, 35, 4))
+        gf(torch.randn(2, 35, 4, device=dev))
+
+
+def c_ops_check_their_arguments(xf, w, gen):
+    dev = xf.device
+    with pytest.raises(RuntimeError, match=r"w: expected shape"):
+        torch.ops.dctkd_ext.spectral_conv(xf, crandn(2, 5, 4, 3, generator=gen, device=dev), None)
+    with pytest.raises(RuntimeError, match=r"mask: expected shape"):
+        torch.ops.dctkd_ext.global_filter(xf, w, torch.ones(2, 2, device=dev))
+    with pytest.raises(RuntimeError, match=r"xf: expected a complex64"):
+        torch.ops.dctkd_ext.global_filter(torch.randn(2, 3, 4, 3, device=dev), w, None)
+    with pytest.raises(RuntimeError, match=r"cuton: expected a number in \[0, 1\]"):
+        torch.ops.dctkd_ext.fam_half_weight(crandn(3, 4, 4, generator=gen, device=dev), 2.0)

@@ -88,22 +88,56 @@ def test_outputs_and_evaluate_round_trip(tmp_path):
     assert best["best_top1"] == max(r["val_top1"] for r in rows) == s["best"]["val_top1"]
 
 
-def test_resume_continues_exactly(tmp_path):
-    # 2 epochs in one go == 1 epoch, stop, resume to 2 (momentum, lr step, data order, augmentation)
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    from dctkd_train.models import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save({"arch": "resnet8", "num_classes": 4, "model": build_model("resnet8", 4).state_dict()}, path)
+    return str(path)
+
+
+def assert_same_tensors(a, b, what):
+    """Two nested state dicts hold identical tensors (and identical other values)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), what
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{what}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{what}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), what
+    else:
+        assert a == b, what
+
+
+@pytest.mark.parametrize("method", ["ce", "dct", "fam"])
+def test_resume_continues_exactly(tmp_path, method, teacher_ckpt):
+    # 2 epochs in one go == 1 epoch, stop, resume to 2: the student, the distiller's head (fam), the
+    # optimizer's momentum, the lr step, the data order and the augmentation
+    if method == "fam":
+        pytest.importorskip("dctkd_ext.nn").FrequencyAttention  # noqa: B018
     a, b = tmp_path / "a", tmp_path / "b"
-    kw = dict(method="ce", schedule="step", milestones=[1])
+    kw = dict(method=method, schedule="step", milestones=[1])
+    if method != "ce":
+        kw.update(teacher=teacher_ckpt, eval_teacher=False)
     run(a, epochs=2, **kw)
     run(b, epochs=1, **kw)
     run(b, epochs=2, resume=True)
     ka = torch.load(a / "last.pt", weights_only=False)
     kb = torch.load(b / "last.pt", weights_only=False)
-    for k, v in ka["model"].items():
-        assert torch.equal(v, kb["model"][k]), k
+    assert (ka["head"] is not None) == (method == "fam")
+    for part in ("model", "head", "optimizer", "scaler"):
+        assert_same_tensors(ka[part], kb[part], part)
+    assert ka["optimizer"]["state"], "the optimizer holds momentum buffers"
     ra = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     rb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rb] == [1, 2]
     for x, y in zip(ra, rb):
-        for k in ("train_loss", "val_top1", "val_loss", "lr"):
+        for k in [k for k in x if k.startswith("train_loss")] + ["val_top1", "val_loss", "lr"]:
             assert x[k] == y[k], k
 
 

@@ -108,6 +108,42 @@ def test_bad_layer_names_and_options(capsys, tmp_path, ckpts):
         assert rc == 2 and "CUDA is not available" in err
 
 
+def test_amp_bf16_and_channels_last_on_the_cpu(capsys, tmp_path, ckpts, monkeypatch):
+    """--amp bf16 --channels-last on the CPU: the loss gets the bf16 channels-last features of the
+    autocast forward, the run trains (finite, close to the same run in fp32) and records its settings."""
+    import json
+
+    import dctkd_ext
+
+    seen = []
+    real = dctkd_ext.dct_at_loss
+
+    def recording(s, t, **kw):
+        seen.append([(x.dtype, x.is_contiguous(memory_format=torch.channels_last), x.shape[-1] > 1) for x in s + t])
+        return real(s, t, **kw)
+
+    monkeypatch.setattr(dctkd_ext, "dct_at_loss", recording)
+    args = train_args(tmp_path, "--method", "dct", "--teacher", str(ckpts / "ours.pt"), "--lr", "0.05")
+    rc, _, err = cli(capsys, *args, "--amp", "bf16", "--channels-last")
+    assert rc == 0, err
+    assert seen and all(dt == torch.bfloat16 for call in seen for dt, _, _ in call)
+    assert all(cl for call in seen for _, cl, big in call if big), "features reached the loss not channels_last"
+    out = tmp_path / "out"
+    env = json.loads((out / "config.json").read_text())["environment"]
+    assert env["amp"] == "bfloat16" and env["channels_last"] is True
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    # the same run in fp32: the bf16 forward changes the loss by bf16 rounding, not more
+    rc, _, err = cli(capsys, *train_args(tmp_path / "fp32", "--method", "dct", "--teacher", str(ckpts / "ours.pt"),
+                                         "--lr", "0.05"), "--amp", "none", "--no-channels-last")
+    assert rc == 0, err
+    row32 = json.loads((tmp_path / "fp32" / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    for k in ("train_loss_ce", "train_loss_dct"):
+        assert row[k] == pytest.approx(row32[k], rel=5e-2), k
+        assert row[k] != row32[k], f"{k}: bf16 autocast had no effect"
+
+
 def test_evaluate_errors(capsys, tmp_path, ckpts):
     rc, _, err = cli(capsys, "evaluate", "--checkpoint", str(tmp_path / "x.pt"), "--data", TINY)
     assert rc == 2 and "does not exist" in err

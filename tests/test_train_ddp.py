@@ -1,4 +1,5 @@
-"""Trainer DDP smoke run: 2 CPU processes under torchrun (gloo), a DCT student, then a resume."""
+"""Trainer under DDP: 2 CPU processes under torchrun (gloo): a DCT student and a resume; the ranks'
+models against each other and against one process with the same global batch."""
 import json
 import os
 import subprocess
@@ -58,3 +59,44 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     res = evaluate_checkpoint(str(out / "last.pt"), DATA, device="cpu")
     assert res["top1"] == pytest.approx(rows[-1]["val_top1"])
     assert res["n"] == 30
+
+
+def _student_params(path):
+    return torch.load(path, weights_only=False)
+
+
+def test_ddp_ranks_agree_and_equal_one_process_with_the_global_batch(tmp_path):
+    """2 processes x batch 8 == 1 process x batch 16: the ranks hold the same model, and it is the
+    one-process model (the models have no batch statistics, see tests/ddp_train.py)."""
+    pytest.importorskip("dctkd_ext")
+    driver = str(ROOT / "tests" / "ddp_train.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    teacher = tmp_path / "teacher.pt"
+    subprocess.run([sys.executable, driver, "--teacher", str(teacher), "resnet8", "4"], check=True, env=env, timeout=300)
+    base = {"data": DATA, "model": "resnet8", "method": "dct", "teacher": str(teacher), "epochs": 1, "lr": 0.1,
+            "device": "cpu", "quiet": True, "progress": False, "eval_teacher": False}
+    ddp = dict(base, out=str(tmp_path / "ddp"), batch_size=8)
+    one = dict(base, out=str(tmp_path / "one"), batch_size=16)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", driver,
+                        json.dumps(ddp)], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = subprocess.run([sys.executable, driver, json.dumps(one)], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r0, r1 = _student_params(tmp_path / "ddp" / "rank0.pt"), _student_params(tmp_path / "ddp" / "rank1.pt")
+    single = _student_params(tmp_path / "one" / "rank0.pt")
+    assert set(r0) == set(r1) == set(single)
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), f"{k}: rank 0 and rank 1 differ"
+    rows_ddp = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    rows_one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert rows_ddp[-1]["steps"] == rows_one[-1]["steps"] == 4  # 64 images, global batch 16
+    # Summation order alone (e.g. one thread or two in the one-process run) moves the parameters by up
+    # to ~2e-4 of their size after these 4 steps; a sharding or averaging bug moves them by O(1).
+    for k in r0:
+        diff = (r0[k] - single[k]).abs().max().item()
+        scale = single[k].abs().max().item()
+        assert diff <= 2e-3 * max(scale, 1e-3), f"{k}: DDP and one process differ by {diff:.2e} (scale {scale:.2e})"
+    for k in ("train_loss", "train_loss_dct", "train_loss_ce"):
+        assert rows_ddp[-1][k] == pytest.approx(rows_one[-1][k], rel=1e-4), k
+    assert rows_ddp[-1]["val_top1"] == pytest.approx(rows_one[-1]["val_top1"], abs=100 / 30 + 1e-9)

@@ -116,7 +116,7 @@ def test_feature_methods_call_dct_at_loss_with_their_preset_and_weights(name, pr
     rec = m.ext = Recorder(0.5)
     y = torch.tensor([0, 1, 2, 3])
     s_logits, t_logits = torch.randn(4, 5), torch.randn(4, 5)
-    s, t = feats(grad=True), feats(seed=1)
+    s, t = feats(grad=True), feats(seed=1, grad=True)  # a teacher that requires grad: the method detaches it
     terms = m.distill_terms(y, s_logits, s, None, t_logits, t, epoch=1)
     (s_in, t_in, kw) = rec.calls[0]
     assert kw["preset"] == preset and kw["weights"] == [1.0, 2.0] and kw["sample_weight"] is None
@@ -226,6 +226,34 @@ def test_fam_review_distiller(fam_available):
     total.backward()
     assert all(x.grad is not None for x in s)
     assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
+
+
+def test_abf_fusion_gate_formula():
+    """ReviewKD's attention-based fusion, written out: x = BN(conv1x1(student)); y = nearest-upsampled
+    deeper fused map; z = sigmoid(conv1x1([x, y])) with 2 channels; fused = x * z[:, 0] + y * z[:, 1]
+    (the first gate weighs the student's own feature); then the output conv at the teacher's size."""
+    torch.manual_seed(0)
+    abf = Mth.ABF(6, 4, 5, 8, fuse=True, fam_cls=StandInFAM).eval()
+    with torch.no_grad():  # a gate far from 1/2 - 1/2, so that swapped weights show
+        abf.att_conv[0].weight.normal_(0, 1.0)
+        abf.att_conv[0].bias.copy_(torch.tensor([2.0, -1.0]))
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    residual = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    abf.double()
+    out, fused = abf(x, residual)
+    with torch.no_grad():
+        xs = abf.conv1(x)
+        y = residual.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # nearest, x2
+        wgt, bias = abf.att_conv[0].weight[:, :, 0, 0], abf.att_conv[0].bias
+        logits = torch.einsum("oc,bchw->bohw", wgt, torch.cat([xs, y], 1)) + bias[None, :, None, None]
+        z = 1 / (1 + torch.exp(-logits))
+        expect = xs * z[:, 0:1] + y * z[:, 1:2]
+    torch.testing.assert_close(fused, expect, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, abf.conv2(expect), rtol=1e-12, atol=1e-12)
+    # the deepest level has no gate: its output is the output conv of x
+    deepest = Mth.ABF(6, 4, 5, 8, fuse=False, fam_cls=StandInFAM).eval().double()
+    out0, x0 = deepest(x)
+    torch.testing.assert_close(out0, deepest.conv2(deepest.conv1(x)), rtol=1e-12, atol=1e-12)
 
 
 def test_fam_deepest_level_sets_the_fusion_path(fam_available):

@@ -30,12 +30,14 @@ pytest.importorskip("triton", reason="the Triton backend needs the triton packag
 DEVICE = "cpu" if INTERPRET else "cuda"
 # fp32 everywhere; half precision on the GPU only
 DTYPES = [torch.float32] + ([] if INTERPRET else [torch.float16, torch.bfloat16])
-TOL32 = 1e-5  # relative-norm error of fp32 kernels against the float64 reference
-TOL_HALF = 1e-2
+# the Triton kernels' fp32 error bound is twice the C++ kernels' (ACC_TOL): other summation orders
+FACTOR = 2.0
 
 
-def tol(dtype):
-    return TOL32 if dtype == torch.float32 else TOL_HALF
+def sweep(values, default):
+    """The cases of a parametrised sweep: on a GPU all of them; in the (slow) interpreter the
+    representative `default` ones, the rest marked long (DCTKD_LONG_TESTS=1 runs them)."""
+    return [v if (not INTERPRET or v in default) else pytest.param(v, marks=pytest.mark.long) for v in values]
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +62,9 @@ def poison_outputs():
 
 
 def check(out, ref, dtype, what):
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{what}: non-finite (unwritten?) elements"
-    err = rel_err(out, ref)
-    assert err < tol(dtype), f"{what}: relative error {err:.3e} >= {tol(dtype):.0e}"
+    """Against the float64 reference, within the precision-derived bound (conftest.error_bound); the
+    finiteness check also catches elements a kernel leaves unwritten (poisoned with NaN)."""
+    assert_close(out, ref, dtype, what, factor=FACTOR)
 
 
 def ref_copy(x):
@@ -77,7 +78,7 @@ SHAPES = [(2, 3, 1, 1), (2, 5, 7, 7), (1, 4, 5, 9), (2, 3, 14, 14), (1, 2, 56, 5
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", sweep(SHAPES, [(2, 5, 7, 7), (1, 4, 5, 9), (1, 2, 56, 56)]))
 def test_attention_map(gen, shape, channels_last, dtype):
     x = features(*shape, dtype=dtype, device=DEVICE, channels_last=channels_last, generator=gen, requires_grad=True)
     xr = ref_copy(x)
@@ -117,7 +118,8 @@ def test_attention_map_float64(gen, tops):
 
 # ----------------------------------------------------------------------------------- dct2d, idct2d
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (7, 7), (5, 9), (3, 14, 14), (2, 56, 56), (2, 1, 40, 70)])
+@pytest.mark.parametrize("shape", sweep([(1, 1), (7, 7), (5, 9), (3, 14, 14), (2, 56, 56), (2, 1, 40, 70)],
+                                        [(1, 1), (5, 9), (2, 1, 40, 70)]))
 def test_dct2d(gen, shape, dtype):
     a = torch.randn(shape, generator=gen, dtype=torch.float64)
     x = a.to(DEVICE, dtype).requires_grad_()
@@ -187,19 +189,26 @@ OVERRIDES = (
 )
 
 
-@pytest.mark.parametrize("overrides", OVERRIDES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("overrides", sweep(OVERRIDES, [dict(map_norm="none"), dict(coef_norm="none"),
+                                                    dict(transform="fft_real"), dict(distance="sse"), dict(p=1.5),
+                                                    dict(center=False, coef_abs=False, transform="fft_real")]),
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_loss_overrides(gen, overrides):
     s, t = level_feats(gen, [(3, 5, 5, 9), (2, 3, 7, 7)])
     check_loss(gen, s, t, preset="dct", **overrides)
 
 
-@pytest.mark.parametrize("preset", ["dct", "paper"])
+@pytest.mark.parametrize("preset", sweep(["dct", "paper"], ["dct"]))
 def test_loss_56x56(gen, preset):
     # 56 x 56: two by two tiles of 32, the transform through scratch with K in chunks
     s, t = level_feats(gen, [(2, 3, 56, 56)], batch=1)
     check_loss(gen, s, t, preset=preset)
 
 
+LONG_IN_INTERPRETER = pytest.mark.long if INTERPRET else pytest.mark.skipif(False, reason="runs everywhere")
+
+
+@LONG_IN_INTERPRETER
 def test_loss_large_non_square(gen):
     # 40 x 70: 2 x 3 tiles of 32; 24 x 20: one tile, too large to be held in registers
     s, t = level_feats(gen, [(2, 2, 40, 70), (3, 2, 24, 20)], batch=1, channels_last=True)
@@ -285,7 +294,7 @@ def test_opcheck(gen, tops):
     )
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", sweep(["aot_eager", "inductor"], ["aot_eager"]))
 def test_compile_fullgraph(gen, backend):
     # in the interpreter the ops stay opaque custom ops in the graph; on CUDA inductor sees the kernels
     s, t = level_feats(gen, TWO_LEVELS)
