@@ -289,7 +289,7 @@ def pytest_configure(config):
             MUTATIONS[name]["plant"]()
         except NotApplicable as e:
             _write_report({"not_applicable": str(e)})
-            raise SystemExit(f"mutation {name} not applicable: {e}")
+            raise SystemExit(f"mutation {name} not applicable: {e}") from None
 
 
 def pytest_runtest_logreport(report):
