@@ -38,6 +38,7 @@ typedef int cudaError_t;
 
 namespace emu {
 inline thread_local dim3 tidx, bidx;
+inline thread_local int tlin;  // linear thread index in the block (x fastest): lane = tlin % 32
 inline dim3 bdim, gdim;
 inline std::unique_ptr<std::barrier<>> block_bar;
 inline std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
@@ -51,7 +52,7 @@ inline void sync() { block_bar->arrive_and_wait(); }
 template <class T>
 T shfl_xor(T v, int o) {
   static_assert(sizeof(T) <= 8, "");
-  const int t = tidx.x, w = t / 32, l = t % 32;
+  const int t = tlin, w = t / 32, l = t % 32;
   memcpy(&xbuf[w][l], &v, sizeof(T));
   warp_bar[w]->arrive_and_wait();
   T r;
@@ -63,13 +64,13 @@ T shfl_xor(T v, int o) {
 template <class F>
 void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, F f) {
   ++launches;
-  assert(block.y == 1 && block.z == 1 && grid.y == 1 && grid.z == 1);
   if (grid.x == 0) { fprintf(stderr, "emu: launch with an empty grid\n"); abort(); }
   if ((long)smem > smem_optin) { fprintf(stderr, "emu: %zu bytes of dynamic smem > opt-in\n", smem); abort(); }
   gdim = grid;
   bdim = block;
-  const int nt = block.x;
-  for (unsigned b = 0; b < grid.x; ++b) {
+  const int nt = block.x * block.y * block.z;
+  const unsigned nb = grid.x * grid.y * grid.z;
+  for (unsigned b = 0; b < nb; ++b) {
     ++blocks_run;
     std::vector<unsigned char> dyn(smem ? smem : 1, 0xFF);  // 0xFF bytes: NaN in fp32 and fp64
     dyn_smem = dyn.data();
@@ -80,8 +81,9 @@ void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, F f) {
     ts.reserve(nt);
     for (int t = 0; t < nt; ++t)
       ts.emplace_back([&, t, b] {
-        tidx = dim3(t);
-        bidx = dim3(b);
+        tlin = t;
+        tidx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+        bidx = dim3(b % grid.x, (b / grid.x) % grid.y, b / (grid.x * grid.y));
         f();
         warp_bar[t / 32]->arrive_and_drop();
         block_bar->arrive_and_drop();
