@@ -2,7 +2,7 @@
 //   out = irfft2(Wc(k) rfft2(x)) + rate2 b,   Wc(k) = rate1 W'(k) + rate2 w0^T
 // The spectra are kept frequency-major, (H, K, B, C), so that the channel mixing is one batched complex
 // GEMM per frequency through the BLAS torch ships (at::bmm). The combined weight Wc is never stored
-// whole: it is formed for a chunk of rows of the half plane at a time (bounded by kChunkBytes) right
+// whole: it is formed for a chunk of rows of the half plane at a time (about kChunkBytes, at least one row pair) right
 // before the GEMMs that use it, so the weight-sized transients stay small and in cache. Chunks are closed
 // under h -> -h (mod H) because the weight's backward on columns 0 and W/2 mixes rows h and -h.
 #include <ATen/ATen.h>
@@ -23,7 +23,7 @@ namespace {
 
 using namespace dctkd::spectral;
 
-constexpr int64_t kChunkBytes = int64_t(4) << 20;  // the combined weight formed at a time, at least one row pair
+constexpr int64_t kChunkBytes = int64_t(1) << 20;  // the combined weight formed at a time, at least one row pair
 constexpr int64_t kOB = 16;                        // output channels per work item of the weight kernels
 
 // Rows [lo0, lo1) and [hi0, hi1) of the half plane; row pairs {j, H - j} for j in [lo0, lo1).
@@ -57,10 +57,12 @@ std::vector<RowChunk> row_chunks(int64_t H, int64_t row_bytes) {
 }
 
 // out[r, k, i, o] = rate1 * W'[i, o, rows[r], k] + rate2 * w0[o, i] (complex, (R, K, I, O)) with
-// W'[m, k] = (M[m, k] w[m, k] + conj(M[-m, -k] w[-m, -k])) / 2 from weights1 w (I, O, H, W).
+// W'[m, k] = (M[m, k] w[m, k] + conj(M[-m, -k] w[-m, -k])) / 2 from weights1 w (I, O, H, W); its
+// conjugate when conj (so that the backward's GEMM reads Wc^H as a plain transpose, without a copy).
 template <typename T>
 void fold_rows(const T* w1, const T* w0, T r1, T r2, int64_t I, int64_t O, int64_t H, int64_t W, int64_t rh,
-               int64_t rw, const std::vector<int64_t>& rows, T* out) {
+               int64_t rw, const std::vector<int64_t>& rows, bool conj, T* out) {
+  const T sign = conj ? T(-1) : T(1);
   const int64_t K = W / 2 + 1, R = rows.size(), oblocks = (O + kOB - 1) / kOB;
   at::parallel_for(0, I * oblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -77,7 +79,7 @@ void fold_rows(const T* w1, const T* w0, T r1, T r2, int64_t I, int64_t O, int64
             const T* p = plane + 2 * (h * W + k);
             const T* q = plane + 2 * (nh * W + nk);
             dst[2 * o] = a * p[0] + b * q[0] + r2 * w0[o * I + i];
-            dst[2 * o + 1] = a * p[1] - b * q[1];
+            dst[2 * o + 1] = sign * (a * p[1] - b * q[1]);
           }
         }
       }
@@ -186,9 +188,16 @@ LayerShape check_layer(const at::Tensor& x, const at::Tensor& weights1, const at
   return {B, I, O, H, W, W / 2 + 1};
 }
 
-// (B, C, H, W) real -> its rfft2 spectrum (H, K, B, C), frequency-major and contiguous.
-at::Tensor spectrum_freq_major(const at::Tensor& x) {
-  return at::fft_rfft2(x, c10::nullopt, {-2, -1}, "ortho").permute({2, 3, 0, 1}).contiguous();
+// (B, C, H, W) real -> its rfft2 spectrum (H, K, B, C), frequency-major and contiguous (conjugated when
+// conj). The FFT writes through a permuted view, so its own temporary lives only inside the FFT op.
+at::Tensor spectrum_freq_major(const at::Tensor& x, bool conj = false) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), K = x.size(3) / 2 + 1;
+  const at::ScalarType ct = x.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
+  at::Tensor out = at::empty({H, K, B, C}, x.options().dtype(ct));
+  at::Tensor view = out.permute({2, 3, 0, 1});
+  at::fft_rfft2_out(view, x, c10::nullopt, {-2, -1}, "ortho");
+  if (conj) at::conj_physical_(out);
+  return out;
 }
 
 // (H, K, B, C) spectrum -> (B, C, H, W) real: the FFT reads the permuted view (no transposed copy).
@@ -196,8 +205,8 @@ at::Tensor real_of_freq_major(const at::Tensor& yt, int64_t H, int64_t W) {
   return at::fft_irfft2(yt.permute({2, 3, 0, 1}), at::IntArrayRef{H, W}, {-2, -1}, "ortho").contiguous();
 }
 
-// One batched GEMM over the frequencies of rows [r0, r1) of frequency-major (R, K, M, N) tensors: the
-// full-plane tensors are taken at rows r0.., the chunk buffer at row boff. op 'c': conjugate-transposed.
+// One batched GEMM over the frequencies of n rows of frequency-major (R, K, M, N) tensors, each taken
+// from its row offset. op 't': transposed (a strided view the BLAS reads as is).
 at::Tensor rows_of(const at::Tensor& t, int64_t off, int64_t n) {
   return t.narrow(0, off, n).reshape({n * t.size(1), t.size(2), t.size(3)});
 }
@@ -206,10 +215,17 @@ void bmm_rows(const at::Tensor& out, int64_t out_off, const at::Tensor& a, int64
               int64_t b_off, char op_b, int64_t n) {
   if (n <= 0) return;
   at::Tensor A = rows_of(a, a_off, n), Bm = rows_of(b, b_off, n);
-  if (op_a == 'c') A = A.transpose(1, 2).conj();
-  if (op_b == 'c') Bm = Bm.transpose(1, 2).conj();
+  if (op_a == 't') A = A.transpose(1, 2);
+  if (op_b == 't') Bm = Bm.transpose(1, 2);
   at::Tensor dst = rows_of(out, out_off, n);  // a view of contiguous rows: bmm writes into out
   at::bmm_out(dst, A, Bm);
+}
+
+// One buffer for the largest chunk, reused by every chunk.
+at::Tensor chunk_buffer(const std::vector<RowChunk>& chunks, const LayerShape& s, const at::TensorOptions& opt) {
+  int64_t rows = 0;
+  for (const RowChunk& c : chunks) rows = std::max(rows, c.rows());
+  return at::empty({rows, s.K, s.I, s.O}, opt);
 }
 
 at::Tensor multiplicity(int64_t W, const at::TensorOptions& opt) {
@@ -236,9 +252,11 @@ at::Tensor fam_layer_forward_cpu(const at::Tensor& x_in, const at::Tensor& weigh
       using T = decltype(tag);
       const T r1 = rate1.item<T>(), r2 = rate2.item<T>();
       const int64_t rh = fam_radius(s.H, cuton), rw = fam_radius(s.W, cuton);
-      for (const RowChunk& c : row_chunks(s.H, s.K * s.I * s.O * 2 * int64_t(sizeof(T)))) {
-        at::Tensor buf = at::empty({c.rows(), s.K, s.I, s.O}, xt.options());
-        fold_rows<T>(real_ptr<T>(w1), real_ptr<T>(w0), r1, r2, s.I, s.O, s.H, s.W, rh, rw, c.list(), real_ptr<T>(buf));
+      const std::vector<RowChunk> chunks = row_chunks(s.H, s.K * s.I * s.O * 2 * int64_t(sizeof(T)));
+      at::Tensor buf = chunk_buffer(chunks, s, xt.options());
+      for (const RowChunk& c : chunks) {
+        fold_rows<T>(real_ptr<T>(w1), real_ptr<T>(w0), r1, r2, s.I, s.O, s.H, s.W, rh, rw, c.list(), false,
+                     real_ptr<T>(buf));
         const int64_t nlo = c.lo1 - c.lo0, nhi = c.hi1 - c.hi0;
         bmm_rows(yt, c.lo0, xt, c.lo0, 'n', buf, 0, 'n', nlo);
         bmm_rows(yt, c.hi0, xt, c.hi0, 'n', buf, nlo, 'n', nhi);
@@ -272,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor wsum = need_wsum ? at::zeros({s.I, s.O}, ro.dtype(at::kDouble)) : at::Tensor();
   if ((need_x || need_g) && grad.numel() > 0 && x.numel() > 0) {
     const at::Tensor gt = spectrum_freq_major(grad);                       // (H, K, B, O)
-    const at::Tensor xt = need_g ? spectrum_freq_major(x) : at::Tensor();  // (H, K, B, I)
+    const at::Tensor xct = need_g ? spectrum_freq_major(x, true) : at::Tensor();  // conj, (H, K, B, I)
     at::Tensor dxt = need_x ? at::empty({s.H, s.K, s.B, s.I}, co) : at::Tensor();
     if (need_w1) dw1 = at::empty({s.I, s.O, s.H, s.W}, co);
     const at::Tensor w1 = resolved(weights1).contiguous(), w0 = w0_weight.reshape({s.O, s.I}).contiguous();
@@ -284,18 +302,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t rh = fam_radius(s.H, cuton), rw = fam_radius(s.W, cuton);
       const at::Tensor mult = multiplicity(s.W, ro);
       std::vector<int64_t> row_of(s.H, -1);
-      for (const RowChunk& c : row_chunks(s.H, s.K * s.I * s.O * 2 * int64_t(sizeof(T)))) {
+      const std::vector<RowChunk> chunks = row_chunks(s.H, s.K * s.I * s.O * 2 * int64_t(sizeof(T)));
+      at::Tensor buf = chunk_buffer(chunks, s, co);
+      for (const RowChunk& c : chunks) {
         const std::vector<int64_t> rows = c.list();
         const int64_t nlo = c.lo1 - c.lo0, nhi = c.hi1 - c.hi0;
-        at::Tensor buf = at::empty({c.rows(), s.K, s.I, s.O}, co);
-        if (need_x) {  // dX = G Wc^H
-          fold_rows<T>(real_ptr<T>(w1), real_ptr<T>(w0), r1, r2, s.I, s.O, s.H, s.W, rh, rw, rows, real_ptr<T>(buf));
-          bmm_rows(dxt, c.lo0, gt, c.lo0, 'n', buf, 0, 'c', nlo);
-          bmm_rows(dxt, c.hi0, gt, c.hi0, 'n', buf, nlo, 'c', nhi);
+        if (need_x) {  // dX = G Wc^H, with conj(Wc) formed in the buffer
+          fold_rows<T>(real_ptr<T>(w1), real_ptr<T>(w0), r1, r2, s.I, s.O, s.H, s.W, rh, rw, rows, true,
+                       real_ptr<T>(buf));
+          bmm_rows(dxt, c.lo0, gt, c.lo0, 'n', buf, 0, 't', nlo);
+          bmm_rows(dxt, c.hi0, gt, c.hi0, 'n', buf, nlo, 't', nhi);
         }
-        if (need_g) {  // g = X^H G, then the weights' gradients from it
-          bmm_rows(buf, 0, xt, c.lo0, 'c', gt, c.lo0, 'n', nlo);
-          bmm_rows(buf, nlo, xt, c.hi0, 'c', gt, c.hi0, 'n', nhi);
+        if (need_g) {  // g = X^H G (X kept conjugated), then the weights' gradients from it
+          bmm_rows(buf, 0, xct, c.lo0, 't', gt, c.lo0, 'n', nlo);
+          bmm_rows(buf, nlo, xct, c.hi0, 't', gt, c.hi0, 'n', nhi);
           for (int64_t r = 0; r < int64_t(rows.size()); ++r) row_of[rows[r]] = r;
           fold_rows_backward<T>(real_ptr<T>(buf), real_ptr<T>(w1), real_ptr<T>(mult), r1, s.I, s.O, s.H, s.W, rh, rw,
                                 rows, row_of, need_w1 ? real_ptr<T>(dw1) : nullptr,

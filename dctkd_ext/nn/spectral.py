@@ -82,7 +82,10 @@ class FrequencyAttention(nn.Module):
     (1/(in*out)) * rand, w0 = Conv2d(in, out, 1) with bias, rate1 = rate2 = 0.5 (shape (1,));
     their state_dict loads as is. global = Re(ifft2(M * einsum(fft2(x, ortho), weights1), ortho)) with
     M the high-pass box of `cuton`, computed exactly as irfft2(W' rfft2(x)) with the symmetrised
-    half-plane weight W' (DESIGN §3.4): half the FFT work and memory. Any S, odd included.
+    half-plane weight W' (DESIGN §3.4): half the FFT work and memory. Any S, odd included. The 1x1
+    branch and both rates fold into the frequency weight (a 1x1 conv is the same matrix at every
+    frequency): forward = irfft2((rate1 W' + rate2 w0^T) rfft2(x)) + rate2 b, one spectral GEMM for the
+    whole layer (dctkd_ext.ops.fam.fam_layer).
 
     mix="depthwise": the paper's own description (a GFNet-style per-channel filter, in == out):
     weights1 (in, S, S) complex64, initialised (1/in) * rand (so the global branch has the scale of
