@@ -90,7 +90,7 @@ def test_exact_with_several_weight_chunks(size, gen):
     # 64 x 64 channels at 16 x 16 in complex128: ~0.6 MB per half-plane row, so the CPU kernel forms the
     # combined weight in several chunks of row pairs, some of one row pair (csrc/cpu/fam_layer.cpp,
     # kChunkBytes = 1 MiB)
-    assert (size // 2 + 1) * 64 * 64 * 16 > 1 << 19
+    assert size * (size // 2 + 1) * 64 * 64 * 16 >= 7 << 20
     _check_against_authors(_inputs(2, 64, 64, size, size, gen), 0.3, gen)
 
 
