@@ -5,8 +5,9 @@ Cases:
   recipes' distillers (the FAM_Module(mid_channel, out_channel, out_shape) of every ABF level):
   CIFAR-100 WRN-40-2 -> WRN-16-2 (32@32, 64@16, 128@8, 128@1), ResNet32x4 -> ResNet8x4 (64@32, 128@16,
   256@8, 256@1), ImageNet ResNet34 -> ResNet18 (64@56, 128@28, 256@14, 512@7, 512@1).
-  Impls: "ours" (dctkd_ext.nn.FrequencyAttention, path="auto"), "ours_fft" / "ours_fused" (the two
-  paths of ours forced, so that the measured switch of nn/spectral.py can be set from them),
+  Impls: "ours" (dctkd_ext.nn.FrequencyAttention, path="auto": the whole layer as one spectral GEMM with
+  the 1x1 conv and the rates folded into the frequency weight), "ours_fft" / "ours_fused" (where the
+  fused kernel exists: the two paths of ours forced, so that the switch of nn/spectral.py can be set),
   on GPU also "ours_fft_triton" (the FFT path on the Triton kernels instead of the CUDA ones),
   "eager_module" (the authors' formulation, dctkd_ext.reference.ReleasedFAM) and "compiled_module"
   (torch.compile of it); identical parameters (loaded from one state_dict) and inputs.
@@ -113,12 +114,12 @@ def _fam_case(shape_name, b, cin, cout, s, device, allow_compile=True) -> Case:
         return Prepared(fwd=lambda: compiled_forward(x, m.weights1, m.w0.weight, m.w0.bias, m.rate1, m.rate2, 0.1),
                         leaves=p.leaves)
 
-    impls = [Impl("ours", ours()), Impl("ours_fft", ours("fft"))]
+    impls = [Impl("ours", ours())]
     with torch.device("meta"):
         probe = FrequencyAttention(cin, cout, s)
     fused_ok = s <= 32 and sp.fused_available(x0.device) and sp.resolve_backend(x0.device) in ("cuda", "triton")
-    if fused_ok:
-        impls.append(Impl("ours_fused", ours("fused")))
+    if fused_ok:  # both paths forced (on the CPU there is only the FFT path, which "ours" is)
+        impls += [Impl("ours_fft", ours("fft")), Impl("ours_fused", ours("fused"))]
     if device.type == "cuda" and _has_triton():
         impls.append(Impl("ours_fft_triton", ours("fft", "triton")))
     impls.append(Impl("eager_module", eager))

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..ops import fam as _fl
 from ..ops import spectral as _sp
 
 PATHS = ("auto", "fft", "fused")
@@ -80,7 +81,10 @@ class FrequencyAttention(nn.Module):
     (1/(in*out)) * rand, w0 = Conv2d(in, out, 1) with bias, rate1 = rate2 = 0.5 (shape (1,));
     their state_dict loads as is. global = Re(ifft2(M * einsum(fft2(x, ortho), weights1), ortho)) with
     M the high-pass box of `cuton`, computed exactly as irfft2(W' rfft2(x)) with the symmetrised
-    half-plane weight W' (docs/DESIGN.md §3.4): half the FFT work and memory. Any S, odd included.
+    half-plane weight W' (docs/DESIGN.md §3.4): half the FFT work and memory. Any S, odd included. The 1x1
+    branch and both rates fold into the frequency weight (a 1x1 conv is the same matrix at every
+    frequency): forward = irfft2((rate1 W' + rate2 w0^T) rfft2(x)) + rate2 b, one spectral GEMM for the
+    whole layer (dctkd_ext.ops.fam.fam_layer).
 
     mix="depthwise": the paper's own description (a GFNet-style per-channel filter, in == out):
     weights1 (in, S, S) complex64, initialised (1/in) * rand (so the global branch has the scale of
@@ -187,8 +191,32 @@ class FrequencyAttention(nn.Module):
             if len(x) != 2:
                 raise ValueError(f"x: expected a tensor or a (x, cuton) tuple, got a tuple of {len(x)}")
             x, cuton = x
-        g = self.global_branch(x, cuton)
-        return self.rate1 * g + self.rate2 * self.w0(x)
+        if self.mix == "depthwise":
+            g = self.global_branch(x, cuton)
+            return self.rate1 * g + self.rate2 * self.w0(x)
+        return self._folded(x, cuton)
+
+    def _folded(self, x: Tensor, cuton: Optional[float]) -> Tensor:
+        # Channel mixing: the 1x1 branch and both rates fold into the frequency weight, one spectral GEMM
+        # (dctkd_ext/ops/fam.py); the whole layer runs in fp32 (fp64 for fp64 input) with autocast
+        # disabled, like the released module's global branch.
+        self._check_input(x)
+        cuton = self.cuton if cuton is None else _check_cuton(cuton)
+        dev = x.device.type
+        autocast_on = torch.is_autocast_enabled(dev) if dev in ("cuda", "cpu") else False
+        with torch.autocast(device_type=dev, enabled=False):
+            xg = x if x.dtype in (torch.float32, torch.float64) else x.float()
+            rdt = xg.dtype
+            w = self.weights1
+            if w.dtype != _complex_of(rdt):
+                w = w.to(_complex_of(rdt))
+            bias = self.w0.bias
+            fused = rdt == torch.float32 and self.choose_path(x) == "fused"
+            y = _fl.fam_layer(xg, w, self.w0.weight.to(rdt), None if bias is None else bias.to(rdt),
+                              self.rate1.to(rdt), self.rate2.to(rdt), cuton, fused)
+        if not autocast_on and y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y
 
 
 class GlobalFilter(nn.Module):

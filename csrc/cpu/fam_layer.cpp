@@ -1,0 +1,352 @@
+// CPU kernels of the whole FAM layer as one spectral GEMM (DESIGN §3.4):
+//   out = irfft2(Wc(k) rfft2(x)) + rate2 b,   Wc(k) = rate1 W'(k) + rate2 w0^T
+// The spectra are kept frequency-major, (H, K, B, C), so that the channel mixing is one batched complex
+// GEMM per frequency through the BLAS torch ships (at::bmm). The combined weight Wc is never stored
+// whole: it is formed for a chunk of rows of the half plane at a time (about kChunkBytes, at least one row pair) right
+// before the GEMMs that use it, so the weight-sized transients stay small and in cache. Chunks are closed
+// under h -> -h (mod H) because the weight's backward on columns 0 and W/2 mixes rows h and -h.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <vector>
+
+#include "../spectral_common.h"
+#include "../spectral_math.h"
+
+namespace dctkd {
+namespace cpu {
+namespace {
+
+using namespace dctkd::spectral;
+
+constexpr int64_t kChunkBytes = int64_t(1) << 20;  // the combined weight formed at a time, at least one row pair
+constexpr int64_t kOB = 16;                        // output channels per work item of the weight kernels
+
+// Rows [lo0, lo1) and [hi0, hi1) of the half plane; row pairs {j, H - j} for j in [lo0, lo1).
+struct RowChunk {
+  int64_t lo0, lo1, hi0, hi1;
+  int64_t rows() const { return (lo1 - lo0) + (hi1 - hi0); }
+  std::vector<int64_t> list() const {
+    std::vector<int64_t> r;
+    for (int64_t h = lo0; h < lo1; ++h) r.push_back(h);
+    for (int64_t h = hi0; h < hi1; ++h) r.push_back(h);
+    return r;
+  }
+};
+
+RowChunk chunk_of_pairs(int64_t H, int64_t j0, int64_t j1) {
+  // the mirrors H - j of j in [max(j0, 1), j1) that are not rows of [j0, j1) themselves
+  const int64_t jmin = std::max<int64_t>(j0, 1), jmax = std::min<int64_t>(j1 - 1, H - j1);
+  return jmax >= jmin ? RowChunk{j0, j1, H - jmax, H - jmin + 1} : RowChunk{j0, j1, 0, 0};
+}
+
+std::vector<RowChunk> row_chunks(int64_t H, int64_t row_bytes) {
+  std::vector<RowChunk> out;
+  const int64_t pairs = H / 2 + 1;
+  for (int64_t j0 = 0; j0 < pairs;) {
+    int64_t j1 = j0 + 1;
+    while (j1 < pairs && chunk_of_pairs(H, j0, j1 + 1).rows() * row_bytes <= kChunkBytes) ++j1;
+    out.push_back(chunk_of_pairs(H, j0, j1));
+    j0 = j1;
+  }
+  return out;
+}
+
+// out[r, k, i, o] = rate1 * W'[i, o, rows[r], k] + rate2 * w0[o, i] (complex, (R, K, I, O)) with
+// W'[m, k] = (M[m, k] w[m, k] + conj(M[-m, -k] w[-m, -k])) / 2 from weights1 w (I, O, H, W); its
+// conjugate when conj (so that the backward's GEMM reads Wc^H as a plain transpose, without a copy).
+template <typename T>
+void fold_rows(const T* w1, const T* w0, T r1, T r2, int64_t I, int64_t O, int64_t H, int64_t W, int64_t rh,
+               int64_t rw, const std::vector<int64_t>& rows, bool conj, T* out) {
+  const T sign = conj ? T(-1) : T(1);
+  const int64_t K = W / 2 + 1, R = rows.size(), oblocks = (O + kOB - 1) / kOB;
+  at::parallel_for(0, I * oblocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / oblocks, o0 = (item % oblocks) * kOB, o1 = std::min(O, o0 + kOB);
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t h = rows[r], nh = mirror(h, H);
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t nk = mirror(k, W);
+          const T a = fam_keep(h, k, H, W, rh, rw) ? T(0.5) * r1 : T(0);
+          const T b = fam_keep(nh, nk, H, W, rh, rw) ? T(0.5) * r1 : T(0);
+          T* __restrict__ dst = out + 2 * (((r * K + k) * I + i) * O);
+          for (int64_t o = o0; o < o1; ++o) {
+            const T* plane = w1 + 2 * ((i * O + o) * H * W);
+            const T* p = plane + 2 * (h * W + k);
+            const T* q = plane + 2 * (nh * W + nk);
+            dst[2 * o] = a * p[0] + b * q[0] + r2 * w0[o * I + i];
+            dst[2 * o + 1] = sign * (a * p[1] - b * q[1]);
+          }
+        }
+      }
+    }
+  });
+}
+
+// From g[r, k, i, o] = sum_b conj(X[b, i]) G[b, o] at the chunk's rows (complex, (R, K, I, O)) and the
+// multiplicity c_k of each half-plane column (dWc = c_k g is the gradient of the combined weight):
+//   dweights1[i, o, p, q] = rate1 D[p, q],  D = fam_half_weight_backward(dWc)  (rows p of the chunk)
+//   wsum[i, o] += sum_{r, k} Re dWc            (so dw0[o, i] = rate2 wsum[i, o])
+//   r1part[item] += sum Re(conj(weights1) D)  (so drate1 = sum r1part = sum Re(conj(W') dWc))
+template <typename T>
+void fold_rows_backward(const T* g, const T* w1, const T* mult, T r1, int64_t I, int64_t O, int64_t H, int64_t W,
+                        int64_t rh, int64_t rw, const std::vector<int64_t>& rows, const std::vector<int64_t>& row_of,
+                        T* dw1, double* wsum, double* r1part) {
+  const int64_t K = W / 2 + 1, R = rows.size(), oblocks = (O + kOB - 1) / kOB, st = 2 * I * O;
+  at::parallel_for(0, I * oblocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / oblocks, o0 = (item % oblocks) * kOB, o1 = std::min(O, o0 + kOB);
+      double r1acc = 0;
+      for (int64_t o = o0; o < o1; ++o) {
+        const T* gc = g + 2 * (i * O + o);
+        if (wsum != nullptr) {
+          double s = 0;
+          for (int64_t r = 0; r < R; ++r)
+            for (int64_t k = 0; k < K; ++k) s += double(mult[k] * gc[(r * K + k) * st]);
+          wsum[i * O + o] += s;
+        }
+        if (dw1 == nullptr && r1part == nullptr) continue;
+        const int64_t plane = (i * O + o) * H * W;
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t p = rows[r], rp = r, rnp = row_of[mirror(p, H)];
+          for (int64_t q = 0; q < W; ++q) {
+            const int64_t nq = mirror(q, W);
+            T re = 0, im = 0;
+            if (fam_keep(p, q, H, W, rh, rw)) {
+              if (q < K) {
+                const T* v = gc + (rp * K + q) * st;
+                re += mult[q] * v[0];
+                im += mult[q] * v[1];
+              }
+              if (nq < K) {
+                const T* v = gc + (rnp * K + nq) * st;
+                re += mult[nq] * v[0];
+                im -= mult[nq] * v[1];
+              }
+            }
+            re *= T(0.5);
+            im *= T(0.5);
+            const int64_t e = 2 * (plane + p * W + q);
+            if (dw1 != nullptr) {
+              dw1[e] = r1 * re;
+              dw1[e + 1] = r1 * im;
+            }
+            if (r1part != nullptr) r1acc += double(w1[e] * re + w1[e + 1] * im);
+          }
+        }
+      }
+      if (r1part != nullptr) r1part[item] += r1acc;
+    }
+  });
+}
+
+template <typename F>
+void dispatch_real(at::ScalarType t, const char* name, F&& f) {
+  if (t == at::kFloat) f(float(0));
+  else if (t == at::kDouble) f(double(0));
+  else TORCH_CHECK(false, name, ": x: expected float32 or float64, got ", t);
+}
+
+template <typename T>
+T* real_ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+struct LayerShape {
+  int64_t B, I, O, H, W, K;
+};
+
+LayerShape check_layer(const at::Tensor& x, const at::Tensor& weights1, const at::Tensor& w0_weight,
+                       const c10::optional<at::Tensor>& w0_bias, const at::Tensor& rate1, const at::Tensor& rate2,
+                       double cuton) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "x: expected a float32 or float64 tensor, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 4, "x: expected a 4-D (B, I, H, W) tensor, got shape ", x.sizes());
+  const at::ScalarType ct = x.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
+  TORCH_CHECK(weights1.scalar_type() == ct, "weights1: expected ", ct, " to match x, got ", weights1.scalar_type());
+  const int64_t B = x.size(0), I = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(weights1.dim() == 4 && weights1.size(0) == I && weights1.size(2) == H && weights1.size(3) == W,
+              "weights1: expected shape (", I, ", O, ", H, ", ", W, ") = (I, O, H, W) of x, got ", weights1.sizes());
+  const int64_t O = weights1.size(1);
+  TORCH_CHECK(w0_weight.scalar_type() == x.scalar_type() && w0_weight.numel() == O * I &&
+                  (w0_weight.dim() == 2 || w0_weight.dim() == 4) && w0_weight.size(0) == O && w0_weight.size(1) == I,
+              "w0_weight: expected a (", O, ", ", I, ", 1, 1) tensor of x's dtype, got ", w0_weight.sizes(), " ",
+              w0_weight.scalar_type());
+  if (w0_bias.has_value() && w0_bias->defined())
+    TORCH_CHECK(w0_bias->scalar_type() == x.scalar_type() && w0_bias->dim() == 1 && w0_bias->size(0) == O,
+                "w0_bias: expected a (", O, ",) tensor of x's dtype, got ", w0_bias->sizes(), " ", w0_bias->scalar_type());
+  for (const at::Tensor* r : {&rate1, &rate2})
+    TORCH_CHECK(r->scalar_type() == x.scalar_type() && r->numel() == 1,
+                "rate1/rate2: expected one-element tensors of x's dtype, got ", r->sizes(), " ", r->scalar_type());
+  for (const at::Tensor* t : {&weights1, &w0_weight, &rate1, &rate2})
+    TORCH_CHECK(t->device() == x.device(), "fam_layer: expected every tensor on ", x.device(), ", got one on ", t->device());
+  TORCH_CHECK(cuton >= 0.0 && cuton <= 1.0, "cuton: expected a number in [0, 1], got ", cuton);
+  return {B, I, O, H, W, W / 2 + 1};
+}
+
+// (B, C, H, W) real -> its rfft2 spectrum (H, K, B, C), frequency-major and contiguous (conjugated when
+// conj). The FFT writes through a permuted view, so its own temporary lives only inside the FFT op.
+at::Tensor spectrum_freq_major(const at::Tensor& x, bool conj = false) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), K = x.size(3) / 2 + 1;
+  const at::ScalarType ct = x.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
+  at::Tensor out = at::empty({H, K, B, C}, x.options().dtype(ct));
+  at::Tensor view = out.permute({2, 3, 0, 1});
+  at::fft_rfft2_out(view, x, c10::nullopt, {-2, -1}, "ortho");
+  if (conj) at::conj_physical_(out);
+  return out;
+}
+
+// (H, K, B, C) spectrum -> (B, C, H, W) real: the FFT reads the permuted view (no transposed copy).
+at::Tensor real_of_freq_major(const at::Tensor& yt, int64_t H, int64_t W) {
+  return at::fft_irfft2(yt.permute({2, 3, 0, 1}), at::IntArrayRef{H, W}, {-2, -1}, "ortho").contiguous();
+}
+
+// One batched GEMM over the frequencies of n rows of frequency-major (R, K, M, N) tensors, each taken
+// from its row offset. op 't': transposed (a strided view the BLAS reads as is).
+at::Tensor rows_of(const at::Tensor& t, int64_t off, int64_t n) {
+  return t.narrow(0, off, n).reshape({n * t.size(1), t.size(2), t.size(3)});
+}
+
+void bmm_rows(const at::Tensor& out, int64_t out_off, const at::Tensor& a, int64_t a_off, char op_a, const at::Tensor& b,
+              int64_t b_off, char op_b, int64_t n) {
+  if (n <= 0) return;
+  at::Tensor A = rows_of(a, a_off, n), Bm = rows_of(b, b_off, n);
+  if (op_a == 't') A = A.transpose(1, 2);
+  if (op_b == 't') Bm = Bm.transpose(1, 2);
+  at::Tensor dst = rows_of(out, out_off, n);  // a view of contiguous rows: bmm writes into out
+  at::bmm_out(dst, A, Bm);
+}
+
+// One buffer for the largest chunk, reused by every chunk.
+at::Tensor chunk_buffer(const std::vector<RowChunk>& chunks, const LayerShape& s, const at::TensorOptions& opt) {
+  int64_t rows = 0;
+  for (const RowChunk& c : chunks) rows = std::max(rows, c.rows());
+  return at::empty({rows, s.K, s.I, s.O}, opt);
+}
+
+at::Tensor multiplicity(int64_t W, const at::TensorOptions& opt) {
+  // irfft's adjoint doubles the columns that stand for two conjugate frequencies
+  at::Tensor c = at::full({W / 2 + 1}, 2.0, opt);
+  c[0] = 1.0;
+  if (W % 2 == 0) c[W / 2] = 1.0;
+  return c;
+}
+
+at::Tensor fam_layer_forward_cpu(const at::Tensor& x_in, const at::Tensor& weights1, const at::Tensor& w0_weight,
+                                 const c10::optional<at::Tensor>& w0_bias, const at::Tensor& rate1,
+                                 const at::Tensor& rate2, double cuton) {
+  const LayerShape s = check_layer(x_in, weights1, w0_weight, w0_bias, rate1, rate2, cuton);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y;
+  if (x.numel() == 0 || s.O == 0) {
+    y = at::zeros({s.B, s.O, s.H, s.W}, x.options());
+  } else {
+    const at::Tensor xt = spectrum_freq_major(x);  // (H, K, B, I)
+    at::Tensor yt = at::empty({s.H, s.K, s.B, s.O}, xt.options());
+    const at::Tensor w1 = resolved(weights1).contiguous(), w0 = w0_weight.reshape({s.O, s.I}).contiguous();
+    dispatch_real(x.scalar_type(), "fam_layer_forward", [&](auto tag) {
+      using T = decltype(tag);
+      const T r1 = rate1.item<T>(), r2 = rate2.item<T>();
+      const int64_t rh = fam_radius(s.H, cuton), rw = fam_radius(s.W, cuton);
+      const std::vector<RowChunk> chunks = row_chunks(s.H, s.K * s.I * s.O * 2 * int64_t(sizeof(T)));
+      at::Tensor buf = chunk_buffer(chunks, s, xt.options());
+      for (const RowChunk& c : chunks) {
+        fold_rows<T>(real_ptr<T>(w1), real_ptr<T>(w0), r1, r2, s.I, s.O, s.H, s.W, rh, rw, c.list(), false,
+                     real_ptr<T>(buf));
+        const int64_t nlo = c.lo1 - c.lo0, nhi = c.hi1 - c.hi0;
+        bmm_rows(yt, c.lo0, xt, c.lo0, 'n', buf, 0, 'n', nlo);
+        bmm_rows(yt, c.hi0, xt, c.hi0, 'n', buf, nlo, 'n', nhi);
+      }
+    });
+    y = real_of_freq_major(yt, s.H, s.W);
+  }
+  if (w0_bias.has_value() && w0_bias->defined()) y.add_((rate2 * *w0_bias).view({1, s.O, 1, 1}));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fam_layer_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& weights1, const at::Tensor& w0_weight,
+    const c10::optional<at::Tensor>& w0_bias, const at::Tensor& rate1, const at::Tensor& rate2, double cuton,
+    std::array<bool, 6> needs) {
+  const LayerShape s = check_layer(x_in, weights1, w0_weight, w0_bias, rate1, rate2, cuton);
+  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type() && grad_in.sizes() == at::IntArrayRef({s.B, s.O, s.H, s.W}),
+              "grad: expected a (", s.B, ", ", s.O, ", ", s.H, ", ", s.W, ") tensor of x's dtype, got ", grad_in.sizes(),
+              " ", grad_in.scalar_type());
+  const bool has_bias = w0_bias.has_value() && w0_bias->defined();
+  const bool need_x = needs[0], need_w1 = needs[1], need_w0 = needs[2], need_b = needs[3] && has_bias,
+             need_r1 = needs[4], need_r2 = needs[5];
+  const bool need_wsum = need_w0 || need_r2, need_g = need_w1 || need_wsum || need_r1;
+  const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
+  const at::TensorOptions ro = x.options();
+  const at::TensorOptions co = ro.dtype(x.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat);
+  auto empty0 = [&]() { return at::empty({0}, ro); };
+  at::Tensor dx = empty0(), dw1 = at::empty({0}, co), dw0 = empty0(), db = empty0(), dr1 = empty0(), dr2 = empty0();
+  // sum over b, h, w of grad per output channel: the bias' share of db and drate2
+  const at::Tensor gsum = (need_b || (need_r2 && has_bias)) ? grad.sum({0, 2, 3}) : at::Tensor();
+  at::Tensor wsum = need_wsum ? at::zeros({s.I, s.O}, ro.dtype(at::kDouble)) : at::Tensor();
+  if ((need_x || need_g) && grad.numel() > 0 && x.numel() > 0) {
+    const at::Tensor gt = spectrum_freq_major(grad);                       // (H, K, B, O)
+    const at::Tensor xct = need_g ? spectrum_freq_major(x, true) : at::Tensor();  // conj, (H, K, B, I)
+    at::Tensor dxt = need_x ? at::empty({s.H, s.K, s.B, s.I}, co) : at::Tensor();
+    if (need_w1) dw1 = at::empty({s.I, s.O, s.H, s.W}, co);
+    const at::Tensor w1 = resolved(weights1).contiguous(), w0 = w0_weight.reshape({s.O, s.I}).contiguous();
+    const int64_t items = s.I * ((s.O + kOB - 1) / kOB);
+    at::Tensor r1part = need_r1 ? at::zeros({items}, ro.dtype(at::kDouble)) : at::Tensor();
+    dispatch_real(x.scalar_type(), "fam_layer_backward", [&](auto tag) {
+      using T = decltype(tag);
+      const T r1 = rate1.item<T>(), r2 = rate2.item<T>();
+      const int64_t rh = fam_radius(s.H, cuton), rw = fam_radius(s.W, cuton);
+      const at::Tensor mult = multiplicity(s.W, ro);
+      std::vector<int64_t> row_of(s.H, -1);
+      const std::vector<RowChunk> chunks = row_chunks(s.H, s.K * s.I * s.O * 2 * int64_t(sizeof(T)));
+      at::Tensor buf = chunk_buffer(chunks, s, co);
+      for (const RowChunk& c : chunks) {
+        const std::vector<int64_t> rows = c.list();
+        const int64_t nlo = c.lo1 - c.lo0, nhi = c.hi1 - c.hi0;
+        if (need_x) {  // dX = G Wc^H, with conj(Wc) formed in the buffer
+          fold_rows<T>(real_ptr<T>(w1), real_ptr<T>(w0), r1, r2, s.I, s.O, s.H, s.W, rh, rw, rows, true,
+                       real_ptr<T>(buf));
+          bmm_rows(dxt, c.lo0, gt, c.lo0, 'n', buf, 0, 't', nlo);
+          bmm_rows(dxt, c.hi0, gt, c.hi0, 'n', buf, nlo, 't', nhi);
+        }
+        if (need_g) {  // g = X^H G (X kept conjugated), then the weights' gradients from it
+          bmm_rows(buf, 0, xct, c.lo0, 't', gt, c.lo0, 'n', nlo);
+          bmm_rows(buf, nlo, xct, c.hi0, 't', gt, c.hi0, 'n', nhi);
+          for (int64_t r = 0; r < int64_t(rows.size()); ++r) row_of[rows[r]] = r;
+          fold_rows_backward<T>(real_ptr<T>(buf), real_ptr<T>(w1), real_ptr<T>(mult), r1, s.I, s.O, s.H, s.W, rh, rw,
+                                rows, row_of, need_w1 ? real_ptr<T>(dw1) : nullptr,
+                                need_wsum ? wsum.data_ptr<double>() : nullptr,
+                                need_r1 ? r1part.data_ptr<double>() : nullptr);
+          for (int64_t h : rows) row_of[h] = -1;
+        }
+      }
+    });
+    if (need_x) dx = real_of_freq_major(dxt, s.H, s.W);
+    if (need_r1) dr1 = r1part.sum().reshape({1}).to(x.scalar_type());
+  } else {
+    if (need_x) dx = at::zeros(x.sizes(), ro);
+    if (need_w1) dw1 = at::zeros(weights1.sizes(), co);
+    if (need_r1) dr1 = at::zeros({1}, ro);
+  }
+  if (need_w0) dw0 = (rate2.to(at::kDouble) * wsum.t()).to(x.scalar_type()).reshape(w0_weight.sizes()).contiguous();
+  if (need_b) db = rate2 * gsum;
+  if (need_r2) {
+    at::Tensor v = need_wsum ? (w0_weight.reshape({s.O, s.I}).t().to(at::kDouble) * wsum).sum() : at::zeros({}, ro.dtype(at::kDouble));
+    if (has_bias) v = v + (w0_bias->to(at::kDouble) * gsum.to(at::kDouble)).sum();
+    dr2 = v.reshape({1}).to(x.scalar_type());
+  }
+  return {dx, dw1, dw0, db, dr1, dr2};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace dctkd
+
+TORCH_LIBRARY_IMPL(dctkd_ext, CPU, m) {
+  m.impl("fam_layer_forward", &dctkd::cpu::fam_layer_forward_cpu);
+  m.impl("fam_layer_backward", &dctkd::cpu::fam_layer_backward_cpu);
+}

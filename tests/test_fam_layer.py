@@ -1,0 +1,289 @@
+"""The whole FAM layer as one spectral GEMM (dctkd_ext.ops.fam.fam_layer, the channel-mixing
+nn.FrequencyAttention): output and every gradient against the FAM-KD authors' formulation in float64
+(even, odd and rectangular sizes, every cuton), chunked weights, partial gradients, the GPU composite
+(run here on the CPU kernels and, under the Triton interpreter, on the Triton ones), gradcheck, opcheck,
+torch.compile, autocast and bad input."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dctkd_ext
+from dctkd_ext import reference as R
+from dctkd_ext.nn import FrequencyAttention
+from dctkd_ext.ops import fam as fam_op
+from dctkd_ext.ops import spectral as sp
+
+from conftest import TOL
+from conftest import rel_err as _rel_err_real
+
+HAS_CUDA = torch.cuda.is_available()
+PARAMS = ("x", "weights1", "w0_weight", "w0_bias", "rate1", "rate2")
+
+
+def rel_err(out, ref):
+    # conftest's relative error, on (re, im) pairs for complex tensors
+    if out.is_complex():
+        out, ref = torch.view_as_real(out.resolve_conj()), torch.view_as_real(ref.resolve_conj())
+    return _rel_err_real(out, ref)
+
+
+def _mask_is_nonempty(h, w, cuton):
+    return bool((R.fam_highpass_mask(h, w, cuton) == 0).any())
+
+
+def _inputs(b, cin, cout, h, w, gen, dtype=torch.float64, bias=True):
+    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    x = torch.randn(b, cin, h, w, dtype=torch.float64, generator=gen).to(dtype)
+    w1 = torch.view_as_complex(torch.randn(cin, cout, h, w, 2, dtype=torch.float64, generator=gen)).to(cdt)
+    w0 = torch.randn(cout, cin, 1, 1, dtype=torch.float64, generator=gen).to(dtype)
+    b0 = torch.randn(cout, dtype=torch.float64, generator=gen).to(dtype) if bias else None
+    r1 = torch.randn(1, dtype=torch.float64, generator=gen).to(dtype)
+    r2 = torch.randn(1, dtype=torch.float64, generator=gen).to(dtype)
+    return [t.requires_grad_() if t is not None else None for t in (x, w1, w0, b0, r1, r2)]
+
+
+def _authors(x, w1, w0, b0, r1, r2, cuton):
+    """The authors' formulation: their module's code for square maps; for rectangular ones the same
+    full-plane function (fft2 -> einsum -> high-pass mask -> ifft2 real, plus the 1x1 conv)."""
+    if x.shape[-2] == x.shape[-1] and b0 is not None:
+        return R.released_fam_forward(x, w1, w0, b0, r1, r2, cuton)
+    return r1 * R.fam_global(x, w1, cuton) + r2 * F.conv2d(x, w0, b0)
+
+
+def _check_against_authors(args, cuton, gen, tol=1e-12, fn=fam_op.fam_layer):
+    leaves = [t for t in args if t is not None]
+    ref = _authors(*args, cuton)
+    out = fn(*args, cuton)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert rel_err(out, ref) <= tol, f"output: {rel_err(out, ref):.2e}"
+    g = torch.randn(ref.shape, dtype=ref.dtype, generator=gen)
+    gr = torch.autograd.grad(ref, leaves, g)
+    go = torch.autograd.grad(out, leaves, g)
+    names = [n for n, t in zip(PARAMS, args) if t is not None]
+    for name, a, b in zip(names, go, gr):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-300)
+        assert err <= tol, f"d{name}: relative error {err:.2e} (cuton {cuton})"
+
+
+# ------------------------------------------------------------------------- exact against the authors
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (5, 5), (7, 7), (8, 8), (9, 9), (16, 16), (6, 5), (5, 8), (9, 4)])
+@pytest.mark.parametrize("cuton", [0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
+def test_exact_against_authors_fp64(size, cuton, gen):
+    h, w = size
+    _check_against_authors(_inputs(3, 4, 3, h, w, gen), cuton, gen)
+
+
+def test_high_pass_mask_nonempty_in_the_exactness_cases():
+    # the parametrisation above includes, for even and odd sizes, cutons whose mask zeroes frequencies
+    for h, w in [(5, 5), (7, 7), (8, 8), (9, 9), (16, 16), (6, 5), (5, 8), (9, 4)]:
+        assert _mask_is_nonempty(h, w, 0.5) and _mask_is_nonempty(h, w, 1.0), (h, w)
+        assert not _mask_is_nonempty(h, w, 0.0)
+    assert _mask_is_nonempty(16, 16, 0.25) and _mask_is_nonempty(8, 8, 0.25)
+
+
+@pytest.mark.parametrize("size", [16, 15])
+def test_exact_with_several_weight_chunks(size, gen):
+    # 64 x 64 channels at 16 x 16 in complex128: ~0.6 MB per half-plane row, so the CPU kernel forms the
+    # combined weight in several chunks of row pairs, some of one row pair (csrc/cpu/fam_layer.cpp,
+    # kChunkBytes = 1 MiB)
+    assert size * (size // 2 + 1) * 64 * 64 * 16 >= 7 << 20
+    _check_against_authors(_inputs(2, 64, 64, size, size, gen), 0.3, gen)
+
+
+def test_exact_without_bias(gen):
+    _check_against_authors(_inputs(2, 3, 5, 8, 8, gen, bias=False), 0.5, gen)
+
+
+def test_zero_rates_and_partial_gradients(gen):
+    x, w1, w0, b0, r1, r2 = _inputs(2, 3, 4, 7, 7, gen)
+    with torch.no_grad():
+        r1.zero_()
+    args = (x, w1, w0, b0, r1, r2)
+    _check_against_authors(args, 0.5, gen)  # rate1 = 0: dweights1 = 0 exactly, drate1 still exact
+    # only some inputs differentiable: the op computes just those (and matches)
+    for subset in [("x",), ("weights1",), ("w0_weight", "w0_bias"), ("rate1", "rate2"), ("x", "rate2")]:
+        a = [t.detach().requires_grad_(n in subset) for n, t in zip(PARAMS, args)]
+        leaves = [t for t in a if t.requires_grad]
+        g = torch.randn(2, 4, 7, 7, dtype=torch.float64, generator=gen)
+        go = torch.autograd.grad(fam_op.fam_layer(*a, 0.5), leaves, g)
+        gr = torch.autograd.grad(_authors(*a, 0.5), leaves, g)
+        for name, p, q in zip(subset, go, gr):
+            assert rel_err(p, q) <= 1e-12, f"{subset}: d{name}"
+
+
+def test_fp32_close_to_fp64(gen):
+    args64 = _inputs(4, 16, 12, 14, 14, gen)
+    args32 = [t.detach().to(torch.complex64 if t.is_complex() else torch.float32).requires_grad_() for t in args64]
+    y64, y32 = fam_op.fam_layer(*args64, 0.1), fam_op.fam_layer(*args32, 0.1)
+    assert rel_err(y32, y64) <= 5 * TOL[torch.float32]
+    g = torch.randn(y64.shape, dtype=torch.float64, generator=gen)
+    g64 = torch.autograd.grad(y64, args64, g)
+    g32 = torch.autograd.grad(y32, args32, g.float())
+    for name, a, b in zip(PARAMS, g32, g64):
+        assert rel_err(a, b) <= 50 * TOL[torch.float32], f"d{name}"
+
+
+# --------------------------------------------------------------------------------- the GPU composite
+@pytest.mark.parametrize("size", [(8, 8), (7, 7), (6, 5)])
+def test_composite_equals_cpu_kernels(size, gen):
+    # the route the CUDA / Triton backends take (fam_half_weight + spectral_conv with the combined
+    # weight), run here on the C++ CPU spectral ops, against the CPU layer kernels
+    h, w = size
+    x, w1, w0, b0, r1, r2 = [t.detach() for t in _inputs(3, 4, 5, h, w, gen)]
+    ops = torch.ops.dctkd_ext
+    g = torch.randn(3, 5, h, w, dtype=torch.float64, generator=gen)
+    y = fam_op._composite_forward(ops, x, w1, w0, b0, r1, r2, 0.5, False)
+    assert rel_err(y, ops.fam_layer_forward(x, w1, w0, b0, r1, r2, 0.5)) <= 1e-13
+    for needs in ([True] * 6, [False, True, False, False, True, False], [True, False, False, False, False, True]):
+        a = fam_op._composite_backward(ops, g, x, w1, w0, b0, r1, r2, 0.5, False, needs)
+        c = ops.fam_layer_backward(g, x, w1, w0, b0, r1, r2, 0.5, needs)
+        for name, n, p, q in zip(PARAMS, needs, a, c):
+            if n:
+                assert rel_err(p, q) <= 1e-13, f"d{name} ({needs})"
+            else:
+                assert p.numel() == 0 and q.numel() == 0, name
+
+
+@pytest.fixture
+def triton_here():
+    if not sp._triton_importable():
+        pytest.skip("triton is not installed")
+    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not set")
+    sp.triton_ops()
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_triton_composite_matches_authors(triton_here, fused, gen):
+    dev = triton_here
+    size = 8
+    args = [t.detach().to(dev).float() if not t.is_complex() else t.detach().to(dev).to(torch.complex64)
+            for t in _inputs(2, 3, 4, size, size, gen)]
+    args = [t.requires_grad_() for t in args]
+    ref_args = [t.detach().double() if not t.is_complex() else t.detach().to(torch.complex128) for t in args]
+    ref_args = [t.requires_grad_() for t in ref_args]
+    with dctkd_ext.use_backend("triton"):
+        y = fam_op.fam_layer(*args, 0.5, fused=fused)
+        ref = _authors(*ref_args, 0.5)
+        assert rel_err(y, ref) <= 5 * TOL[torch.float32]
+        g = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
+        go = torch.autograd.grad(y, args, g.to(dev).float())
+    gr = torch.autograd.grad(ref, ref_args, g.to(ref.device))
+    for name, a, b in zip(PARAMS, go, gr):
+        assert rel_err(a, b) <= 50 * TOL[torch.float32], f"d{name}"
+
+
+# -------------------------------------------------------------------------------------- the module
+@pytest.mark.parametrize("size", [1, 6, 7, 8, 9])
+@pytest.mark.parametrize("cuton", [0.1, 0.5, 1.0])
+def test_module_matches_released_module_fp64(size, cuton, gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    ref = R.ReleasedFAM(4, 3, size)
+    ours = FrequencyAttention(4, 3, size, cuton=cuton)
+    ours.load_state_dict(ref.state_dict())
+    for m in (ref, ours):
+        m.double()
+        m.weights1.data = m.weights1.data.to(torch.complex128)
+    assert ours.weights1.dtype == torch.complex128
+    with torch.no_grad():  # rates away from 0.5 so that a swapped rate shows
+        ref.rate1.fill_(0.3), ref.rate2.fill_(-1.7), ours.rate1.fill_(0.3), ours.rate2.fill_(-1.7)
+    x = torch.randn(3, 4, size, size, dtype=torch.float64, generator=gen)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yo = ref((xr, cuton)), ours(xo)
+    assert rel_err(yo, yr) <= 1e-12
+    g = torch.randn(yr.shape, dtype=torch.float64, generator=gen)
+    yr.backward(g)
+    yo.backward(g)
+    assert rel_err(xo.grad, xr.grad) <= 1e-12
+    for (name, pr), (name_o, po) in zip(ref.named_parameters(), ours.named_parameters()):
+        assert name == name_o
+        assert rel_err(po.grad, pr.grad) <= 1e-12, f"d{name}"
+
+
+def test_module_state_dict_compatible():
+    torch.manual_seed(4)
+    ref = R.ReleasedFAM(5, 6, 8)
+    ours = FrequencyAttention(5, 6, 8)
+    ours.load_state_dict(ref.state_dict())
+    assert [(n, tuple(p.shape), p.dtype) for n, p in ours.named_parameters()] == \
+        [(n, tuple(p.shape), p.dtype) for n, p in ref.named_parameters()]
+    ref.load_state_dict(ours.state_dict())
+
+
+def test_gradcheck(gen):
+    args = _inputs(2, 2, 3, 5, 4, gen)
+
+    def f(*a):
+        return fam_op.fam_layer(*a, 0.5)
+
+    assert torch.autograd.gradcheck(f, tuple(args), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=False)
+
+
+def test_opcheck(gen):
+    ops = torch.ops.dctkd_ext
+    for bias in (True, False):
+        args = _inputs(2, 3, 2, 6, 5, gen, dtype=torch.float32, bias=bias)
+        torch.library.opcheck(ops.fam_layer.default, (*args, 0.5, False))
+        d = [t.detach() if t is not None else None for t in args]
+        torch.library.opcheck(ops.fam_layer_forward.default, (*d, 0.5))
+        g = torch.randn(2, 2, 6, 5, generator=gen)
+        torch.library.opcheck(ops.fam_layer_backward.default, (g, *d, 0.5, [True, True, True, bias, True, True]))
+        torch.library.opcheck(ops.fam_layer_backward.default, (g, *d, 0.5, [False, True, False, False, True, False]))
+
+
+def test_torch_compile_fullgraph(gen):
+    m = FrequencyAttention(3, 4, 8, cuton=0.5)
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+
+    def grads(fn):
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        return [y] + list(torch.autograd.grad(y.square().sum(), [xi] + list(m.parameters())))
+
+    ref = grads(m)
+    for backend in ("aot_eager", "inductor"):  # fullgraph: no graph break around the op
+        got = grads(torch.compile(m, fullgraph=True, backend=backend))
+        for name, a, b in zip(("y",) + PARAMS, got, ref):
+            assert rel_err(a, b) <= 1e-5, f"{backend}: {name}"
+
+
+def test_autocast_keeps_fp32(gen):
+    m = FrequencyAttention(3, 4, 8)
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    y32 = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        yb = m(x.bfloat16())
+    assert y.dtype == torch.float32 and yb.dtype == torch.float32
+    assert rel_err(y, y32) <= 1e-6
+    assert rel_err(yb, y32) <= 2e-2
+    yb.sum().backward()
+    assert m.weights1.grad.dtype == torch.complex64 and m.w0.weight.grad.dtype == torch.float32
+
+
+def test_bad_inputs(gen):
+    x, w1, w0, b0, r1, r2 = [t.detach() for t in _inputs(2, 3, 4, 6, 6, gen, dtype=torch.float32)]
+    f = fam_op.fam_layer
+    with pytest.raises(TypeError, match="x"):
+        f(x.to(torch.int32), w1, w0, b0, r1, r2)
+    with pytest.raises(ValueError, match="x"):
+        f(x[0], w1, w0, b0, r1, r2)
+    with pytest.raises(TypeError, match="weights1"):
+        f(x, w1.real, w0, b0, r1, r2)
+    with pytest.raises(ValueError, match="weights1"):
+        f(x, w1[:, :, :5], w0, b0, r1, r2)
+    with pytest.raises(ValueError, match="w0_weight"):
+        f(x, w1, w0[:3], b0, r1, r2)
+    with pytest.raises(ValueError, match="w0_bias"):
+        f(x, w1, w0, b0[:2], r1, r2)
+    with pytest.raises(ValueError, match="rate1"):
+        f(x, w1, w0, b0, r1.expand(2), r2)
+    with pytest.raises(ValueError, match="cuton"):
+        f(x, w1, w0, b0, r1, r2, 1.5)
+    with pytest.raises(RuntimeError, match="weights1"):  # the C++ op's own checks
+        torch.ops.dctkd_ext.fam_layer_forward(x, w1[:2], w0, b0, r1, r2, 0.1)
