@@ -1,4 +1,4 @@
-// Op schemas of the whole FAM layer as one spectral GEMM (DESIGN §3.4). The 1x1 conv is the same real
+// Op schemas of the whole FAM layer as one spectral GEMM (docs/DESIGN.md §3.4). The 1x1 conv is the same real
 // matrix at every frequency, so it folds into the frequency weight:
 //   out = irfft2((rate1 W'(k) + rate2 w0^T) rfft2(x)) + rate2 b
 // with W' the symmetrised, masked half-plane weight of fam_half_weight. Kernels: CPU in

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (DESIGN §5). Triton
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (docs/DESIGN.md §5). Triton
 # reads this when a kernel is defined, so it is set before dctkd_ext.triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -87,7 +87,7 @@ def test_dct2d_matches_scipy_oracle(device, hw, gen):
 
 
 def test_dct_matrix_matches_numpy_formula():
-    # the basis written independently in numpy from the formula of DESIGN §3.2
+    # the basis written independently in numpy from the formula of docs/DESIGN.md §3.2
     for n in (1, 5, 7, 56):
         k, m = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
         d = np.cos(np.pi * (2 * m + 1) * k / (2 * n)) * np.where(k == 0, np.sqrt(1 / n), np.sqrt(2 / n))

@@ -1,4 +1,4 @@
-"""The presets of dct_at_loss pinned: their option values as documented (README, DESIGN §3.3), and the
+"""The presets of dct_at_loss pinned: their option values as documented (README, docs/DESIGN.md §3.3), and the
 loss of every backend against an independent numpy/scipy statement of the formula (not the
 reference module, which reads the same PRESETS table as the kernels)."""
 

@@ -1,4 +1,4 @@
-// CPU kernels of the whole FAM layer as one spectral GEMM (DESIGN §3.4):
+// CPU kernels of the whole FAM layer as one spectral GEMM (docs/DESIGN.md §3.4):
 //   out = irfft2(Wc(k) rfft2(x)) + rate2 b,   Wc(k) = rate1 W'(k) + rate2 w0^T
 // The spectra are kept frequency-major, (H, K, B, C), so that the channel mixing is one batched complex
 // GEMM per frequency through the BLAS torch ships (at::bmm). The combined weight Wc is never stored

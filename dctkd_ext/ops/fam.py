@@ -1,4 +1,4 @@
-"""The whole FAM layer (global spectral filter + 1x1 conv + rates) as one op (DESIGN §3.4): argument
+"""The whole FAM layer (global spectral filter + 1x1 conv + rates) as one op (docs/DESIGN.md §3.4): argument
 checks, fake kernels, autograd, backend choice.
 
 A 1x1 conv is the same real matrix at every frequency, so it commutes with the FFT exactly
