@@ -99,10 +99,12 @@ def test_spectral_ops_second_derivatives_match_reference():
 def test_frequency_attention_second_derivative_matches_released_module(size):
     torch.manual_seed(12)
     ours = FrequencyAttention(3, 3, size, cuton=0.3).double()
-    released = R.ReleasedFAM(3, 3, size, cuton=0.3).double()
+    released = R.ReleasedFAM(3, 3, size).double()
     released.load_state_dict(ours.state_dict())
+    for m in (ours, released):  # .double() leaves complex parameters as they are
+        m.weights1.data = m.weights1.data.to(torch.complex128)
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
-    assert_hvp_matches(lambda x: ours(x).pow(2).sum(), lambda x: released(x).pow(2).sum(), [x], seed=13)
+    assert_hvp_matches(lambda x: ours(x).pow(2).sum(), lambda x: released((x, 0.3)).pow(2).sum(), [x], seed=13)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -130,3 +132,21 @@ def test_frequency_attention_half_input_outside_autocast(dtype):
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
     got.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fam.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_depthwise_frequency_attention_half_input_outside_autocast(dtype):
+    torch.manual_seed(15)
+    fam = FrequencyAttention(4, 4, 8, cuton=0.2, mix="depthwise")
+    x = torch.randn(2, 4, 8, 8)
+    got = fam(x.to(dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), fam(x.to(dtype).float()), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("mix", ["channel", "depthwise"])
+def test_frequency_attention_gradgradcheck(mix):
+    torch.manual_seed(16)
+    fam = FrequencyAttention(2, 2, 5, cuton=0.3, mix=mix).double()
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradgradcheck(lambda x: fam(x), [x], fast_mode=True)

@@ -192,6 +192,11 @@ class FrequencyAttention(nn.Module):
                 raise ValueError(f"x: expected a tensor or a (x, cuton) tuple, got a tuple of {len(x)}")
             x, cuton = x
         if self.mix == "depthwise":
+            dev = x.device.type
+            autocast_on = torch.is_autocast_enabled(dev) if dev in ("cuda", "cpu") else False
+            if x.dtype in (torch.float16, torch.bfloat16) and not autocast_on:
+                # half input outside autocast: the layer in fp32 (as under autocast), output in x's dtype
+                return self.forward(x.float(), cuton).to(x.dtype)
             g = self.global_branch(x, cuton)
             return self.rate1 * g + self.rate2 * self.w0(x)
         return self._folded(x, cuton)

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .. import reference
 from . import spectral as _sp
+from ._higher_order import grads_through, wants_graph
 
 _ops = torch.ops.dctkd_ext
 
@@ -194,6 +195,14 @@ def _backward(ctx, grad):
     needs = list(ctx.needs_input_grad[:6])
     if w0_bias is None:
         needs[3] = False
+    if wants_graph():  # create_graph=True: a backward that can be differentiated again
+        inputs = [x, weights1, w0_weight, w0_bias if w0_bias is not None else x.new_zeros(()), rate1, rate2]
+
+        def formula(x, weights1, w0_weight, w0_bias, rate1, rate2):
+            bias = w0_bias if ctx.saved_tensors[3] is not None else None
+            return _reference_layer(x, weights1, w0_weight, bias, rate1, rate2, ctx.cuton)
+
+        return tuple(grads_through(formula, inputs, needs, grad)) + (None, None)
     ops = _layer_ops(x.device)
     if ops is _ops and x.device.type == "cpu" and not ctx.fused:
         grads = _ops.fam_layer_backward(grad, x, weights1, w0_weight, w0_bias, rate1, rate2, ctx.cuton, needs)

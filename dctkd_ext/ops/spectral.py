@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .. import _backend, reference
 from .._extension import BUILD_INFO
+from ._higher_order import grads_through, wants_graph
 
 _ops = torch.ops.dctkd_ext
 _FAMILY = "spectral"
@@ -119,10 +120,14 @@ def _mask_grad(grad: Tensor, y_unmasked: Tensor, mask: Tensor) -> Tensor:
     return (grad * y_unmasked.conj()).real.sum(dim=(0, 1)).to(mask.dtype)
 
 
-def _make_backward(backward_op, forward_op):
+def _make_backward(backward_op, forward_op, formula):
     def backward(ctx, grad):
         xf, w, mask = ctx.saved_tensors
         need_xf, need_w, need_mask = ctx.needs_input_grad
+        if wants_graph():  # create_graph=True: a backward that can be differentiated again
+            if mask is None:
+                return (*grads_through(lambda a, b: formula(a, b, None), [xf, w], [need_xf, need_w], grad), None)
+            return tuple(grads_through(formula, [xf, w, mask], [need_xf, need_w, need_mask], grad))
         dxf = dw = dmask = None
         if need_xf or need_w:
             dxf, dw = backward_op(grad, xf, w, mask, need_xf, need_w)
@@ -138,17 +143,25 @@ def register_autograd(ns: str) -> None:
     and the Triton ops ("dctkd_ext_triton", same schemas) share them."""
     ops = getattr(torch.ops, ns)
     torch.library.register_autograd(
-        f"{ns}::global_filter", _make_backward(ops.global_filter_backward, ops.global_filter), setup_context=_save)
+        f"{ns}::global_filter", _make_backward(ops.global_filter_backward, ops.global_filter, reference.global_filter),
+        setup_context=_save)
     torch.library.register_autograd(
-        f"{ns}::spectral_conv", _make_backward(ops.spectral_conv_backward, ops.spectral_conv), setup_context=_save)
+        f"{ns}::spectral_conv", _make_backward(ops.spectral_conv_backward, ops.spectral_conv, reference.spectral_conv),
+        setup_context=_save)
 
     def half_weight_setup(ctx, inputs, output):
         w, cuton = inputs
         ctx.cuton, ctx.width = cuton, w.shape[-1]
+        ctx.w_shape, ctx.w_dtype = w.shape, w.dtype
 
-    torch.library.register_autograd(
-        f"{ns}::fam_half_weight", lambda ctx, g: (ops.fam_half_weight_backward(g, ctx.cuton, ctx.width), None),
-        setup_context=half_weight_setup)
+    def half_weight_backward(ctx, g):
+        if wants_graph():  # linear in the weight: its adjoint as a graph, at any point (zeros)
+            w0 = torch.zeros(ctx.w_shape, dtype=ctx.w_dtype, device=g.device, requires_grad=True)
+            (dw,) = grads_through(lambda w: reference.fam_half_weight(w, ctx.cuton), [w0], [True], g)
+            return dw, None
+        return ops.fam_half_weight_backward(g, ctx.cuton, ctx.width), None
+
+    torch.library.register_autograd(f"{ns}::fam_half_weight", half_weight_backward, setup_context=half_weight_setup)
 
 
 # -------------------------------------------------------------------------------------- backends
@@ -389,9 +402,21 @@ def _fam_global_setup(ctx, inputs, output):
     ctx.cuton, ctx.depthwise, ctx.fused = cuton, depthwise, fused
 
 
+def _reference_fam_global(x, weights, cuton, depthwise):
+    s = x.shape[-1]
+    w_half = reference.fam_half_weight(weights, cuton)
+    xf = torch.fft.rfft2(x, norm="ortho")
+    yf = reference.global_filter(xf, w_half) if depthwise else reference.spectral_conv(xf, w_half)
+    return torch.fft.irfft2(yf, s=(s, s), norm="ortho")
+
+
 def _fam_global_backward(ctx, dg):
     x, weights = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[:2]
+    if wants_graph():  # create_graph=True: a backward that can be differentiated again
+        dx, dweights = grads_through(lambda a, b: _reference_fam_global(a, b, ctx.cuton, ctx.depthwise),
+                                     [x, weights], [need_x, need_w], dg)
+        return dx, dweights, None, None, None
     s = x.shape[-1]
     k = s // 2 + 1
     impl = _impls(x.device)
@@ -428,9 +453,5 @@ def fam_global(x: Tensor, weights: Tensor, cuton: float, depthwise: bool = False
     the fused small-map Triton kernel (float32, S <= 32). Differentiable in x and weights; autograd keeps
     only x and weights. On the "reference" backend: plain autograd of the reference formulas."""
     if resolve_backend(x.device) == "reference":
-        s = x.shape[-1]
-        w_half = reference.fam_half_weight(weights, cuton)
-        xf = torch.fft.rfft2(x, norm="ortho")
-        yf = reference.global_filter(xf, w_half) if depthwise else reference.spectral_conv(xf, w_half)
-        return torch.fft.irfft2(yf, s=(s, s), norm="ortho")
+        return _reference_fam_global(x, weights, float(cuton), depthwise)
     return _ops.fam_global(x, weights, float(cuton), bool(depthwise), bool(fused))
