@@ -16,7 +16,7 @@ from dctkd_ext.nn import FrequencyAttention
 from dctkd_ext.ops import fam as fam_op
 from dctkd_ext.ops import spectral as sp
 
-from conftest import TOL
+from conftest import ACC_TOL as TOL
 from conftest import rel_err as _rel_err_real
 
 HAS_CUDA = torch.cuda.is_available()
