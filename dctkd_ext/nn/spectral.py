@@ -72,6 +72,10 @@ def _check_features(x, name: str = "x") -> None:
         raise TypeError(f"{name}: expected a real floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
 
 
+def _autocast_on(device_type: str) -> bool:
+    return torch.is_autocast_enabled(device_type) if device_type in ("cuda", "cpu") else False
+
+
 class FrequencyAttention(nn.Module):
     """FAM-KD's Frequency Attention Module (Pham et al., WACV 2024): a learnable filter in the Fourier
     domain (global branch) plus a 1x1 conv (local branch), out = rate1 * global + rate2 * local.
@@ -174,7 +178,7 @@ class FrequencyAttention(nn.Module):
         self._check_input(x)
         cuton = self.cuton if cuton is None else _check_cuton(cuton)
         dev = x.device.type
-        autocast_on = torch.is_autocast_enabled(dev) if dev in ("cuda", "cpu") else False
+        autocast_on = _autocast_on(dev)
         with torch.autocast(device_type=dev, enabled=False):
             xg = x if x.dtype in (torch.float32, torch.float64) else x.float()
             w = self.weights1
@@ -192,9 +196,7 @@ class FrequencyAttention(nn.Module):
                 raise ValueError(f"x: expected a tensor or a (x, cuton) tuple, got a tuple of {len(x)}")
             x, cuton = x
         if self.mix == "depthwise":
-            dev = x.device.type
-            autocast_on = torch.is_autocast_enabled(dev) if dev in ("cuda", "cpu") else False
-            if x.dtype in (torch.float16, torch.bfloat16) and not autocast_on:
+            if x.dtype in (torch.float16, torch.bfloat16) and not _autocast_on(x.device.type):
                 # half input outside autocast: the layer in fp32 (as under autocast), output in x's dtype
                 return self.forward(x.float(), cuton).to(x.dtype)
             g = self.global_branch(x, cuton)
@@ -208,7 +210,7 @@ class FrequencyAttention(nn.Module):
         self._check_input(x)
         cuton = self.cuton if cuton is None else _check_cuton(cuton)
         dev = x.device.type
-        autocast_on = torch.is_autocast_enabled(dev) if dev in ("cuda", "cpu") else False
+        autocast_on = _autocast_on(dev)
         with torch.autocast(device_type=dev, enabled=False):
             xg = x if x.dtype in (torch.float32, torch.float64) else x.float()
             rdt = xg.dtype
