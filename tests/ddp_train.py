@@ -33,8 +33,8 @@ def without_batch_statistics(module: nn.Module) -> nn.Module:
     return module
 
 
-def build_model(name, num_classes):
-    model = without_batch_statistics(_build(name, num_classes))
+def build_model(name, num_classes, *args, **kwargs):
+    model = without_batch_statistics(_build(name, num_classes, *args, **kwargs))
     built.append(model)
     return model
 
