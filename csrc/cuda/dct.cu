@@ -23,7 +23,8 @@ namespace {
 constexpr int kDctThreads = 256;
 
 // Per-block memory: fp64 tables (4H + 4W), then in acc type the bases L_H (H x Hp) and L_W
-// (W x Wp), the map X and the transposed intermediate P (H * W each, rounded up to 4).
+// (W x Wp), the map X (H * W) and the transposed intermediate P (W rows of odd_ld(H)), each
+// rounded up to 4 elements.
 struct DctLayout {
   int64_t tab_bytes, lh, lw, x, p, bytes;
 };
@@ -36,7 +37,7 @@ __host__ __device__ inline DctLayout dct_layout(int64_t H, int64_t W, int64_t ts
   L.lw = L.lh + H * round_up4(H);
   L.x = L.lw + W * round_up4(W);
   L.p = L.x + n4;
-  L.bytes = L.tab_bytes + (L.p + n4) * tsize;
+  L.bytes = L.tab_bytes + (L.p + round_up4(W * odd_ld(H))) * tsize;
   return L;
 }
 
@@ -55,6 +56,7 @@ __global__ void __launch_bounds__(kDctThreads)
   acc_t* X = tb + lay.x;
   acc_t* P = tb + lay.p;
   const int Hp = static_cast<int>(round_up4(H)), Wp = static_cast<int>(round_up4(W));
+  const int Hq = static_cast<int>(odd_ld(H));
   const int n = H * W;
 
   dct_table(tab_h, H);
@@ -68,9 +70,9 @@ __global__ void __launch_bounds__(kDctThreads)
     const scalar_t* src = in + m * n;
     for (int i = threadIdx.x; i < n; i += blockDim.x) X[i] = static_cast<acc_t>(src[i]);
     __syncthreads();
-    mm_t<acc_t, 0>(LH, nullptr, Hp, X, nullptr, W, P, nullptr, H, H, W, H);  // P = (L_H X)^T   (W x H)
+    mm_t<acc_t, 0>(LH, nullptr, Hp, X, nullptr, W, P, nullptr, Hq, H, W, H);  // P = (L_H X)^T   (W x H)
     __syncthreads();
-    mm_t<acc_t, 0>(LW, nullptr, Wp, P, nullptr, H, X, nullptr, W, W, H, W);  // X = L_H X L_W^T (H x W)
+    mm_t<acc_t, 0>(LW, nullptr, Wp, P, nullptr, Hq, X, nullptr, W, W, H, W);  // X = L_H X L_W^T (H x W)
     __syncthreads();
     scalar_t* dst = out + m * n;
     for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = static_cast<scalar_t>(X[i]);

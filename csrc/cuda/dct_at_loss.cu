@@ -92,8 +92,9 @@ __host__ __device__ inline PhiLayout phi_layout(int64_t H, int64_t W, int transf
   L.b0 = o; o += n4;
   L.b1 = o; o += n4;
   L.b3 = o; o += n4;
-  if (bases) { L.p1 = o; o += n4; }
-  if (fft) { L.p2 = o; o += n4; }
+  const int64_t np = round_up4(W * odd_ld(H));  // a transposed intermediate
+  if (bases) { L.p1 = o; o += np; }
+  if (fft) { L.p2 = o; o += np; }
   L.bytes = L.tab_bytes + o * tsize;
   return L;
 }
@@ -275,17 +276,18 @@ template <typename T>
 __device__ void transform_inplace(T* X, T* P1, T* P2, const T* lh1, const T* lh2, const T* lw1, const T* lw2, int H,
                                   int W, int tr, bool backward) {
   const int Hp = static_cast<int>(round_up4(H)), Wp = static_cast<int>(round_up4(W));
+  const int Hq = static_cast<int>(odd_ld(H));
   __syncthreads();
   if (tr == static_cast<int>(Transform::Dct)) {
     const T* LH = backward ? lh2 : lh1;
     const T* LW = backward ? lw2 : lw1;
-    mm_t<T, 0>(LH, nullptr, Hp, X, nullptr, W, P1, nullptr, H, H, W, H);  // P1 = (L_H X)^T
+    mm_t<T, 0>(LH, nullptr, Hp, X, nullptr, W, P1, nullptr, Hq, H, W, H);  // P1 = (L_H X)^T
     __syncthreads();
-    mm_t<T, 0>(LW, nullptr, Wp, P1, nullptr, H, X, nullptr, W, W, H, W);  // X = L_H X L_W^T
+    mm_t<T, 0>(LW, nullptr, Wp, P1, nullptr, Hq, X, nullptr, W, W, H, W);  // X = L_H X L_W^T
   } else {
-    mm_t<T, 1>(lh1, lh2, Hp, X, nullptr, W, P1, P2, H, H, W, H);  // P1 = (C_H X)^T, P2 = (S_H X)^T
+    mm_t<T, 1>(lh1, lh2, Hp, X, nullptr, W, P1, P2, Hq, H, W, H);  // P1 = (C_H X)^T, P2 = (S_H X)^T
     __syncthreads();
-    mm_t<T, 2>(lw1, lw2, Wp, P1, P2, H, X, nullptr, W, W, H, W);  // X = C_H X C_W - S_H X S_W
+    mm_t<T, 2>(lw1, lw2, Wp, P1, P2, Hq, X, nullptr, W, W, H, W);  // X = C_H X C_W - S_H X S_W
   }
   __syncthreads();
 }

@@ -13,6 +13,10 @@ namespace cuda {
 
 __host__ __device__ inline int64_t round_up4(int64_t x) { return (x + 3) & ~int64_t(3); }
 
+// Leading dimension of a transposed intermediate (W rows of H): odd, so the lanes of mm_t, which store
+// along rows with this stride, hit 32 different banks.
+__host__ __device__ inline int64_t odd_ld(int64_t x) { return x | 1; }
+
 // ---------------------------------------------------------------------------------------- bases
 // cos(pi j / (2N)) for j < 4N: the DCT-II basis value s(k) cos(pi (2m+1) k / (2N)) of dct_basis is
 // s(k) * tab[((2m+1) k) mod 4N]; the reduced angle is exact in fp64 before rounding.
@@ -68,8 +72,8 @@ __device__ __forceinline__ void load4(const double* p, double& a, double& b, dou
 //   kMode 2: out[j * ldo + i] = sum_k LT[..] R[..] - sum_k LT2[k * ldl + i] * R2[k * ldr + j]
 // Each thread computes 4 consecutive i for one j: the 4 LT values are one 16-byte load broadcast
 // to the lanes of a row block (ldl % 4 == 0, 16-byte aligned bases, zero padding up to ldl), the R
-// values are read along j across lanes. The stores are not conflict-free: lanes write with a stride of
-// ldo elements (gcd(ldo, 32)-way in fp32). Must be called by every thread of the block; no barrier.
+// values are read along j across lanes. Lanes store with a stride of ldo elements: gcd(ldo, 32)-way
+// bank conflicts in fp32, none for odd ldo (odd_ld). Must be called by every thread of the block; no barrier.
 template <typename T, int kMode>
 __device__ inline void mm_t(const T* LT, const T* LT2, int ldl, const T* R, const T* R2, int ldr, T* out, T* out2,
                             int ldo, int M, int N, int K) {
