@@ -2,6 +2,7 @@
 figures are copied from the output file by a program, never typed by hand.
 
     python bench/report.py bench/results/cpu.json [--mode fwd+bwd] [--op dct_at_loss]
+    python bench/report.py bench/results/cpu.json --targets     # the targets of bench/targets.py, met or not
 """
 
 import argparse
@@ -29,13 +30,59 @@ def render(path, mode="fwd+bwd", op=None):
     return "\n".join(lines)
 
 
+def _find(records, t, impl):
+    for r in records:
+        if (r["op"], r["shape_name"], r["batch"], r["dtype"], r["mode"], r["impl"]) == (
+                t["op"], t["shape"], t["batch"], t["dtype"], "fwd+bwd", impl):
+            return r
+    return None
+
+
+def check_targets(data, targets):
+    """(target, measured value or None, met) for every target; None where the run lacks the case."""
+    out = []
+    for t in targets:
+        ours = _find(data["records"], t, "ours")
+        value = None
+        if ours is not None and t["metric"] == "speedup":
+            value = ours["speedup_vs"].get(t["vs"])
+        elif ours is not None and t["metric"] == "bw":
+            value = ours["bw_fraction"]
+        elif ours is not None and t["metric"] == "mem":
+            other = _find(data["records"], t, t["vs"])
+            if other is not None and ours.get("peak_mem_mb") is not None and other.get("peak_mem_mb"):
+                value = ours["peak_mem_mb"] / other["peak_mem_mb"]
+        met = None if value is None else (value <= t["goal"] if t["metric"] == "mem" else value >= t["goal"])
+        out.append((t, value, met))
+    return out
+
+
+def render_targets(path):
+    from targets import TARGETS
+
+    with open(path) as f:
+        data = json.load(f)
+    meta = data["meta"]
+    kind = "cuda" if "cpu" not in meta["device"].split(" ")[0].lower() else "cpu"
+    what = {"speedup": "speed-up over {vs}", "bw": "fraction of copy bandwidth", "mem": "peak extra memory / {vs}'s"}
+    lines = [f"Targets ({kind}; forward+backward; source `{path}`):", "",
+             "| op | shape | B | dtype | measure | goal | measured | met |", "|---|---|---|---|---|---|---|---|"]
+    for t, value, met in check_targets(data, TARGETS.get(kind, [])):
+        goal = ("<= " if t["metric"] == "mem" else ">= ") + (f"{t['goal']:.0%}" if t["metric"] == "bw" else f"{t['goal']:g}")
+        shown = "-" if value is None else (f"{value:.0%}" if t["metric"] == "bw" else f"{value:.2f}")
+        lines.append(f"| {t['op']} | {t['shape']} | {t['batch']} | {t['dtype']} | {what[t['metric']].format(**t)} | "
+                     f"{goal} | {shown} | {'not in this run' if met is None else ('yes' if met else 'no')} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path")
     ap.add_argument("--mode", default="fwd+bwd", choices=["fwd", "bwd", "fwd+bwd"])
     ap.add_argument("--op", default=None)
+    ap.add_argument("--targets", action="store_true", help="the targets of bench/targets.py, met or not")
     args = ap.parse_args()
-    print(render(args.path, args.mode, args.op))
+    print(render_targets(args.path) if args.targets else render(args.path, args.mode, args.op))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""bench/report.py's target check: each target read from the right record, met or not, and
+reported as missing when the run lacks its case."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+
+import report  # noqa: E402
+
+
+def _record(impl, speedups=None, bw=0.5, mem=10.0, dtype="float32", mode="fwd+bwd"):
+    return {"op": "dct_at_loss", "shape_name": "s", "batch": 4, "dtype": dtype, "mode": mode, "impl": impl,
+            "speedup_vs": speedups or {}, "bw_fraction": bw, "peak_mem_mb": mem}
+
+
+def _target(metric, goal, vs=None):
+    return dict(op="dct_at_loss", shape="s", batch=4, dtype="float32", metric=metric, goal=goal, vs=vs)
+
+
+def test_targets_are_read_from_the_matching_forward_backward_record():
+    data = {"records": [
+        _record("ours", {"compiled": 1.4}, bw=0.6, mem=5.0, mode="fwd"),  # another mode: ignored
+        _record("ours", {"compiled": 1.2}, bw=0.85, mem=5.0),
+        _record("eager", mem=20.0),
+        _record("ours", {"compiled": 9.0}, dtype="bfloat16"),  # another dtype: ignored
+    ]}
+    targets = [_target("speedup", 1.3, "compiled"), _target("speedup", 1.1, "compiled"), _target("bw", 0.8),
+               _target("mem", 0.5, "eager"), _target("mem", 0.2, "eager"), _target("speedup", 2.0, "absent")]
+    got = [(value, met) for _, value, met in report.check_targets(data, targets)]
+    assert got == [(1.2, False), (1.2, True), (0.85, True), (0.25, True), (0.25, False), (None, None)]
+
+
+def test_the_target_table_has_one_row_per_target():
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "results", "cpu.json")
+    text = report.render_targets(path)
+    assert text.count("\n| ") == len(__import__("targets").CPU_TARGETS) + 1  # header row + one per target
