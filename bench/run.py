@@ -269,7 +269,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", type=lambda s: s.split(","), default=None, help="e.g. float32,bfloat16")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<device>.json); CSV/PNG beside it")
-    ap.add_argument("--ops", action="store_true", help="also the single-op cases (attention_map, dct2d) without --full")
+    ap.add_argument("--ops", action="store_true", help="also the single-op cases (attention_map, dct2d) on the GPU without --full (the CPU headline has them)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode of the compiled baselines (default: max-autotune-no-cudagraphs on "

@@ -144,9 +144,10 @@ def op_cases(batch, dtype, device):
     ]
 
 
-# The headline cases (`python bench/run.py`); --full runs the whole grid.
+# The headline cases (`python bench/run.py`; on the CPU also the single ops); --full runs the whole grid.
 HEADLINE = {
-    "cpu": [("cifar_r32x4_r8x4", 64, torch.float32), ("r50_r18", 16, torch.float32)],
+    "cpu": [("cifar_r32x4_r8x4", 64, torch.float32), ("cifar_r32x4_r8x4", 64, torch.bfloat16),
+            ("r50_r18", 16, torch.float32)],
     "cuda": [("cifar_r32x4_r8x4", 64, torch.float32), ("r50_r18", 128, torch.bfloat16)],
 }
 
@@ -178,6 +179,6 @@ def cases(args, device):
         shape = SHAPES[name]
         out.append(Case("at_loss", name, batch, dtype, loss_min_bytes(batch, shape, dtype),
                         at_impls(batch, shape, dtype, device, compile_mode), extra={"preset": "at"}))
-    if full or getattr(args, "ops", False):
+    if full or getattr(args, "ops", False) or not gpu:
         out += op_cases(16 if not gpu else 128, torch.float32, device)
     return out

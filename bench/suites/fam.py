@@ -42,9 +42,12 @@ FAM_SHAPES = [
     ("cifar_r32x4_r8x4", 64, [(64, 64, 32), (128, 128, 16), (256, 256, 8), (256, 256, 1)]),
     ("imagenet_r34_r18", 128, [(64, 64, 56), (128, 128, 28), (256, 256, 14), (512, 512, 7), (512, 512, 1)]),
 ]
-# The headline cases (`python bench/run.py`): one CIFAR and one ImageNet stage, (name, stage, CPU batch);
-# on the GPU at the recipe's batch. --full runs every stage (CPU batch 8 unless --batches) and the ops.
-HEADLINE_FAM = [("cifar_r32x4_r8x4", (256, 256, 8), 64), ("imagenet_r34_r18", (256, 256, 14), 32)]
+# The headline cases (`python bench/run.py`): two wide stages and a narrow one, (name, stage, CPU batch),
+# on the GPU at the recipe's batch, and one global_filter case. --full runs every stage (CPU batch 8
+# unless --batches) and the ops.
+HEADLINE_FAM = [("cifar_r32x4_r8x4", (256, 256, 8), 64), ("imagenet_r34_r18", (256, 256, 14), 32),
+                ("cifar_wrn40_2_wrn16_2", (32, 32, 32), 64)]
+HEADLINE_GF = ("fam_cifar_64ch_32", 64, 64, 32, 32)
 # global_filter / spectral_conv op shapes: (name, batch, channels, H, W) on the rfft half plane of W
 GF_SHAPES = [("gfnet_h14_384ch", 128, 384, 14, 14), ("fam_cifar_64ch_32", 64, 64, 32, 32),
              ("fam_imagenet_64ch_56", 128, 64, 56, 56)]
@@ -233,7 +236,8 @@ def cases(args, device: torch.device) -> List[Case]:
             default = recipe_batch[name] if device.type == "cuda" else cpu_batch
             for b in getattr(args, "batches", None) or [default]:
                 out.append(_fam_case(name, b, cin, cout, s, device))
-        return out
+        name, batch, c, h, w = HEADLINE_GF
+        return out + [_gf_case(name, b, c, h, w, device) for b in getattr(args, "batches", None) or [batch]]
     for name, batch, stages in FAM_SHAPES:
         for cin, cout, s in stages:
             for b in _batches(args, batch, device):
