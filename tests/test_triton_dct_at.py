@@ -47,18 +47,8 @@ def tops():
     return triton_backend.load()
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    """torch.empty returns NaN-filled memory while deterministic algorithms are on."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev)
-        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+# every output a kernel allocates is NaN until written (conftest.nan_poisoned_empty)
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 def check(out, ref, dtype, what):
