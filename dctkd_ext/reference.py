@@ -11,6 +11,7 @@ import torch
 
 from ._bases import dct_matrix, dft_real_matrices
 from ._dtypes import acc_dtype as _acc_dtype
+from ._shapes import fam_mask_radius
 from .presets import resolve_options
 
 __all__ = [
@@ -213,7 +214,7 @@ def fam_highpass_mask(n_h: int, n_w: int, cuton: float = 0.1, dtype=torch.float3
     spectrum (cy = int(h / 2), rh = int(cuton * cy)), moved back to fft2 order."""
 
     def zeroed(n):
-        r = int(cuton * int(n / 2))
+        r = fam_mask_radius(n, cuton)
         k = torch.arange(n, device=device)
         signed = torch.where(k >= n - n // 2, k - n, k)  # the centred index after fftshift, minus cy
         return (signed >= -r) & (signed <= r - 1)

@@ -12,6 +12,7 @@ from .._shapes import FUSED_MAX_SIZE, fused_tiles
 from ..ops import fam as _fl
 from ..ops import fam_global as _fg
 from ..ops import spectral as _sp
+from ..ops._checks import check_cuton
 
 PATHS = ("auto", "fft", "fused")
 
@@ -50,12 +51,6 @@ def _default_path() -> str:
 
 def _complex_of(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype == torch.float64 else torch.complex64
-
-
-def _check_cuton(cuton) -> float:
-    if isinstance(cuton, bool) or not isinstance(cuton, (int, float)) or not (0.0 <= float(cuton) <= 1.0):
-        raise ValueError(f"cuton: expected a number in [0, 1], got {cuton!r}")
-    return float(cuton)
 
 
 def _check_positive_int(v, name: str) -> int:
@@ -106,7 +101,7 @@ class FrequencyAttention(nn.Module):
         self.in_channels = _check_positive_int(in_channels, "in_channels")
         self.out_channels = _check_positive_int(out_channels, "out_channels")
         self.size = _check_positive_int(size, "size")
-        self.cuton = _check_cuton(cuton)
+        self.cuton = check_cuton(cuton)
         if mix not in ("channel", "depthwise"):
             raise ValueError(f"mix: expected 'channel' or 'depthwise', got {mix!r}")
         if mix == "depthwise" and in_channels != out_channels:
@@ -205,7 +200,7 @@ class FrequencyAttention(nn.Module):
         the matching complex dtype, like the released module's global branch; the result stays fp32 under
         autocast and is returned in x's dtype otherwise."""
         self._check_input(x)
-        cuton = self.cuton if cuton is None else _check_cuton(cuton)
+        cuton = self.cuton if cuton is None else check_cuton(cuton)
         dev = x.device.type
         autocast_on = _autocast_on(dev)
         with torch.autocast(device_type=dev, enabled=False):

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, reference
+from ._checks import check_cuton
 from ._higher_order import grads_through, wants_graph
 from .fam_global import _c2r_multiplicity, _kernels, resolve_backend
 
@@ -69,8 +70,7 @@ def check_layer(x, weights1, w0_weight, w0_bias, rate1, rate2, cuton) -> None:
                     ("rate2", rate2)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: expected a tensor on {x.device} like x, got one on {t.device}")
-    if isinstance(cuton, bool) or not isinstance(cuton, (int, float)) or not 0.0 <= float(cuton) <= 1.0:
-        raise ValueError(f"cuton: expected a number in [0, 1], got {cuton!r}")
+    check_cuton(cuton)
 
 
 # ------------------------------------------------------------------------------------ fake kernels

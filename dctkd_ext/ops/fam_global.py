@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .. import _backend, reference
 from .._shapes import fam_mask_radius  # noqa: F401  (part of this family's face)
+from ._checks import check_cuton
 from ._higher_order import grads_through, wants_graph
 from .spectral import _check_complex, impls
 
@@ -50,8 +51,7 @@ def fam_half_weight(weights: Tensor, cuton: float) -> Tensor:
     if isinstance(weights, torch.Tensor) and weights.dim() < 2:
         raise ValueError(f"weights: expected at least 2 dims (..., H, W), got shape {tuple(weights.shape)}")
     _check_complex(weights, "weights", getattr(weights, "ndim", 2), "(..., H, W)")
-    if isinstance(cuton, bool) or not isinstance(cuton, (int, float)) or not 0.0 <= cuton <= 1.0:
-        raise ValueError(f"cuton: expected a number in [0, 1], got {cuton!r}")
+    check_cuton(cuton)
     ops = _kernels(weights.device)
     if ops is None:
         return reference.fam_half_weight(weights, cuton)
