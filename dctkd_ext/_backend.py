@@ -1,4 +1,4 @@
-"""Backend selection: which implementation the ops in dctkd_ext.ops run.
+"""The backend registry: which implementation the ops in dctkd_ext.ops run, one place for all op families.
 
 - "cpu" / "cuda": the C++/CUDA kernels registered with the dispatcher (torch.ops.dctkd_ext.*).
 - "triton": the Triton kernels in dctkd_ext/triton/ (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
@@ -7,11 +7,28 @@
   where an op has both (see DEFAULT_GPU_BACKEND).
 
 Chosen by the environment variable DCTKD_BACKEND, `set_backend(name)` or `with use_backend(name):`.
+
+What else lives here, so that no op family repeats it:
+- select(device, family): the concrete backend of an op family for tensors on a device;
+- kernels(backend): the op namespace that runs it (torch.ops.dctkd_ext, or torch.ops.dctkd_ext_triton
+  with the Triton ops defined: triton is imported once, on first use, so the package works without it);
+- register_family(family, register_autograd): each module of dctkd_ext/ops hands over the function
+  that registers its autograd formulas on an op namespace; it runs for dctkd_ext at once and for
+  dctkd_ext_triton when the Triton ops are loaded (both namespaces share the schemas and formulas).
+
+Layering: this module imports the compiled library (_extension) and, lazily, dctkd_ext.triton; it
+never imports dctkd_ext.ops or dctkd_ext.reference (see CONTRIBUTING.md, "Layers").
 """
 
 import contextlib
+import importlib.util
 import os
 import threading
+from typing import Callable, Dict, Optional
+
+import torch
+
+from ._extension import BUILD_INFO
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
@@ -74,3 +91,78 @@ def resolve(device_type: str, family: str, available: tuple = ("cpu", "cuda", "t
     if name == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError("backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)")
     return name
+
+
+# ------------------------------------------------------------------------------------ the registry
+NAMESPACES = ("dctkd_ext", "dctkd_ext_triton")
+
+# family -> the function that registers its autograd formulas on torch.ops.<ns>
+_FAMILIES: Dict[str, Callable[[str], None]] = {}
+_triton_lock = threading.RLock()
+_triton_ns = None
+
+
+def _find_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+_HAS_TRITON = _find_triton()  # looked up once, without importing triton
+
+
+def triton_installed() -> bool:
+    return _HAS_TRITON
+
+
+def register_family(family: str, register_autograd: Callable[[str], None]) -> None:
+    """Register an op family's autograd formulas: on torch.ops.dctkd_ext now, and on
+    torch.ops.dctkd_ext_triton now or when the Triton ops are loaded."""
+    with _triton_lock:
+        _FAMILIES[family] = register_autograd
+        register_autograd(NAMESPACES[0])
+        if _triton_ns is not None:
+            register_autograd(NAMESPACES[1])
+
+
+def triton_ops():
+    """torch.ops.dctkd_ext_triton with every Triton op defined and every family's autograd registered
+    (once). Raises ImportError with what to do where triton is missing."""
+    global _triton_ns
+    if _triton_ns is None:
+        with _triton_lock:
+            if _triton_ns is None:
+                from . import triton as triton_backend
+
+                ns = triton_backend.load()
+                for register_autograd in _FAMILIES.values():
+                    register_autograd(NAMESPACES[1])
+                _triton_ns = ns
+    return _triton_ns
+
+
+def select(device: torch.device, family: str) -> str:
+    """The backend ("cpu", "cuda", "triton" or "reference") that op `family` runs on for tensors on
+    `device`: resolve(), then what this build and environment provide (`auto` on CUDA tensors with no
+    CUDA kernels built falls back to Triton where it is installed)."""
+    requested = get_backend()
+    name = resolve(device.type, family)
+    if name == "cuda" and not BUILD_INFO["with_cuda"]:
+        if requested == "auto" and triton_installed():
+            return "triton"
+        raise RuntimeError(
+            "dctkd_ext was built without CUDA kernels; rebuild on a machine with a CUDA toolkit "
+            "(CUDA_HOME set) or with FORCE_CUDA=1, or select DCTKD_BACKEND=triton or reference"
+        )
+    return name
+
+
+def kernels(backend: str) -> Optional[object]:
+    """The op namespace that runs `backend`: torch.ops.dctkd_ext (cpu, cuda), torch.ops.dctkd_ext_triton
+    (triton; same schemas), or None for the reference backend (the plain-PyTorch formulas)."""
+    if backend == "triton":
+        return triton_ops()
+    if backend == "reference":
+        return None
+    return torch.ops.dctkd_ext

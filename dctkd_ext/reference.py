@@ -9,7 +9,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._bases import dct_matrix, dft_real_matrices
 from ._dtypes import acc_dtype as _acc_dtype
+from ._shapes import fam_mask_radius
 from .presets import resolve_options
 
 __all__ = [
@@ -33,15 +35,6 @@ def attention_map(x: torch.Tensor, p: float = 2.0, reduce: str = "mean") -> torc
 
 
 # ---------------------------------------------------------------------------------------------- 3.2
-def dct_matrix(n: int, dtype=torch.float64, device=None) -> torch.Tensor:
-    """Orthonormal DCT-II matrix D[k, m] = s(k) cos(pi (2m+1) k / (2n))."""
-    k = torch.arange(n, dtype=torch.float64, device=device).unsqueeze(1)
-    m = torch.arange(n, dtype=torch.float64, device=device).unsqueeze(0)
-    d = torch.cos(math.pi * (2 * m + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
-    d[0] = math.sqrt(1.0 / n)
-    return d.to(dtype)
-
-
 def dct2d(a: torch.Tensor) -> torch.Tensor:
     """Orthonormal 2D DCT-II over the last two dims: D_H A D_W^T (computed in fp32/fp64, returned in a's dtype)."""
     acc = _acc_dtype(a)
@@ -74,12 +67,6 @@ def _normalise(a: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
     raise ValueError(f"unknown normalisation {kind!r}")
 
 
-def _dft_real_matrices(n: int, dtype, device):
-    k = torch.arange(n, dtype=torch.int64, device=device)
-    ang = (2 * math.pi / n) * ((k.unsqueeze(1) * k.unsqueeze(0)) % n).to(torch.float64)
-    return torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
-
-
 def _transform(v: torch.Tensor, kind: str) -> torch.Tensor:
     """(B, H, W) -> (B, H, W)."""
     if kind == "identity":
@@ -90,8 +77,8 @@ def _transform(v: torch.Tensor, kind: str) -> torch.Tensor:
         return dh @ v @ dw.T
     if kind == "fft_real":
         # Re(FFT2(v)), unnormalised: C_H v C_W^T - S_H v S_W^T
-        ch, sh = _dft_real_matrices(h, v.dtype, v.device)
-        cw, sw = _dft_real_matrices(w, v.dtype, v.device)
+        ch, sh = dft_real_matrices(h, v.dtype, v.device)
+        cw, sw = dft_real_matrices(w, v.dtype, v.device)
         return ch @ v @ cw.T - sh @ v @ sw.T
     raise ValueError(f"unknown transform {kind!r}")
 
@@ -227,7 +214,7 @@ def fam_highpass_mask(n_h: int, n_w: int, cuton: float = 0.1, dtype=torch.float3
     spectrum (cy = int(h / 2), rh = int(cuton * cy)), moved back to fft2 order."""
 
     def zeroed(n):
-        r = int(cuton * int(n / 2))
+        r = fam_mask_radius(n, cuton)
         k = torch.arange(n, device=device)
         signed = torch.where(k >= n - n // 2, k - n, k)  # the centred index after fftshift, minus cy
         return (signed >= -r) & (signed <= r - 1)

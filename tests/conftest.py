@@ -13,6 +13,7 @@ of a correct fp32 result gives (|round(o) - r| <= |round(r) - r| + 2 |o - r| ele
 that accumulates or stores intermediates in half precision fails it.
 """
 
+import contextlib
 import os
 import random
 import zlib
@@ -51,6 +52,13 @@ HALF = (torch.float16, torch.bfloat16)
 
 # Relative-norm error of a correct kernel accumulating in fp32 / fp64, against the float64 reference.
 ACC_TOL = {torch.float64: 1e-10, torch.float32: 5e-6}
+# Relative-norm error of a computation that itself runs in half precision (autocast's convolutions, whose
+# inputs and outputs are rounded to the half dtype), against the same computation in fp32: a few units
+# of that rounding (2^-8 for bf16), not fp32's accuracy.
+HALF_COMPUTE_TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2}
+# Per backend, the factor on ACC_TOL: the Triton kernels sum in other orders (tiles, tl.dot) than the
+# C++ ones, which the reference's order is closest to.
+BACKEND_FACTOR = {"triton": 2.0}
 
 
 # ------------------------------------------------------------------------------------------ seeds
@@ -156,6 +164,37 @@ def assert_close(out, ref, dtype, what="", factor=1.0):
     assert err <= bound, f"{what}: relative error {err:.3e} > bound {bound:.2e} ({out.dtype} output)"
 
 
+# ------------------------------------------------------------------------------ poisoned outputs
+@contextlib.contextmanager
+def nan_poisoned_empty(warn_only: bool = False):
+    """torch.empty returns NaN-filled memory while deterministic algorithms are on: an element a kernel
+    leaves unwritten fails the finiteness checks. warn_only: nondeterministic ops warn instead of raising."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+@pytest.fixture
+def poison_outputs():
+    """Outputs the kernels allocate are NaN until written (nan_poisoned_empty), for the test's duration."""
+    with nan_poisoned_empty():
+        yield
+
+
+@pytest.fixture
+def poison_outputs_warn_only():
+    """poison_outputs, with nondeterministic torch ops (e.g. on the GPU) warning instead of raising."""
+    with nan_poisoned_empty(warn_only=True):
+        yield
+
+
 # ----------------------------------------------------------------------------------------- inputs
 LAYOUTS = ["contiguous", "channels_last", "sliced", "transposed"]
 
@@ -206,8 +245,8 @@ def backend(request):
     """(name, device) of each backend, selected with use_backend for the test's duration."""
     name, device = request.param
     if name == "triton":
-        from dctkd_ext.ops import spectral as sp
+        from dctkd_ext import _backend
 
-        sp.triton_ops()
+        _backend.triton_ops()
     with dctkd_ext.use_backend(name):
         yield name, device

@@ -187,11 +187,11 @@ def _():
           ["tests/test_spectral.py::test_fam_global_op_gradcheck_and_opcheck",
            "tests/test_spectral.py::test_frequency_attention_matches_released_fp64"], optional=True)
 def _():
-    from dctkd_ext.ops import spectral
+    from dctkd_ext.ops import fam_global
 
-    original = getattr(spectral, "_c2r_multiplicity", None)
+    original = getattr(fam_global, "_c2r_multiplicity", None)
     if original is None:
-        raise NotApplicable("dctkd_ext.ops.spectral has no _c2r_multiplicity")
+        raise NotApplicable("dctkd_ext.ops.fam_global has no _c2r_multiplicity")
 
     def c2r_multiplicity(s, device, dtype):
         m = original(s, device, dtype)

@@ -9,17 +9,14 @@ import dctkd_ext
 from dctkd_ext import reference as R
 from dctkd_ext.nn import FrequencyAttention, GlobalFilter
 
-from conftest import DEVICES, rel_err
-
-# Under autocast the convolutions and the features themselves are rounded to the half dtype, so the
-# comparison with fp32 is at a few units of that rounding (2^-8 for bf16), not at fp32's accuracy.
-TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2}
+from conftest import DEVICES, HALF_COMPUTE_TOL, assert_close, rel_err
 
 
-def assert_close(out, ref, dtype, what):
+def assert_close_half_compute(out, ref, dtype, what):
+    """out, partly computed in half precision under autocast, against the fp32 computation."""
     assert torch.isfinite(out).all(), f"{what}: non-finite values"
     err = rel_err(out, ref)
-    assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]:.0e}"
+    assert err <= HALF_COMPUTE_TOL[dtype], f"{what}: relative error {err:.3e} > {HALF_COMPUTE_TOL[dtype]:.0e}"
 
 SIZES = [7, 14, 28]
 HALF = [torch.float16, torch.bfloat16]
@@ -66,7 +63,7 @@ def test_frequency_attention_under_autocast(size, dtype, device, gen):
     g32 = m.global_branch(x32)
     assert rel_err(g, g32) <= 1e-5, rel_err(g, g32)
     y32 = m(x32)
-    assert_close(y.float(), y32, dtype, "FAM output under autocast")  # the 1x1 conv branch is half
+    assert_close_half_compute(y.float(), y32, dtype, "FAM output under autocast")  # the 1x1 conv branch is half
     y.float().square().mean().backward()
     gw = m.weights1.grad.clone()
     gx = x.grad.float()
@@ -101,13 +98,14 @@ def test_dct_at_loss_under_autocast_at_7_14_28(preset, dtype, device, gen):
         loss = dctkd_ext.dct_at_loss(s, t, preset=preset)
     assert loss.dtype == torch.float32
     ref = R.dct_at_loss([f.detach().double() for f in s], [f.double() for f in t], preset=preset)
-    assert_close(loss, ref.float(), dtype, f"dct_at_loss {preset} under autocast")
+    # the loss accumulates in fp32 from the half features: the fp32 bound against the float64 reference
+    assert_close(loss, ref, dtype, f"dct_at_loss {preset} under autocast", factor=2)
     loss.backward()
     s64 = [f.detach().double().requires_grad_(True) for f in s]
     R.dct_at_loss(s64, [f.double() for f in t], preset=preset).backward()
     for i, (a, b) in enumerate(zip(s, s64)):
-        assert a.grad.dtype == dtype and torch.isfinite(a.grad).all()
-        assert rel_err(a.grad, b.grad) <= TOL[dtype] * 5, (i, rel_err(a.grad, b.grad))
+        assert a.grad.dtype == dtype
+        assert_close(a.grad, b.grad, dtype, f"level {i}: gradient under autocast", factor=20)
 
 
 @pytest.mark.parametrize("dtype", HALF)

@@ -8,6 +8,7 @@ import scipy.fft
 import torch
 
 import dctkd_ext
+import recipes
 from dctkd_ext import reference as ref
 
 from conftest import DEVICES, HALF, assert_close, features, in_layout, rel_err
@@ -40,17 +41,8 @@ def ref_inputs(xs):
 def test_attention_map_matches_reference(device, dtype, hw, channels_last, gen):
     x = features(3, 11, *hw, dtype=dtype, device=device, channels_last=channels_last, generator=gen, requires_grad=True)
     poison_allocator(device)
-    a = dctkd_ext.attention_map(x)
-    assert a.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    (xr,) = ref_inputs([x])
-    ar = ref.attention_map(xr)
-    assert_close(a, ar, dtype if dtype != torch.float64 else torch.float64, "attention_map")
-    g = torch.randn(a.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=a.dtype)
-    (dx,) = torch.autograd.grad(a, x, g)
-    (dxr,) = torch.autograd.grad(ar, xr, g.double())
-    assert dx.dtype == x.dtype and dx.shape == x.shape
-    assert dx.is_contiguous(memory_format=torch.channels_last) == channels_last or hw == (1, 1)
-    assert_close(dx, dxr, dtype, "attention_map backward")
+    recipes.check_attention_map("auto", x, gen)
+    assert x.is_contiguous(memory_format=torch.channels_last) == channels_last or hw == (1, 1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -130,21 +122,12 @@ def make_levels(kind, dtype, device, channels_last, gen):
     return s, t
 
 
-def check_loss_against_reference(s, t, dtype, what, **kwargs):
-    """Loss and gradients against the float64 reference, with a random upstream gradient (per sample
-    with reduction="none", so that a backward mixing samples fails)."""
-    loss = dctkd_ext.dct_at_loss(s, t, **kwargs)
-    sr, tr = ref_inputs(s), ref_inputs(t)
-    lr = ref.dct_at_loss(sr, tr, **kwargs)
-    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert_close(loss, lr, dtype, what + " loss")
-    g = torch.randn(loss.shape, dtype=torch.float64).to(loss)
-    gs = torch.autograd.grad(loss, s, g)
-    gsr = torch.autograd.grad(lr, sr, g.double())
-    for l, (a, b) in enumerate(zip(gs, gsr)):
-        assert a.dtype == s[l].dtype and a.shape == s[l].shape
-        assert_close(a, b, dtype, f"{what} grad[{l}]")
-    return loss
+def check_loss_against_reference(s, t, dtype, what, backend="auto", **kwargs):
+    """The loss recipe (tests/recipes.py): loss and gradients against the float64 reference, with a
+    random upstream gradient (per sample with reduction="none", so that a backward mixing samples fails)."""
+    assert s[0].dtype == dtype
+    return recipes.check_loss(backend, s, t, torch.Generator().manual_seed(int(torch.randint(2**31, ()))), what,
+                              **kwargs)
 
 
 # The presets, and the options under which the loss depends on the scale of the maps (no
@@ -380,17 +363,9 @@ def test_auto_routes_to_the_cpu_kernels(gen):
 def test_every_op_accepts_strided_inputs(backend, layout, gen):
     """Views with offsets and strides (slices, transposes) give the results of contiguous copies,
     forward and backward, on every backend."""
-    _, device = backend
+    name, device = backend
     x = in_layout(features(2, 5, 6, 7, device=device, generator=gen), layout).requires_grad_()
-    xr = ref_inputs([x])[0]
-    a = dctkd_ext.attention_map(x, 1.5)
-    ar = ref.attention_map(xr, 1.5)
-    assert_close(a, ar, torch.float32, f"attention_map {layout}")
-    g = torch.randn(a.shape, dtype=torch.float64, generator=gen)
-    (dx,) = torch.autograd.grad(a, x, g.to(device, a.dtype))
-    (dxr,) = torch.autograd.grad(ar, xr, g)
-    assert dx.shape == x.shape
-    assert_close(dx, dxr, torch.float32, f"attention_map backward {layout}")
+    recipes.check_attention_map(name, x, gen, 1.5, what=f"attention_map {layout}")
 
     m = in_layout(torch.randn(3, 6, 7, generator=gen, dtype=torch.float64).to(device, torch.float32),
                   layout if layout != "channels_last" else "sliced").requires_grad_()
@@ -408,7 +383,7 @@ def test_every_op_accepts_strided_inputs(backend, layout, gen):
          in_layout(features(3, 6, 5, 3, device=device, generator=gen), layout).requires_grad_()]
     t = [in_layout(features(3, 8, 7, 7, device=device, generator=gen), layout),
          in_layout(features(3, 2, 5, 3, device=device, generator=gen), layout)]
-    check_loss_against_reference(s, t, torch.float32, f"dct_at_loss {layout}", reduction="none")
+    check_loss_against_reference(s, t, torch.float32, f"dct_at_loss {layout}", backend=name, reduction="none")
 
 
 def test_error_bound_rejects_half_precision_accumulation(gen):

@@ -10,17 +10,16 @@ import dctkd_ext
 from dctkd_ext import reference as ref
 from dctkd_ext.ops import dct_at as dct_at_ops
 
+from conftest import assert_close, rel_err
+
 OPS = torch.ops.dctkd_ext
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+# Error bounds: conftest's (ACC_TOL, plus the output dtype's rounding), times these factors: the loss
+# sums levels, and its gradient goes through the normalisations' backward as well.
+LOSS_FACTOR, GRAD_FACTOR = 2, 20
 PRESET_OPTS = {
     "dct": (2.0, "minmax", True, "dct", True, "minmax", "l2", 1e-8),
     "paper": (2.0, "max", True, "fft_real", True, "max", "l2", 0.0),
 }
-
-
-def rel(out, want):
-    out, want = out.detach().double(), want.detach().double()
-    return ((out - want).norm() / want.norm().clamp_min(1e-12)).item()
 
 
 def feats(gen, shape, dtype, layout="nchw", requires_grad=False):
@@ -70,8 +69,9 @@ class CountingOps:
 @pytest.fixture
 def counting_ops(monkeypatch):
     spy = CountingOps()
+    run_on = dct_at_ops._run_on
     monkeypatch.setattr(dct_at_ops, "_ops", spy)
-    monkeypatch.setattr(dct_at_ops, "_kernels", lambda backend: spy)
+    monkeypatch.setattr(dct_at_ops, "_run_on", lambda device: (run_on(device)[0], spy))
     return spy
 
 
@@ -91,14 +91,14 @@ def test_fused_matches_reference_and_two_pass(preset, dtype, layout, gen):
     loss2.backward()
     two_pass = [x.grad for x in s]
     lr, gr = reference_loss_and_grads(s, t, preset=preset, weights=w)
-    assert rel(loss, lr) <= TOL[dtype], (rel(loss, lr), "loss")
+    assert_close(loss, lr, dtype, "loss", factor=LOSS_FACTOR)
     assert torch.equal(loss, loss2)
     for l, (g, g2, want, x) in enumerate(zip(fused, two_pass, gr, s)):
         assert g.dtype == x.dtype and g.shape == x.shape
         assert torch.isfinite(g).all()
         # same products in the same order as the two-pass backward: bitwise equal
         assert torch.equal(g, g2), f"level {l}: fused and two-pass gradients differ"
-        assert rel(g, want) <= TOL[dtype] * 10, (l, rel(g, want))
+        assert_close(g, want, dtype, f"level {l}: gradient", factor=GRAD_FACTOR)
         if layout != "strided":
             assert g.stride() == x.stride(), f"level {l}: gradient layout {g.stride()} != {x.stride()}"
 
@@ -109,9 +109,10 @@ def test_mixed_dtypes_per_level(gen):
     loss = dctkd_ext.dct_at_loss(s, t, preset="dct")
     loss.backward()
     lr, gr = reference_loss_and_grads(s, t, preset="dct")
-    assert rel(loss, lr) < 1e-2
+    assert_close(loss, lr, torch.float32, "loss", factor=LOSS_FACTOR)
     for x, want in zip(s, gr):
-        assert x.grad.dtype == x.dtype and rel(x.grad, want) < 2e-2
+        assert x.grad.dtype == x.dtype
+        assert_close(x.grad, want, x.dtype, "gradient", factor=GRAD_FACTOR)
 
 
 # --------------------------------------------------------------------- backward: no pass / fallback
@@ -129,7 +130,7 @@ def test_backward_hands_over_the_forward_gradient(reduction, with_sample_weight,
         assert torch.equal(x.grad, d)
     lr, gr = reference_loss_and_grads(s, t, preset="paper", sample_weight=sw, reduction=reduction)
     for x, want in zip(s, gr):
-        assert rel(x.grad, want) < 1e-4
+        assert_close(x.grad, want, torch.float32, "gradient", factor=GRAD_FACTOR)
 
 
 def test_gradient_storage_is_handed_over_without_a_copy(gen):
@@ -153,7 +154,7 @@ def test_other_upstream_gradients_take_the_pass_over_s(upstream, counting_ops, g
     lr = ref.dct_at_loss(sr, [x.double() for x in t], **kw)
     gr = torch.autograd.grad(lr, sr, g.double())
     for x, want in zip(s, gr):
-        assert rel(x.grad, want) < 1e-4
+        assert_close(x.grad, want, torch.float32, "gradient", factor=GRAD_FACTOR)
 
 
 def test_retain_graph_backward_twice_and_more(gen):
@@ -253,4 +254,4 @@ def test_torch_compile_fullgraph_fused_op_and_face(gen):
         compiled = torch.compile(fn, fullgraph=True)
         got = torch.autograd.grad(compiled(*s), s)
         for g, w in zip(got, want):
-            assert rel(g, w) < 1e-6
+            assert rel_err(g, w) < 1e-6

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import dctkd_ext
+from dctkd_ext import _backend
 from dctkd_ext import reference as R
 from dctkd_ext.nn import FrequencyAttention
 from dctkd_ext.ops import fam as fam_op
-from dctkd_ext.ops import spectral as sp
 
 from conftest import ACC_TOL as TOL
 from conftest import rel_err as _rel_err_real
@@ -150,11 +150,11 @@ def test_composite_equals_cpu_kernels(size, gen):
 
 @pytest.fixture
 def triton_here():
-    if not sp._triton_importable():
+    if not _backend.triton_installed():
         pytest.skip("triton is not installed")
     if not HAS_CUDA and os.environ.get("TRITON_INTERPRET", "0") != "1":
         pytest.skip("no GPU and TRITON_INTERPRET is not set")
-    sp.triton_ops()
+    _backend.triton_ops()
     return "cuda" if HAS_CUDA else "cpu"
 
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import dctkd_ext
+from dctkd_ext import _backend
 from dctkd_ext import reference as R
 from dctkd_ext.nn import FrequencyAttention, GlobalFilter
-from dctkd_ext.ops import spectral as sp
+from dctkd_ext.ops import fam_global as fg
 
 from conftest import ACC_TOL, HAS_CUDA, HAS_TRITON, TRITON_DEVICE, crandn, in_layout, rel_err
 
@@ -31,7 +32,7 @@ def triton_mode():
         pytest.skip("triton is not installed")
     if not HAS_CUDA and os.environ.get("TRITON_INTERPRET", "0") != "1":
         pytest.skip("no GPU and TRITON_INTERPRET is not set")
-    return sp.triton_ops()
+    return _backend.triton_ops()
 
 
 def channels_last(t):
@@ -41,7 +42,7 @@ def channels_last(t):
 def cuton_for(size, r):
     """A cut-on whose high-pass box has radius r at this size (r = int(cuton * int(size / 2)))."""
     c = min(1.0, (r + 0.5) / max(1, int(size / 2)))
-    assert sp.fam_mask_radius(size, c) == r or size < 2
+    assert fg.fam_mask_radius(size, c) == r or size < 2
     return c
 
 
@@ -186,7 +187,7 @@ def test_triton_kernels_compile_for_sm90():
         pytest.skip("triton's bundled ptxas is missing")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    r = subprocess.run([sys.executable, "-m", "dctkd_ext.triton.spectral", "--arch", "90"],
+    r = subprocess.run([sys.executable, "-m", "dctkd_ext.triton._compile_check", "--family", "spectral", "--arch", "90"],
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "kernel variants compiled" in r.stdout
@@ -202,7 +203,7 @@ def test_half_plane_form_is_exact(size, cuton, gen):
     for mix, weight in (("channel", w), ("depthwise", wd)):
         full = R.fam_global(x, weight, cuton, mix)
         wh = R.fam_half_weight(weight, cuton)
-        assert torch.equal(sp.fam_half_weight(weight, cuton), wh), "ops and reference half weights differ"
+        assert torch.equal(fg.fam_half_weight(weight, cuton), wh), "ops and reference half weights differ"
         xf = torch.fft.rfft2(x, norm="ortho")
         yf = R.spectral_conv(xf, wh) if mix == "channel" else R.global_filter(xf, wh)
         half = torch.fft.irfft2(yf, s=(size, size), norm="ortho")
@@ -222,14 +223,14 @@ def test_fam_half_weight_op(backend, shape, gen):
     w = crandn(3, 2, *shape, dtype=torch.complex128, generator=gen).to(device).requires_grad_()
     wr = w.detach().cpu().requires_grad_()
     for cuton in (0.0, 0.1, 0.5, 1.0):
-        out = sp.fam_half_weight(w, cuton)
+        out = fg.fam_half_weight(w, cuton)
         ref = R.fam_half_weight(wr, cuton)
         assert_rel(out.cpu(), ref.detach(), 1e-14, f"fam_half_weight cuton={cuton}")
         g = crandn(*ref.shape, dtype=torch.complex128, generator=gen)
         (d,), (dr,) = torch.autograd.grad(out, w, g.to(device)), torch.autograd.grad(ref, wr, g)
         assert_rel(d.cpu(), dr, 1e-14, f"fam_half_weight backward cuton={cuton}")
     if name == "cpu":
-        assert torch.autograd.gradcheck(lambda t: sp.fam_half_weight(t, 0.5), (w.detach()[:, :, :5, :5].requires_grad_(),))
+        assert torch.autograd.gradcheck(lambda t: fg.fam_half_weight(t, 0.5), (w.detach()[:, :, :5, :5].requires_grad_(),))
         torch.library.opcheck(torch.ops.dctkd_ext.fam_half_weight.default, (w, 0.3))
         torch.library.opcheck(torch.ops.dctkd_ext.fam_half_weight_backward.default,
                               (crandn(2, *shape[:1], shape[1] // 2 + 1, generator=gen), 0.3, shape[1]))
@@ -243,8 +244,8 @@ def test_fam_global_op_gradcheck_and_opcheck(depthwise, size, gen):
     w = crandn(*shape, dtype=torch.complex128, generator=gen, requires_grad=True)
     with dctkd_ext.use_backend("cpu"):
         # fast mode (random projections of the Jacobian): the full Jacobian takes minutes here
-        assert torch.autograd.gradcheck(lambda a, b_: sp.fam_global(a, b_, 0.5, depthwise), (x, w), fast_mode=True)
-        assert_rel(sp.fam_global(x, w, 0.5, depthwise), R.fam_global(x, w, 0.5, "depthwise" if depthwise else "channel"),
+        assert torch.autograd.gradcheck(lambda a, b_: fg.fam_global(a, b_, 0.5, depthwise), (x, w), fast_mode=True)
+        assert_rel(fg.fam_global(x, w, 0.5, depthwise), R.fam_global(x, w, 0.5, "depthwise" if depthwise else "channel"),
                    1e-12, "fam_global")
         torch.library.opcheck(torch.ops.dctkd_ext.fam_global.default, (x.float().detach().requires_grad_(),
                                                                        w.to(torch.complex64).detach().requires_grad_(),
@@ -537,7 +538,7 @@ def test_half_weight_and_global_filter_module_strided(backend, layout, gen):
     _, dev = backend
     w = in_layout(crandn(3, 2, 8, 8, dtype=torch.complex128, generator=gen).to(dev), layout).requires_grad_()
     wr = w.detach().cpu().contiguous().requires_grad_()
-    out, ref = sp.fam_half_weight(w, 0.5), R.fam_half_weight(wr, 0.5)
+    out, ref = fg.fam_half_weight(w, 0.5), R.fam_half_weight(wr, 0.5)
     assert_rel(out.cpu(), ref.detach(), 1e-14, f"fam_half_weight {layout}")
     g = crandn(*ref.shape, dtype=torch.complex128, generator=gen)
     assert_rel(torch.autograd.grad(out, w, g.to(dev))[0].cpu(), torch.autograd.grad(ref, wr, g)[0], 1e-14,
@@ -636,7 +637,7 @@ def test_bad_inputs(backend, gen):
     with pytest.raises(TypeError, match=r"xf: expected a .*got list"):
         dctkd_ext.global_filter([1.0], w)
     with pytest.raises(ValueError, match=r"cuton: expected a number in \[0, 1\]"):
-        sp.fam_half_weight(crandn(3, 4, 4, generator=gen, device=dev), -0.1)
+        fg.fam_half_weight(crandn(3, 4, 4, generator=gen, device=dev), -0.1)
     if name == "cpu":  # the C++ ops check too when called directly
         c_ops_check_their_arguments(xf, w, gen)
 

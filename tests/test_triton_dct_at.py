@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import dctkd_ext
+import recipes
 from dctkd_ext import reference
 
-from conftest import assert_close, features, rel_err
+from conftest import BACKEND_FACTOR, assert_close, features, rel_err
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if not INTERPRET and not torch.cuda.is_available():
@@ -30,8 +31,6 @@ pytest.importorskip("triton", reason="the Triton backend needs the triton packag
 DEVICE = "cpu" if INTERPRET else "cuda"
 # fp32 everywhere; half precision on the GPU only
 DTYPES = [torch.float32] + ([] if INTERPRET else [torch.float16, torch.bfloat16])
-# the Triton kernels' fp32 error bound is twice the C++ kernels' (ACC_TOL): other summation orders
-FACTOR = 2.0
 
 
 def sweep(values, default):
@@ -47,24 +46,14 @@ def tops():
     return triton_backend.load()
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    """torch.empty returns NaN-filled memory while deterministic algorithms are on."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev)
-        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+# every output a kernel allocates is NaN until written (conftest.nan_poisoned_empty)
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 def check(out, ref, dtype, what):
     """Against the float64 reference, within the precision-derived bound (conftest.error_bound); the
     finiteness check also catches elements a kernel leaves unwritten (poisoned with NaN)."""
-    assert_close(out, ref, dtype, what, factor=FACTOR)
+    assert_close(out, ref, dtype, what, factor=BACKEND_FACTOR["triton"])
 
 
 def ref_copy(x):
@@ -81,18 +70,8 @@ SHAPES = [(2, 3, 1, 1), (2, 5, 7, 7), (1, 4, 5, 9), (2, 3, 14, 14), (1, 2, 56, 5
 @pytest.mark.parametrize("shape", sweep(SHAPES, [(2, 5, 7, 7), (1, 4, 5, 9), (1, 2, 56, 56)]))
 def test_attention_map(gen, shape, channels_last, dtype):
     x = features(*shape, dtype=dtype, device=DEVICE, channels_last=channels_last, generator=gen, requires_grad=True)
-    xr = ref_copy(x)
     for p, reduce in ((2.0, "mean"), (1.5, "sum")):
-        with dctkd_ext.use_backend("triton"):
-            out = dctkd_ext.attention_map(x, p, reduce)
-        ref = reference.attention_map(xr, p, reduce)
-        assert out.dtype == torch.float32
-        check(out, ref, dtype, f"attention_map p={p}")
-        g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-        (gx,) = torch.autograd.grad(out, x, g.to(DEVICE, torch.float32))
-        (gr,) = torch.autograd.grad(ref, xr, g)
-        assert gx.dtype == dtype and gx.stride() == x.stride()
-        check(gx, gr, dtype, f"attention_map backward p={p}")
+        recipes.check_attention_map("triton", x, gen, p, reduce, what=f"attention_map p={p}")
 
 
 def test_attention_map_p1_and_strided(gen, tops):
@@ -122,19 +101,7 @@ def test_attention_map_float64(gen, tops):
                                         [(1, 1), (5, 9), (2, 1, 40, 70)]))
 def test_dct2d(gen, shape, dtype):
     a = torch.randn(shape, generator=gen, dtype=torch.float64)
-    x = a.to(DEVICE, dtype).requires_grad_()
-    xr = ref_copy(x)
-    with dctkd_ext.use_backend("triton"):
-        y = dctkd_ext.dct2d(x)
-        yi = dctkd_ext.idct2d(x)
-    assert y.dtype == dtype and yi.dtype == dtype
-    check(y, reference.dct2d(xr), dtype, "dct2d")
-    check(yi, reference.idct2d(xr), dtype, "idct2d")
-    # each is the other's backward
-    g = torch.randn(shape, generator=gen, dtype=torch.float64)
-    (gx,) = torch.autograd.grad(y, x, g.to(DEVICE, dtype))
-    (gr,) = torch.autograd.grad(reference.dct2d(xr), xr, g)
-    check(gx, gr, dtype, "dct2d backward")
+    recipes.check_dct2d("triton", a.to(DEVICE, dtype).requires_grad_(), gen)
 
 
 def test_dct2d_scipy_and_roundtrip(gen, tops):
@@ -154,19 +121,9 @@ def level_feats(gen, levels, dtype=torch.float32, channels_last=False, batch=2):
     return s, t
 
 
-def check_loss(gen, student, teacher, dtype=torch.float32, weights=None, **kwargs):
-    """Per-sample loss and the gradient of a random combination of it, Triton vs reference."""
-    sr, tr = [ref_copy(x) for x in student], [ref_copy(x) for x in teacher]
-    with dctkd_ext.use_backend("triton"):
-        out = dctkd_ext.dct_at_loss(student, teacher, weights=weights, reduction="none", **kwargs)
-    ref = reference.dct_at_loss(sr, tr, weights=weights, reduction="none", **kwargs)
-    check(out, ref, dtype, f"dct_at_loss {kwargs}")
-    g = torch.rand(ref.shape, generator=gen, dtype=torch.float64) + 0.5
-    grads = torch.autograd.grad(out, student, g.to(out.device, out.dtype))
-    refs = torch.autograd.grad(ref, sr, g)
-    for l, (gs, gr) in enumerate(zip(grads, refs)):
-        assert gs.dtype == student[l].dtype and gs.stride() == student[l].stride()
-        check(gs, gr, dtype, f"dct_at_loss {kwargs} d/dS[{l}]")
+def check_loss(gen, student, teacher, dtype=None, weights=None, **kwargs):
+    """Per-sample loss and its gradient for a random upstream gradient, Triton vs reference (the recipe)."""
+    recipes.check_loss("triton", student, teacher, gen, what=f"dct_at_loss {kwargs}", weights=weights, **kwargs)
 
 
 TWO_LEVELS = [(3, 5, 7, 7), (4, 2, 14, 14)]

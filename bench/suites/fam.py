@@ -28,8 +28,9 @@ import torch
 
 import dctkd_ext
 from dctkd_ext import reference as R
+from dctkd_ext._shapes import FUSED_MAX_SIZE
 from dctkd_ext.nn import FrequencyAttention
-from dctkd_ext.ops import spectral as sp
+from dctkd_ext.ops import fam_global as fg
 
 try:  # bench/run.py puts bench/ on sys.path
     from common import Case, Impl, Prepared
@@ -120,7 +121,8 @@ def _fam_case(shape_name, b, cin, cout, s, device, allow_compile=True) -> Case:
     impls = [Impl("ours", ours())]
     with torch.device("meta"):
         probe = FrequencyAttention(cin, cout, s)
-    fused_ok = s <= 32 and sp.fused_available(x0.device) and sp.resolve_backend(x0.device) in ("cuda", "triton")
+    fused_ok = (s <= FUSED_MAX_SIZE and fg.fused_available(x0.device)
+                and fg.resolve_backend(x0.device) in ("cuda", "triton"))
     if fused_ok:  # both paths forced (on the CPU there is only the FFT path, which "ours" is)
         impls += [Impl("ours_fft", ours("fft")), Impl("ours_fused", ours("fused"))]
     if device.type == "cuda" and _has_triton():

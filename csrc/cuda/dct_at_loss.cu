@@ -599,33 +599,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dct_at_loss_cuda(
 
 std::vector<at::Tensor> dct_at_loss_backward_cuda(const at::Tensor& grad_loss, at::TensorList grad_maps,
                                                   at::TensorList student, double p) {
-  TORCH_CHECK(grad_maps.size() == student.size(), "grad_maps: expected ", student.size(), " levels, got ",
-              grad_maps.size());
-  TORCH_CHECK(grad_loss.dim() == 1, "grad_loss: expected a 1-D (B,) tensor, got ", grad_loss.dim(), "-D");
-  TORCH_CHECK(at::isFloatingType(grad_loss.scalar_type()), "grad_loss: expected a floating tensor, got ",
-              grad_loss.scalar_type());
+  check_backward_levels(grad_loss, grad_maps, student);
   std::vector<at::Tensor> grads;
   if (student.empty()) return grads;
   const at::Device dev = grad_loss.device();
   TORCH_CHECK(dev.is_cuda(), "grad_loss: expected a CUDA tensor, got one on ", dev);
   bool acc_double = false;
-  for (size_t l = 0; l < student.size(); ++l) {
-    const std::string sname = "student[" + std::to_string(l) + "]";
-    check_features(student[l], sname.c_str());
-    const int64_t B = student[l].size(0), H = student[l].size(2), W = student[l].size(3);
-    TORCH_CHECK(grad_loss.size(0) == B, "grad_loss: expected ", B, " values, got ", grad_loss.size(0));
-    TORCH_CHECK(grad_maps[l].dim() == 3 && grad_maps[l].size(0) == B && grad_maps[l].size(1) == H &&
-                    grad_maps[l].size(2) == W,
-                "grad_maps[", l, "]: expected shape (", B, ", ", H, ", ", W, ") to match student[", l, "], got ",
-                grad_maps[l].sizes());
-    TORCH_CHECK(at::isFloatingType(grad_maps[l].scalar_type()), "grad_maps[", l, "]: expected a floating tensor, got ",
-                grad_maps[l].scalar_type());
-    TORCH_CHECK(student[l].device() == dev, sname, ": expected a tensor on ", dev, " like grad_loss, got one on ",
-                student[l].device());
-    TORCH_CHECK(grad_maps[l].device() == dev, "grad_maps[", l, "]: expected a tensor on ", dev,
-                " like grad_loss, got one on ", grad_maps[l].device());
-    acc_double = acc_double || student[l].scalar_type() == at::kDouble;
-  }
+  for (size_t l = 0; l < student.size(); ++l) acc_double = acc_double || student[l].scalar_type() == at::kDouble;
   const c10::cuda::CUDAGuard guard(dev);
   const at::ScalarType acc = acc_double ? at::kDouble : at::kFloat;
   const at::Tensor gl = grad_loss.to(acc).contiguous();

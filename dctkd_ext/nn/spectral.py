@@ -8,8 +8,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .._shapes import FUSED_MAX_SIZE, fused_tiles
 from ..ops import fam as _fl
+from ..ops import fam_global as _fg
 from ..ops import spectral as _sp
+from ..ops._checks import check_cuton
 
 PATHS = ("auto", "fft", "fused")
 
@@ -25,15 +28,12 @@ PATHS = ("auto", "fft", "fused")
 # column DFT; torch/MKL) took 2.8-6x the time of torch.fft.rfft2 at the CIFAR shapes (B=64: 32ch@32,
 # 64ch@16, 128ch@8, 256ch@8), and a fused chain has to do those DFT flops (twice, forward and inverse),
 # so it cannot beat the rfft path there.
-FUSED_MAX_SIZE = 32
 FUSED_MAX_FLOPS = 1e9
 
 
 def fused_flops_estimate(batch: int, in_channels: int, out_channels: int, size: int, depthwise: bool) -> float:
     """Floating-point work of the fused kernel, padded tiles included (see dctkd_ext/triton/spectral.py)."""
-    sp = max(16, 1 << max(0, (size - 1).bit_length()))
-    kp = max(16, 1 << max(0, (size // 2).bit_length()))
-    ot = max(1, min(1 << max(0, (out_channels - 1).bit_length()), 4096 // (sp * kp)))
+    sp, kp, ot = fused_tiles(size, out_channels)
     dft = 2 * 6 * sp * sp * kp  # forward DFT of one map: six real (SP x SP) @ (SP x KP)-sized products
     inv = 2 * 6 * ot * sp * sp * kp  # inverse DFTs of a tile of OT maps
     if depthwise:
@@ -51,12 +51,6 @@ def _default_path() -> str:
 
 def _complex_of(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype == torch.float64 else torch.complex64
-
-
-def _check_cuton(cuton) -> float:
-    if isinstance(cuton, bool) or not isinstance(cuton, (int, float)) or not (0.0 <= float(cuton) <= 1.0):
-        raise ValueError(f"cuton: expected a number in [0, 1], got {cuton!r}")
-    return float(cuton)
 
 
 def _check_positive_int(v, name: str) -> int:
@@ -107,7 +101,7 @@ class FrequencyAttention(nn.Module):
         self.in_channels = _check_positive_int(in_channels, "in_channels")
         self.out_channels = _check_positive_int(out_channels, "out_channels")
         self.size = _check_positive_int(size, "size")
-        self.cuton = _check_cuton(cuton)
+        self.cuton = check_cuton(cuton)
         if mix not in ("channel", "depthwise"):
             raise ValueError(f"mix: expected 'channel' or 'depthwise', got {mix!r}")
         if mix == "depthwise" and in_channels != out_channels:
@@ -158,13 +152,13 @@ class FrequencyAttention(nn.Module):
         """"fft" or "fused" for this input (see the class docstring and FUSED_MAX_FLOPS)."""
         path = self.path or _default_path()
         fused_ok = (x.dtype in (torch.float32, torch.float16, torch.bfloat16) and self.size <= FUSED_MAX_SIZE
-                    and _sp.fused_available(x.device) and _sp.resolve_backend(x.device) in ("cuda", "triton"))
+                    and _fg.fused_available(x.device) and _fg.resolve_backend(x.device) in ("cuda", "triton"))
         if path == "fused":
             if not fused_ok:
                 raise ValueError(
                     f"path='fused' needs size <= {FUSED_MAX_SIZE}, float32 (or half) features and Triton on a "
                     f"CUDA device (or TRITON_INTERPRET=1) with the cuda/triton backend; got size {self.size}, "
-                    f"{x.dtype} on {x.device}, backend {_sp.resolve_backend(x.device)!r}"
+                    f"{x.dtype} on {x.device}, backend {_fg.resolve_backend(x.device)!r}"
                 )
             return "fused"
         if path == "fft" or not fused_ok or x.device.type != "cuda":
@@ -175,20 +169,8 @@ class FrequencyAttention(nn.Module):
 
     def global_branch(self, x: Tensor, cuton: Optional[float] = None) -> Tensor:
         """Re(ifft2(M * mix(fft2(x, ortho), weights1), ortho)): (B, in, S, S) -> (B, out, S, S)."""
-        self._check_input(x)
-        cuton = self.cuton if cuton is None else _check_cuton(cuton)
-        dev = x.device.type
-        autocast_on = _autocast_on(dev)
-        with torch.autocast(device_type=dev, enabled=False):
-            xg = x if x.dtype in (torch.float32, torch.float64) else x.float()
-            w = self.weights1
-            if w.dtype != _complex_of(xg.dtype):
-                w = w.to(_complex_of(xg.dtype))
-            fused = xg.dtype == torch.float32 and self.choose_path(x) == "fused"
-            g = _sp.fam_global(xg, w, cuton, self.mix == "depthwise", fused)
-        if not autocast_on and g.dtype != x.dtype:
-            g = g.to(x.dtype)
-        return g
+        depthwise = self.mix == "depthwise"
+        return self._in_full_precision(x, cuton, lambda xg, w, c, fused: _fg.fam_global(xg, w, c, depthwise, fused))
 
     def forward(self, x, cuton: Optional[float] = None) -> Tensor:
         if isinstance(x, tuple):  # the released module's forward((x, cuton))
@@ -205,22 +187,29 @@ class FrequencyAttention(nn.Module):
 
     def _folded(self, x: Tensor, cuton: Optional[float]) -> Tensor:
         # Channel mixing: the 1x1 branch and both rates fold into the frequency weight, one spectral GEMM
-        # (dctkd_ext/ops/fam.py); the whole layer runs in fp32 (fp64 for fp64 input) with autocast
-        # disabled, like the released module's global branch.
+        # (dctkd_ext/ops/fam.py).
+        def layer(xg, w, c, fused):
+            rdt, bias = xg.dtype, self.w0.bias
+            return _fl.fam_layer(xg, w, self.w0.weight.to(rdt), None if bias is None else bias.to(rdt),
+                                 self.rate1.to(rdt), self.rate2.to(rdt), c, fused)
+
+        return self._in_full_precision(x, cuton, layer)
+
+    def _in_full_precision(self, x: Tensor, cuton: Optional[float], run) -> Tensor:
+        """run(xg, w, cuton, fused) with autocast disabled, on x in fp32 (fp64 for fp64 input) and weights1 in
+        the matching complex dtype, like the released module's global branch; the result stays fp32 under
+        autocast and is returned in x's dtype otherwise."""
         self._check_input(x)
-        cuton = self.cuton if cuton is None else _check_cuton(cuton)
+        cuton = self.cuton if cuton is None else check_cuton(cuton)
         dev = x.device.type
         autocast_on = _autocast_on(dev)
         with torch.autocast(device_type=dev, enabled=False):
             xg = x if x.dtype in (torch.float32, torch.float64) else x.float()
-            rdt = xg.dtype
             w = self.weights1
-            if w.dtype != _complex_of(rdt):
-                w = w.to(_complex_of(rdt))
-            bias = self.w0.bias
-            fused = rdt == torch.float32 and self.choose_path(x) == "fused"
-            y = _fl.fam_layer(xg, w, self.w0.weight.to(rdt), None if bias is None else bias.to(rdt),
-                              self.rate1.to(rdt), self.rate2.to(rdt), cuton, fused)
+            if w.dtype != _complex_of(xg.dtype):
+                w = w.to(_complex_of(xg.dtype))
+            fused = xg.dtype == torch.float32 and self.choose_path(x) == "fused"
+            y = run(xg, w, cuton, fused)
         if not autocast_on and y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y

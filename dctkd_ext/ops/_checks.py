@@ -20,6 +20,13 @@ def check_real_float(t, name: str, ndim=None, min_ndim=None, layout_hint: str = 
     return t
 
 
+def check_cuton(cuton) -> float:
+    """The FAM mask's cut-on: a number in [0, 1] (a bool is not one); returned as a float."""
+    if isinstance(cuton, bool) or not isinstance(cuton, (int, float)) or not 0.0 <= float(cuton) <= 1.0:
+        raise ValueError(f"cuton: expected a number in [0, 1], got {cuton!r}")
+    return float(cuton)
+
+
 def check_same_device(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> torch.device:
     dev = tensors[0].device
     for t, n in zip(tensors, names):

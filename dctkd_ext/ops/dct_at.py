@@ -8,7 +8,6 @@ import torch
 
 from .. import _backend, reference
 from .._dtypes import acc_dtype as _acc_dtype
-from .._extension import BUILD_INFO
 from ..presets import REDUCTIONS, resolve_options
 from ._checks import check_finite_enabled, check_real_float, check_same_device, report_non_finite
 from ._higher_order import grads_through, wants_graph
@@ -142,7 +141,7 @@ def register_autograd(ns: str) -> None:
     torch.library.register_autograd(f"{ns}::dct_at_loss", loss_backward, setup_context=loss_setup)
 
 
-register_autograd("dctkd_ext")
+_backend.register_family(_FAMILY, register_autograd)
 
 
 def _traced(t: torch.Tensor) -> bool:
@@ -192,24 +191,10 @@ _register_fused_autograd()
 
 
 # -------------------------------------------------------------------------------------- backends
-def _compiled_backend(device: torch.device) -> str:
-    name = _backend.resolve(device.type, _FAMILY, available=("cpu", "cuda", "triton", "reference"))
-    if name == "cuda" and not BUILD_INFO["with_cuda"]:
-        raise RuntimeError(
-            "dctkd_ext was built without CUDA kernels; rebuild on a machine with a CUDA toolkit "
-            "(CUDA_HOME set) or with FORCE_CUDA=1, or select DCTKD_BACKEND=reference"
-        )
-    return name
-
-
-def _kernels(backend: str):
-    """The ops that run `backend`: torch.ops.dctkd_ext (C++: cpu, cuda) or torch.ops.dctkd_ext_triton
-    (same schemas; triton is imported on first use, so dctkd_ext imports without it)."""
-    if backend == "triton":
-        from .. import triton as triton_backend
-
-        return triton_backend.load()
-    return _ops
+def _run_on(device: torch.device):
+    """(backend name, its op namespace) for tensors on `device` (dctkd_ext._backend)."""
+    backend = _backend.select(device, _FAMILY)
+    return backend, _backend.kernels(backend)
 
 
 # --------------------------------------------------------------------------------------- public API
@@ -223,10 +208,10 @@ def attention_map(x: torch.Tensor, p: float = 2.0, reduce: str = "mean") -> torc
         raise ValueError(f"p: expected a positive number, got {p!r}")
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce: expected 'mean' or 'sum', got {reduce!r}")
-    backend = _compiled_backend(x.device)
+    backend, ops = _run_on(x.device)
     if backend == "reference":
         return reference.attention_map(x, float(p), reduce)
-    return _kernels(backend).attention_map(x, float(p), reduce)
+    return ops.attention_map(x, float(p), reduce)
 
 
 def _check_map(a: torch.Tensor, name: str) -> None:
@@ -239,19 +224,19 @@ def dct2d(a: torch.Tensor) -> torch.Tensor:
     """Orthonormal 2D DCT-II over the last two dims (scipy.fft.dctn(a, type=2, norm="ortho", axes=(-2, -1))).
     Any H, W >= 1; any leading dims; returns a's dtype, computed in fp32 (fp64 for fp64)."""
     _check_map(a, "a")
-    backend = _compiled_backend(a.device)
+    backend, ops = _run_on(a.device)
     if backend == "reference":
         return reference.dct2d(a)
-    return _kernels(backend).dct2d(a)
+    return ops.dct2d(a)
 
 
 def idct2d(c: torch.Tensor) -> torch.Tensor:
     """Inverse of dct2d (orthonormal DCT-III over the last two dims)."""
     _check_map(c, "c")
-    backend = _compiled_backend(c.device)
+    backend, ops = _run_on(c.device)
     if backend == "reference":
         return reference.idct2d(c)
-    return _kernels(backend).idct2d(c)
+    return ops.idct2d(c)
 
 
 def _as_levels(feats, name: str):
@@ -358,7 +343,7 @@ def dct_at_loss(
     )
     if not isinstance(fused_grad, bool):
         raise TypeError(f"fused_grad: expected a bool, got {fused_grad!r}")
-    backend = _compiled_backend(device)
+    backend, ops = _run_on(device)
     if backend == "reference":
         per_sample = reference.dct_at_loss(student, teacher, preset=preset, weights=weights, reduction="none", **overrides)
     else:
@@ -374,7 +359,7 @@ def dct_at_loss(
                                         sample_weight, reduction)
             per_sample, _grad_maps, _d_student = _ops.dct_at_loss_fused(*args, grad_scale)
         else:
-            per_sample, _grad_maps = _kernels(backend).dct_at_loss(*args)
+            per_sample, _grad_maps = ops.dct_at_loss(*args)
     if check_finite_enabled(device) and not bool(torch.isfinite(per_sample.detach()).all()):
         report_non_finite(
             [(f"student_feats[{l}]", s) for l, s in enumerate(student)]

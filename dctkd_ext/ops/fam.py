@@ -26,9 +26,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import reference
-from . import spectral as _sp
+from .. import _backend, reference
+from ._checks import check_cuton
 from ._higher_order import grads_through, wants_graph
+from .fam_global import _c2r_multiplicity, _kernels, resolve_backend
 
 _ops = torch.ops.dctkd_ext
 
@@ -69,8 +70,7 @@ def check_layer(x, weights1, w0_weight, w0_bias, rate1, rate2, cuton) -> None:
                     ("rate2", rate2)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: expected a tensor on {x.device} like x, got one on {t.device}")
-    if isinstance(cuton, bool) or not isinstance(cuton, (int, float)) or not 0.0 <= float(cuton) <= 1.0:
-        raise ValueError(f"cuton: expected a number in [0, 1], got {cuton!r}")
+    check_cuton(cuton)
 
 
 # ------------------------------------------------------------------------------------ fake kernels
@@ -93,10 +93,6 @@ def _backward_like(x, weights1, w0_weight, w0_bias, rate1, rate2, needs):
 
 
 # ------------------------------------------------------------------------ the GPU composite (and Triton)
-def _multiplicity(w: int, device, dtype) -> Tensor:
-    return _sp._c2r_multiplicity(w, device, dtype)
-
-
 def _combined_weight(ops, weights1, w0_weight, rate1, rate2, cuton) -> Tuple[Tensor, Tensor]:
     """(Wc, W') on the half plane, (I, O, H, K): W' = fam_half_weight(weights1), Wc = rate1 W' + rate2 w0^T."""
     o, i = w0_weight.shape[:2]
@@ -109,7 +105,7 @@ def _composite_forward(ops, x, weights1, w0_weight, w0_bias, rate1, rate2, cuton
     h, w = x.shape[-2:]
     wc, _ = _combined_weight(ops, weights1, w0_weight, rate1, rate2, cuton)
     if fused:
-        y = _sp.triton_ops().fam_filter_fused(x.contiguous(), wc, False, False)
+        y = _backend.triton_ops().fam_filter_fused(x.contiguous(), wc, False, False)
     else:
         y = torch.fft.irfft2(ops.spectral_conv(torch.fft.rfft2(x, norm="ortho"), wc, None), s=(h, w), norm="ortho")
     if w0_bias is not None:
@@ -128,7 +124,7 @@ def _composite_backward(ops, grad, x, weights1, w0_weight, w0_bias, rate1, rate2
     gf = None
     if need_x:
         if fused:
-            dx = _sp.triton_ops().fam_filter_fused(grad, wc, False, True)
+            dx = _backend.triton_ops().fam_filter_fused(grad, wc, False, True)
         else:
             gf = torch.fft.rfft2(grad, norm="ortho")
             xf_shape = gf.new_zeros(()).expand(b, i, h, k)  # only its shape is read for dxf alone
@@ -139,7 +135,7 @@ def _composite_backward(ops, grad, x, weights1, w0_weight, w0_bias, rate1, rate2
         if gf is None:
             gf = torch.fft.rfft2(grad, norm="ortho")
         xf = torch.fft.rfft2(x, norm="ortho")
-        mult = _multiplicity(w, x.device, x.dtype).expand(h, k)
+        mult = _c2r_multiplicity(w, x.device, x.dtype).expand(h, k)
         _, dwc = ops.spectral_conv_backward(gf, xf, wc, mult, False, True)
         if need_w1:
             dw1 = rate1 * ops.fam_half_weight_backward(dwc, float(cuton), w)
@@ -162,7 +158,7 @@ def _composite_backward(ops, grad, x, weights1, w0_weight, w0_bias, rate1, rate2
 # ------------------------------------------------------------------------------------------ the op
 def _layer_ops(device):
     # the op namespace of the backend; a direct call under the reference backend runs the C++ kernels
-    ops = _sp._kernels(device)
+    ops = _kernels(device)
     return _ops if ops is None else ops
 
 
@@ -233,6 +229,6 @@ def fam_layer(x: Tensor, weights1: Tensor, w0_weight: Tensor, w0_bias: Optional[
     fused=True: the fused small-map Triton kernel for the filter (float32, H == W <= 32, CUDA or the
     interpreter). Differentiable in x and every parameter; autograd keeps only the inputs."""
     check_layer(x, weights1, w0_weight, w0_bias, rate1, rate2, cuton)
-    if _sp.resolve_backend(x.device) == "reference":
+    if resolve_backend(x.device) == "reference":
         return _reference_layer(x, weights1, w0_weight, w0_bias, rate1, rate2, float(cuton))
     return _ops.fam_layer(x, weights1, w0_weight, w0_bias, rate1, rate2, float(cuton), bool(fused))

@@ -1,22 +1,18 @@
 """global_filter and spectral_conv, the spectral filters of FAM-KD / GFNet (docs/DESIGN.md §3.4): argument checks,
-fake kernels, autograd (PyTorch's conjugate convention), backend choice; plus the FAM filter pieces the
-nn modules use: the symmetrised half-plane weight and the fused small-map filter (Triton).
+fake kernels, autograd (PyTorch's conjugate convention), backend choice. The FAM pieces built on them
+(the half-plane weight, the fused small-map filter, fam_global) are in fam_global.py.
 
-Kernels: torch.ops.dctkd_ext.{global_filter, spectral_conv, fam_half_weight}[_backward] (CPU:
-csrc/cpu/spectral.cpp, CUDA: csrc/cuda/spectral.cu), their Triton twins torch.ops.dctkd_ext_triton.*
-(same schemas, plus fam_filter_fused; dctkd_ext/triton/spectral.py, loaded on first use), the
-reference in dctkd_ext/reference.py. The autograd formulas are registered on both namespaces."""
+Kernels: torch.ops.dctkd_ext.{global_filter, spectral_conv}[_backward] (CPU: csrc/cpu/spectral.cpp,
+CUDA: csrc/cuda/spectral.cu), their Triton twins torch.ops.dctkd_ext_triton.* (same schemas;
+dctkd_ext/triton/spectral.py, loaded on first use), the reference in dctkd_ext/reference.py. The
+autograd formulas are registered on both namespaces (dctkd_ext._backend.register_family)."""
 
-import importlib.util
-import os
-import threading
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _backend, reference
-from .._extension import BUILD_INFO
 from ._higher_order import grads_through, wants_graph
 
 _ops = torch.ops.dctkd_ext
@@ -149,88 +145,14 @@ def register_autograd(ns: str) -> None:
         f"{ns}::spectral_conv", _make_backward(ops.spectral_conv_backward, ops.spectral_conv, reference.spectral_conv),
         setup_context=_save)
 
-    def half_weight_setup(ctx, inputs, output):
-        w, cuton = inputs
-        ctx.cuton, ctx.width = cuton, w.shape[-1]
-        ctx.w_shape, ctx.w_dtype = w.shape, w.dtype
-
-    def half_weight_backward(ctx, g):
-        if wants_graph():  # linear in the weight: its adjoint as a graph, at any point (zeros)
-            w0 = torch.zeros(ctx.w_shape, dtype=ctx.w_dtype, device=g.device, requires_grad=True)
-            (dw,) = grads_through(lambda w: reference.fam_half_weight(w, ctx.cuton), [w0], [True], g)
-            return dw, None
-        return ops.fam_half_weight_backward(g, ctx.cuton, ctx.width), None
-
-    torch.library.register_autograd(f"{ns}::fam_half_weight", half_weight_backward, setup_context=half_weight_setup)
-
-
 # -------------------------------------------------------------------------------------- backends
-def _find_triton() -> bool:
-    try:
-        return importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):
-        return False
+_backend.register_family(_FAMILY, register_autograd)
 
 
-_HAS_TRITON = _find_triton()  # looked up once, without importing triton
-
-
-def _triton_importable() -> bool:
-    return _HAS_TRITON
-
-
-def resolve_backend(device: torch.device) -> str:
-    """The backend the spectral ops run on for tensors on `device` ("cpu", "cuda", "triton", "reference")."""
-    requested = _backend.get_backend()
-    name = _backend.resolve(device.type, _FAMILY, available=("cpu", "cuda", "triton", "reference"))
-    if name == "cuda" and not BUILD_INFO["with_cuda"]:
-        if requested == "auto" and _triton_importable():
-            return "triton"
-        raise RuntimeError(
-            "dctkd_ext was built without CUDA kernels; rebuild on a machine with a CUDA toolkit "
-            "(CUDA_HOME set) or with FORCE_CUDA=1, or select DCTKD_BACKEND=triton or reference"
-        )
-    if name == "triton" and not _triton_importable():
-        raise RuntimeError("backend 'triton' was selected but triton is not installed (pip install triton)")
-    return name
-
-
-_triton_lock = threading.Lock()
-_triton_ops = None
-
-
-def triton_ops():
-    """torch.ops.dctkd_ext_triton with the spectral ops defined and their autograd registered (once;
-    imports triton and dctkd_ext.triton on first use)."""
-    global _triton_ops
-    if _triton_ops is None:
-        with _triton_lock:
-            if _triton_ops is None:
-                from .. import triton as triton_backend
-
-                ops = triton_backend.load()  # the package's ops, and the ImportError message without triton
-                from ..triton import spectral  # noqa: F401  (defines the spectral ops)
-
-                register_autograd("dctkd_ext_triton")
-                _register_fused_autograd()
-                _triton_ops = ops
-    return _triton_ops
-
-
-def _kernels(device: torch.device):
-    """The op namespace of the backend for `device`: torch.ops.dctkd_ext (C++) or dctkd_ext_triton;
-    None for the reference backend."""
-    name = resolve_backend(device)
-    if name == "triton":
-        return triton_ops()
-    if name == "reference":
-        return None
-    return _ops
-
-
-def _impls(device: torch.device):
-    """(global_filter, global_filter_backward, spectral_conv, spectral_conv_backward) of the backend."""
-    ops = _kernels(device)
+def impls(device: torch.device, family: str = _FAMILY):
+    """(global_filter, global_filter_backward, spectral_conv, spectral_conv_backward) of the backend that
+    runs op `family` on `device`; the backward ops are None on the reference backend (plain autograd)."""
+    ops = _backend.kernels(_backend.select(device, family))
     if ops is None:
         return reference.global_filter, None, reference.spectral_conv, None
     return ops.global_filter, ops.global_filter_backward, ops.spectral_conv, ops.spectral_conv_backward
@@ -249,7 +171,7 @@ def global_filter(xf: Tensor, w: Tensor, mask: Optional[Tensor] = None) -> Tenso
     b, c, h, k = xf.shape
     _check_w(w, xf, 3, "(C, H, K)", (c, h, k))
     mask = _check_mask(mask, xf)
-    return _impls(xf.device)[0](xf, w, mask)
+    return impls(xf.device)[0](xf, w, mask)
 
 
 def spectral_conv(xf: Tensor, w: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -263,195 +185,4 @@ def spectral_conv(xf: Tensor, w: Tensor, mask: Optional[Tensor] = None) -> Tenso
     b, i, h, k = xf.shape
     _check_w(w, xf, 4, "(I, O, H, K)", (i, None, h, k))
     mask = _check_mask(mask, xf)
-    return _impls(xf.device)[2](xf, w, mask)
-
-
-# ------------------------------------------------------------------------------- FAM filter pieces
-def fam_mask_radius(n: int, cuton: float) -> int:
-    """r of the FAM high-pass box for one dim of size n: int(cuton * int(n / 2)) as the released code."""
-    return int(cuton * int(n / 2))
-
-
-def _half_weight_fake(w, cuton):
-    return w.new_empty(tuple(w.shape[:-1]) + (w.shape[-1] // 2 + 1,))
-
-
-def _half_weight_backward_fake(grad, cuton, width):
-    return grad.new_empty(tuple(grad.shape[:-1]) + (width,))
-
-
-torch.library.register_fake("dctkd_ext::fam_half_weight")(_half_weight_fake)
-torch.library.register_fake("dctkd_ext::fam_half_weight_backward")(_half_weight_backward_fake)
-register_autograd("dctkd_ext")
-
-
-def fam_half_weight(weights: Tensor, cuton: float) -> Tensor:
-    """W'(k) = (M(k) W(k) + conj(M(-k) W(-k))) / 2 on the rfft half plane (docs/DESIGN.md §3.4), one pass each way,
-    differentiable in weights. weights: (..., S_h, S_w) complex -> (..., S_h, S_w//2+1). Equals
-    reference.fam_half_weight."""
-    if isinstance(weights, torch.Tensor) and weights.dim() < 2:
-        raise ValueError(f"weights: expected at least 2 dims (..., H, W), got shape {tuple(weights.shape)}")
-    _check_complex(weights, "weights", getattr(weights, "ndim", 2), "(..., H, W)")
-    if isinstance(cuton, bool) or not isinstance(cuton, (int, float)) or not 0.0 <= cuton <= 1.0:
-        raise ValueError(f"cuton: expected a number in [0, 1], got {cuton!r}")
-    ops = _kernels(weights.device)
-    if ops is None:
-        return reference.fam_half_weight(weights, cuton)
-    return ops.fam_half_weight(weights, float(cuton))
-
-
-# The fused small-map filter rfft2 -> filter -> irfft2 in one Triton kernel: dctkd_ext_triton::fam_filter_fused.
-def _c2r_multiplicity(s: int, device, dtype) -> Tensor:
-    # irfft's backward doubles the columns that stand for two conjugate frequencies
-    mult = torch.full((s // 2 + 1,), 2.0, dtype=dtype, device=device)
-    mult[0] = 1.0
-    if s % 2 == 0:
-        mult[-1] = 1.0
-    return mult
-
-
-def _fam_fused_setup(ctx, inputs, output):
-    x, w, depthwise, adjoint = inputs
-    ctx.save_for_backward(x, w)
-    ctx.depthwise, ctx.adjoint = depthwise, adjoint
-
-
-def _fam_fused_backward(ctx, grad):
-    x, w = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[:2]
-    dx = dw = None
-    if need_x:  # the map is linear in x: its adjoint is the same filter, conjugated and transposed
-        dx = triton_ops().fam_filter_fused(grad.contiguous(), w, ctx.depthwise, not ctx.adjoint)
-    if need_w:
-        if ctx.adjoint:
-            raise RuntimeError("fam_filter_fused: the weight gradient of the adjoint (double backward) is not supported")
-        s = x.shape[-1]
-        xf = torch.fft.rfft2(x, norm="ortho")
-        gf = torch.fft.rfft2(grad, norm="ortho") * _c2r_multiplicity(s, grad.device, grad.dtype)
-        impl = _impls(x.device)
-        if ctx.depthwise:
-            dw = _backward_w(impl[1], reference.global_filter, gf, xf, w)
-        else:
-            dw = _backward_w(impl[3], reference.spectral_conv, gf, xf, w)
-    return dx, dw, None, None
-
-
-def _backward_w(backward_op, ref, grad, xf, w):
-    if backward_op is None:  # reference backend
-        with torch.enable_grad():
-            wr = w.detach().requires_grad_()
-            return torch.autograd.grad(ref(xf, wr), wr, grad)[0]
-    return backward_op(grad, xf, w, None, False, True)[1]
-
-
-def _register_fused_autograd():
-    torch.library.register_autograd("dctkd_ext_triton::fam_filter_fused", _fam_fused_backward,
-                                    setup_context=_fam_fused_setup)
-
-
-def fused_available(device: torch.device) -> bool:
-    """Whether the fused small-map kernel can run on `device` (Triton on CUDA, or the interpreter)."""
-    if not _triton_importable():
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def fam_filter_fused(x: Tensor, w_half: Tensor, depthwise: bool = False) -> Tensor:
-    """irfft2(mix(w_half, rfft2(x, ortho)), s=(S, S), ortho) for x (B, I, S, S) float32, S <= 32, in one
-    Triton kernel; w_half (I, O, S, S//2+1) complex64 (channel mixing) or (C, S, S//2+1) (depthwise)."""
-    return triton_ops().fam_filter_fused(x, w_half, depthwise, False)
-
-
-# ---------------------------------------------------------------------------------- the FAM global branch
-# One custom op for the whole filter x -> irfft2(mix(W', rfft2(x))), W' = fam_half_weight(weights, cuton),
-# so that autograd keeps only x and weights (which exist anyway): W', rfft2(x) and the spectra are
-# transients, recomputed in the backward (one gather for W', one rfft2 of x). The backward:
-#   dx = irfft2(mix^H(W', rfft2(dg)))                   (the adjoint; the fused kernel with adjoint=True)
-#   dW' = sum_b conj(rfft2(x)) * rfft2(dg) * c_k         (c_k = 2 on the columns that stand for two)
-#   dweights = fam_half_weight_backward(dW')
-def _half_impl(device):
-    return _kernels(device).fam_half_weight
-
-
-def _half_backward_impl(device):
-    return _kernels(device).fam_half_weight_backward
-
-
-@torch.library.custom_op("dctkd_ext::fam_global", mutates_args=())
-def _fam_global(x: Tensor, weights: Tensor, cuton: float, depthwise: bool, fused: bool) -> Tensor:
-    s = x.shape[-1]
-    w_half = _half_impl(x.device)(weights, cuton)
-    if fused:
-        return triton_ops().fam_filter_fused(x.contiguous(), w_half, depthwise, False)
-    impl = _impls(x.device)
-    xf = torch.fft.rfft2(x, norm="ortho")
-    yf = impl[0](xf, w_half, None) if depthwise else impl[2](xf, w_half, None)
-    return torch.fft.irfft2(yf, s=(s, s), norm="ortho")
-
-
-@torch.library.register_fake("dctkd_ext::fam_global")
-def _(x, weights, cuton, depthwise, fused):
-    b, i, s, _ = x.shape
-    o = i if depthwise else weights.shape[1]
-    return x.new_empty((b, o, s, s))
-
-
-def _fam_global_setup(ctx, inputs, output):
-    x, weights, cuton, depthwise, fused = inputs
-    ctx.save_for_backward(x, weights)
-    ctx.cuton, ctx.depthwise, ctx.fused = cuton, depthwise, fused
-
-
-def _reference_fam_global(x, weights, cuton, depthwise):
-    s = x.shape[-1]
-    w_half = reference.fam_half_weight(weights, cuton)
-    xf = torch.fft.rfft2(x, norm="ortho")
-    yf = reference.global_filter(xf, w_half) if depthwise else reference.spectral_conv(xf, w_half)
-    return torch.fft.irfft2(yf, s=(s, s), norm="ortho")
-
-
-def _fam_global_backward(ctx, dg):
-    x, weights = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[:2]
-    if wants_graph():  # create_graph=True: a backward that can be differentiated again
-        dx, dweights = grads_through(lambda a, b: _reference_fam_global(a, b, ctx.cuton, ctx.depthwise),
-                                     [x, weights], [need_x, need_w], dg)
-        return dx, dweights, None, None, None
-    s = x.shape[-1]
-    k = s // 2 + 1
-    impl = _impls(x.device)
-    backward = impl[1] if ctx.depthwise else impl[3]
-    w_half = _half_impl(x.device)(weights, ctx.cuton)
-    dg = dg.contiguous()
-    dx = dweights = gf = None
-    if need_x:
-        if ctx.fused:
-            dx = triton_ops().fam_filter_fused(dg, w_half, ctx.depthwise, True)
-        else:
-            gf = torch.fft.rfft2(dg, norm="ortho")
-            # only the shape of xf matters when its gradient alone is asked for
-            xf_shape = gf.new_zeros(()).expand(x.shape[0], x.shape[1], s, k)
-            dxf, _ = backward(gf, xf_shape, w_half, None, True, False)
-            dx = torch.fft.irfft2(dxf, s=(s, s), norm="ortho")
-    if need_w:
-        if gf is None:
-            gf = torch.fft.rfft2(dg, norm="ortho")
-        xf = torch.fft.rfft2(x, norm="ortho")
-        mult = _c2r_multiplicity(s, x.device, x.dtype).expand(s, k)
-        _, dw_half = backward(gf, xf, w_half, mult, False, True)
-        dweights = _half_backward_impl(x.device)(dw_half, ctx.cuton, s)
-    return dx, dweights, None, None, None
-
-
-torch.library.register_autograd("dctkd_ext::fam_global", _fam_global_backward, setup_context=_fam_global_setup)
-
-
-def fam_global(x: Tensor, weights: Tensor, cuton: float, depthwise: bool = False, fused: bool = False) -> Tensor:
-    """FAM's global branch Re(ifft2(M * mix(weights, fft2(x, ortho)), ortho)), computed exactly as
-    irfft2(mix(W', rfft2(x))) (docs/DESIGN.md §3.4). x: (B, I, S, S) float32 (float64 for testing); weights:
-    (I, O, S, S) complex (channel mixing) or (C, S, S) (depthwise), of x's complex dtype. fused=True:
-    the fused small-map Triton kernel (float32, S <= 32). Differentiable in x and weights; autograd keeps
-    only x and weights. On the "reference" backend: plain autograd of the reference formulas."""
-    if resolve_backend(x.device) == "reference":
-        return _reference_fam_global(x, weights, float(cuton), depthwise)
-    return _ops.fam_global(x, weights, float(cuton), bool(depthwise), bool(fused))
+    return impls(xf.device)[2](xf, w, mask)

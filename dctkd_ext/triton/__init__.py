@@ -2,15 +2,17 @@
 dct_at_loss and the spectral filters, as the custom ops torch.ops.dctkd_ext_triton.* (same schemas as
 torch.ops.dctkd_ext.*, plus fam_filter_fused).
 
-Nothing here is imported by `import dctkd_ext`: the backend API calls load() the first time the
-"triton" backend is used, so the package works where triton is not installed.
+Nothing here is imported by `import dctkd_ext`: the backend registry (dctkd_ext._backend) calls load()
+the first time the "triton" backend is used, so the package works where triton is not installed, and
+registers the autograd formulas of dctkd_ext/ops on these ops. This package imports neither
+dctkd_ext.ops nor dctkd_ext.reference (the bases it shares with the reference are in dctkd_ext._bases).
 
 Files, one per kernel family (kernels + launcher + op): attention_map.py (channel reduction and
 its elementwise backward, multi-tensor), dct.py (dct2d / idct2d as small matmuls, and the transform
 passes the loss reuses), dct_at_loss.py (phi, distances and dL/dA of all levels in one launch),
 spectral.py (global_filter, spectral_conv, the FAM half-plane weight and the fused small-map FAM
-filter; imported by dctkd_ext.ops.spectral on first use). _common.py holds what they share,
-_compile_check.py compiles them for a GPU architecture without a GPU.
+filter). _common.py holds what they share, _compile_check.py compiles them for a GPU architecture
+without a GPU.
 """
 
 import threading
@@ -20,8 +22,8 @@ _ops = None
 
 
 def load():
-    """Import triton, define the ops and their autograd (once); returns torch.ops.dctkd_ext_triton.
-    Raises ImportError with what to do where triton is missing."""
+    """Import triton and define the ops (once); returns torch.ops.dctkd_ext_triton. Raises ImportError
+    with what to do where triton is missing. Their autograd: dctkd_ext._backend.triton_ops()."""
     global _ops
     if _ops is not None:
         return _ops
@@ -37,9 +39,7 @@ def load():
                 ) from None
             import torch
 
-            from ..ops.dct_at import register_autograd
-            from . import attention_map, dct, dct_at_loss  # noqa: F401  (define the ops)
+            from . import attention_map, dct, dct_at_loss, spectral  # noqa: F401  (define the ops)
 
-            register_autograd("dctkd_ext_triton")
             _ops = torch.ops.dctkd_ext_triton
     return _ops

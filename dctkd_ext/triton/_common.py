@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
+from .._bases import dct_matrix, dft_real_matrices
 from .._dtypes import acc_dtype  # noqa: F401  (the triton modules import it from here)
 
 # TRITON_INTERPRET=1 runs the kernels in Triton's interpreter on CPU (or CUDA) tensors. It is read
@@ -95,9 +95,9 @@ _BASES = {}
 
 def _build_basis(kind: str, n: int, dtype: torch.dtype, device) -> torch.Tensor:
     if kind == "dct":  # (n, n): D[k, m]
-        return reference.dct_matrix(n, dtype, device).contiguous()
+        return dct_matrix(n, dtype, device).contiguous()
     # "dft": (2, n, n): cos then sin of 2 pi k m / n, angles reduced mod n first, evaluated in fp64
-    c, s = reference._dft_real_matrices(n, torch.float64, device)
+    c, s = dft_real_matrices(n, torch.float64, device)
     return torch.stack([c, s]).to(dtype).contiguous()
 
 
@@ -128,10 +128,6 @@ def slot_args(slots: Sequence[Sequence], pad: Sequence) -> List:
 def chunks(items: Sequence, size: int = MAX_SLOTS):
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 # ------------------------------------------------------------------------------ device helpers

@@ -1,6 +1,6 @@
 """Compile the Triton kernels for a GPU architecture on a machine without a GPU.
 
-    python -m dctkd_ext.triton._compile_check [--arch 90] [--full] [--batch-invariance]
+    python -m dctkd_ext.triton._compile_check [--family dct_at|spectral] [--arch 90] [--full] [--batch-invariance]
 
 Runs the Triton ops on small CPU tensors with every kernel launch replaced by a compilation for the
 target (frontend, TTIR, TTGIR, LLVM, PTX and ptxas: everything but running it), with the argument
@@ -146,8 +146,8 @@ RESNET = [(64, 256, 56), (128, 512, 28), (256, 1024, 14), (512, 2048, 7)]
 
 
 def drive(full: bool = False, batch: int = 2) -> None:
-    """Run the launchers of attention_map, dct2d / idct2d and dct_at_loss on CPU tensors (the launches
-    go to the installed compiler)."""
+    """Run the launchers of the dct_at family (attention_map, dct2d / idct2d and dct_at_loss) on CPU
+    tensors (the launches go to the installed compiler)."""
     from ..presets import resolve_options
     from . import load
 
@@ -194,21 +194,74 @@ def drive(full: bool = False, batch: int = 2) -> None:
                 ops.dct_at_loss_backward(torch.randn(batch, dtype=gmaps[0].dtype), gmaps, s, o["p"])
 
 
-def run(arch: int = 90, full: bool = False, verbose: bool = True) -> dict:
+def drive_spectral(full: bool = False, batch: int = 4) -> None:
+    """Run every launcher of the spectral family on CPU tensors (the launches go to the installed
+    compiler): small shapes for the layouts and options, and the benchmark's spectral_conv shapes (batch
+    64 / 128, 32 to 512 channels) for the tile sizes real runs pick. Every variant is in this one set
+    (full changes nothing)."""
+    from .spectral import (
+        fam_filter_fused,
+        fam_half_weight,
+        fam_half_weight_backward,
+        global_filter,
+        global_filter_backward,
+        spectral_conv,
+        spectral_conv_backward,
+    )
+
+    torch.manual_seed(0)
+    for dt in (torch.complex64, torch.complex128):
+        xf = torch.randn(batch, 6, 7, 4, dtype=dt)
+        w = torch.randn(6, 7, 4, dtype=dt)
+        m = torch.rand(7, 4)
+        for x_ in (xf, xf.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
+            for mask in (None, m):
+                global_filter(x_, w, mask)
+                for need in ((True, True), (True, False), (False, True)):
+                    global_filter_backward(x_, x_, w, mask, *need)
+        w2 = torch.randn(6, 5, 7, 4, dtype=dt)
+        for mask in (None, m):
+            spectral_conv(xf, w2, mask)
+            spectral_conv_backward(torch.randn(batch, 5, 7, 4, dtype=dt), xf, w2, mask, True, True)
+        # benchmark shapes: (batch, in = out channels, S) of the FAM-KD stages (bench/suites/fam.py)
+        for b, c, s in ((64 + batch, 32, 32), (64 + batch, 256, 8), (128 + batch, 128, 28)):
+            k = s // 2 + 1
+            xf = torch.empty(b, c, s, k, dtype=dt)
+            w2 = torch.empty(c, c, s, k, dtype=dt)
+            spectral_conv(xf, w2, torch.rand(s, k))
+            spectral_conv_backward(torch.empty(b, c, s, k, dtype=dt), xf, w2, torch.rand(s, k), True, True)
+        fam_half_weight(torch.randn(3, 2, 8, 8, dtype=dt), 0.3)
+        fam_half_weight_backward(torch.randn(3, 2, 8, 5, dtype=dt), 0.3, 8)
+    for s in (1, 4, 7, 8, 16, 32):
+        k = s // 2 + 1
+        for depthwise in (False, True):
+            c_in, c_out = (8, 8) if depthwise else (8, 64)
+            x = torch.randn(batch, c_in, s, s)
+            wh = torch.randn(*((c_in, s, k) if depthwise else (c_in, c_out, s, k)), dtype=torch.complex64)
+            fam_filter_fused(x, wh, depthwise, False)
+            g = torch.randn(batch, c_out, s, s)
+            fam_filter_fused(g, wh, depthwise, True)
+
+
+# family -> the function that runs its launchers
+DRIVERS = {"dct_at": drive, "spectral": drive_spectral}
+
+
+def run(arch: int = 90, full: bool = False, verbose: bool = True, family: str = "dct_at") -> dict:
     compiler = Compiler(arch, verbose)
     install(compiler)
-    drive(full)
+    DRIVERS[family](full)
     return compiler.seen
 
 
-def batch_variants(batches=(16, 17, 5), full: bool = False) -> list:
+def batch_variants(batches=(16, 17, 5), full: bool = False, family: str = "dct_at") -> list:
     """The set of variant keys the launchers need at each batch size (nothing compiled): equal sets
     mean a new batch size (an odd last batch) compiles nothing new."""
     out = []
     for b in batches:
         compiler = Compiler(90, verbose=False, compile=False)
         install(compiler)
-        drive(full, batch=b)
+        DRIVERS[family](full, batch=b)
         out.append(set(compiler.seen))
     return out
 
@@ -223,6 +276,7 @@ def report(compiler) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
+    ap.add_argument("--family", choices=sorted(DRIVERS), default="dct_at", help="the kernel family to compile")
     ap.add_argument("--full", action="store_true", help="every option of dct_at_loss (slow)")
     ap.add_argument("--batch-invariance", action="store_true",
                     help="only check that batch sizes 16, 17 and 5 need the same kernel variants (no compiling)")
@@ -230,14 +284,14 @@ def main(argv=None):
     import triton
 
     if args.batch_invariance:
-        sets = batch_variants(full=args.full)
+        sets = batch_variants(full=args.full, family=args.family)
         extra = sorted({k[0] for s in sets[1:] for k in s - sets[0]})
         print(f"{len(sets[0])} variants at batch 16; new at batch 17 or 5: {len(extra)} {extra}")
         return 1 if extra else 0
     t0 = time.time()
     compiler = Compiler(args.arch, verbose=True)
     install(compiler)
-    drive(args.full)
+    DRIVERS[args.family](args.full)
     seen = compiler.seen
     print(report(compiler))
     stack = [k[0] for k, (_, s) in seen.items() if s]

@@ -1,10 +1,11 @@
 """Triton kernels of dct2d / idct2d (docs/DESIGN.md §3.2) as small matmuls with cached bases, and the
 tiled transform pass (dct, fft_real, identity; forward or transposed) that the loss kernel reuses.
 
-A map of H x W is processed in (TH, TW) tiles, TH = clamp(next_pow2(H), 16, 64) (tl.dot needs
-dims >= 16; padding is zero through masked loads, so it never changes a result). A map that fits in
-one tile (H, W <= 64: every map of the usual networks) stays in registers: Y = L (X R) is two
-tl.dot's. Larger maps loop over tiles and keep X R in a scratch buffer (L2-resident).
+A map of H x W is processed in (TH, TW) tiles, TH = clamp(next_pow2(H), 16, MAX_TILE = 32) (tl.dot
+needs dims >= 16; padding is zero through masked loads, so it never changes a result). A map that fits
+in one tile (H, W <= 32, e.g. the 7 x 7 and 14 x 14 stages of a ResNet on 224 x 224 images) stays in
+registers: Y = L (X R) is two tl.dot's. Larger maps loop over tiles and keep X R in a scratch buffer
+(L2-resident).
 The products run in IEEE fp32 (input_precision="ieee": never TF32), fp64 for fp64.
 """
 
@@ -12,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, basis, define_op, launch, next_pow2, wrap_triton
+from .._shapes import next_pow2
+from ._common import acc_dtype, basis, define_op, launch, wrap_triton
 
 # Tiling, chosen from the register counts of sm_90 builds (triton 3.8), not from timings:
 MAX_TILE = 32  # output tile side

@@ -332,6 +332,19 @@ def _option(table, value, name):
     return table[value]
 
 
+# The invariants the launchers rely on: the set csrc/dct_at_args.h asserts for the C++ kernels, so that
+# every backend rejects the same direct op calls. The user-facing checks are dctkd_ext/ops/dct_at.py's.
+def _check_level_tensor(x, name, device):
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {x.dtype}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name}: expected at least one channel")
+    if x.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {x.device}")
+
+
 def _check_levels(student, teacher, weights):
     if len(student) == 0:
         raise ValueError("student_feats: expected a non-empty list of (B, C, H, W) tensors")
@@ -339,20 +352,35 @@ def _check_levels(student, teacher, weights):
         raise ValueError(f"teacher_feats: expected {len(student)} levels to match student_feats, got {len(teacher)}")
     if len(weights) != len(student):
         raise ValueError(f"weights: expected {len(student)} values, got {len(weights)}")
-    b = student[0].shape[0] if student[0].dim() == 4 else -1
+    dev = student[0].device
     for l, (s, t) in enumerate(zip(student, teacher)):
-        for name, x in ((f"student_feats[{l}]", s), (f"teacher_feats[{l}]", t)):
-            if x.dim() != 4:
-                raise ValueError(f"{name}: expected a 4-D (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-            if not x.is_floating_point():
-                raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {x.dtype}")
-            if x.device != student[0].device:
-                raise ValueError(f"{name}: expected a tensor on {student[0].device}, got one on {x.device}")
-        if s.shape[0] != b:
-            raise ValueError(f"student_feats[{l}]: expected batch {b}, got {s.shape[0]}")
+        _check_level_tensor(s, f"student_feats[{l}]", dev)
+        _check_level_tensor(t, f"teacher_feats[{l}]", dev)
+        if s.shape[0] != student[0].shape[0]:
+            raise ValueError(f"student_feats[{l}]: expected batch {student[0].shape[0]}, got {s.shape[0]}")
         if (t.shape[0], t.shape[2], t.shape[3]) != (s.shape[0], s.shape[2], s.shape[3]):
             raise ValueError(f"teacher_feats[{l}]: expected B, H, W = {(s.shape[0], s.shape[2], s.shape[3])} "
                              f"to match student_feats[{l}], got shape {tuple(t.shape)}")
+
+
+def _check_backward_levels(grad_loss, grad_maps, student):
+    if len(grad_maps) != len(student):
+        raise ValueError(f"grad_maps: expected {len(student)} levels, got {len(grad_maps)}")
+    if grad_loss.dim() != 1:
+        raise ValueError(f"grad_loss: expected a 1-D (B,) tensor, got shape {tuple(grad_loss.shape)}")
+    if not grad_loss.is_floating_point():
+        raise TypeError(f"grad_loss: expected a floating tensor, got {grad_loss.dtype}")
+    for l, (g, s) in enumerate(zip(grad_maps, student)):
+        _check_level_tensor(s, f"student[{l}]", grad_loss.device)
+        b, _, h, w = s.shape
+        if grad_loss.shape[0] != b:
+            raise ValueError(f"grad_loss: expected {b} values, got {grad_loss.shape[0]}")
+        if tuple(g.shape) != (b, h, w):
+            raise ValueError(f"grad_maps[{l}]: expected shape {(b, h, w)} to match student[{l}], got {tuple(g.shape)}")
+        if not g.is_floating_point():
+            raise TypeError(f"grad_maps[{l}]: expected a floating tensor, got {g.dtype}")
+        if g.device != grad_loss.device:
+            raise ValueError(f"grad_maps[{l}]: expected a tensor on {grad_loss.device}, got one on {g.device}")
 
 
 def _dct_at_loss(student: List[torch.Tensor], teacher: List[torch.Tensor], weights: List[float], p: float,
@@ -419,17 +447,9 @@ def _dct_at_loss(student: List[torch.Tensor], teacher: List[torch.Tensor], weigh
 
 def _dct_at_loss_backward(grad_loss: torch.Tensor, grad_maps: List[torch.Tensor], student: List[torch.Tensor],
                           p: float) -> List[torch.Tensor]:
-    if len(grad_maps) != len(student):
-        raise ValueError(f"grad_maps: expected {len(student)} levels, got {len(grad_maps)}")
-    if grad_loss.dim() != 1:
-        raise ValueError(f"grad_loss: expected a 1-D (B,) tensor, got shape {tuple(grad_loss.shape)}")
+    _check_backward_levels(grad_loss, grad_maps, student)
     items, grads = [], []
-    for l, (g, s) in enumerate(zip(grad_maps, student)):
-        b, _, h, w = s.shape
-        if grad_loss.shape[0] != b:
-            raise ValueError(f"grad_loss: expected {b} values, got {grad_loss.shape[0]}")
-        if tuple(g.shape) != (b, h, w):
-            raise ValueError(f"grad_maps[{l}]: expected shape {(b, h, w)}, got {tuple(g.shape)}")
+    for g, s in zip(grad_maps, student):
         x = kernel_layout(s)
         dx = torch.empty_like(x)
         items.append((x, dx, g.to(acc_dtype(x, g)).contiguous()))

@@ -14,10 +14,10 @@
 The ops are torch.ops.dctkd_ext_triton.{global_filter, global_filter_backward, spectral_conv,
 spectral_conv_backward, fam_half_weight, fam_half_weight_backward} (the schemas of the C++ ops) and
 fam_filter_fused (Triton only), defined by _common.define_op when this module is imported;
-dctkd_ext.ops.spectral imports it (after dctkd_ext.triton.load()) the first time the Triton path runs,
-and registers the autograd formulas. Under TRITON_INTERPRET=1 the kernels run on CPU tensors (tests),
-in fp32/fp64. `python -m dctkd_ext.triton.spectral --arch 90` compiles every kernel variant for sm_90
-without a GPU (see compile_check below).
+dctkd_ext.triton.load() imports it, and the backend registry
+(dctkd_ext._backend) registers the autograd formulas of dctkd_ext/ops on the ops. Under TRITON_INTERPRET=1 the kernels run on CPU tensors (tests),
+in fp32/fp64. `python -m dctkd_ext.triton._compile_check --family spectral` compiles every kernel variant
+for sm_90 without a GPU.
 """
 
 import math
@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._shapes import fam_mask_radius, fused_tiles, next_pow2
 from . import _common
 
 # fp32 tl.dot precision on the GPU: "tf32x3" (tensor cores, ~fp32 accuracy), "ieee" (exact fp32 FMA,
@@ -37,8 +38,6 @@ DOT_PRECISION = os.environ.get("DCTKD_TRITON_DOT_PRECISION", "tf32x3")
 if DOT_PRECISION not in ("tf32x3", "ieee", "tf32"):
     raise ValueError(f"DCTKD_TRITON_DOT_PRECISION: expected tf32x3, ieee or tf32, got {DOT_PRECISION!r}")
 
-FUSED_MAX_SIZE = 32  # largest S of the fused small-map kernel
-_ACC_ELEMS = 4096  # complex accumulator elements per program in the fused kernel (registers)
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
@@ -54,10 +53,6 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _real_view(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t.resolve_conj().resolve_neg())
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 # ---------------------------------------------------------------------------------------- global filter
@@ -278,7 +273,7 @@ def _cgemm_freq_kernel(a_ptr, b_ptr, m_ptr, o_ptr, M, N, K, F, sAm, sAk, sBk, sB
 
 
 def _tile(n: int, cap: int = 64) -> int:
-    return max(16, min(cap, _next_pow2(n)))
+    return max(16, min(cap, next_pow2(n)))
 
 
 def cgemm_tiles(M: int, N: int, real_dtype: torch.dtype, prec: str):
@@ -453,15 +448,6 @@ def _fam_fused_kernel(x_ptr, w_ptr, y_ptr, basis_ptr, I, O, S, K, sWi, sWo, inv_
     tl.store(y_ptr + y_off, y, mask=o_ok[:, None, None] & map_msk[None, :, :])
 
 
-def fused_tiles(size: int, out_channels: int):
-    """(SP, KP, OT): padded map size, padded half-plane width (both >= 16 for tl.dot) and the output
-    channels per program (the complex accumulator OT x KP x SP stays within _ACC_ELEMS)."""
-    sp = max(16, _next_pow2(size))
-    kp = max(16, _next_pow2(size // 2 + 1))
-    ot = max(1, min(_next_pow2(out_channels), _ACC_ELEMS // (sp * kp)))
-    return sp, kp, ot
-
-
 def fam_filter_fused(x: torch.Tensor, w: torch.Tensor, depthwise: bool, adjoint: bool) -> torch.Tensor:
     """x (B, I, S, S) float32 -> (B, O, S, S) float32: irfft2(mix(W, rfft2(x, ortho)), s=(S, S), ortho).
     w: (I, O, S, S//2+1) complex64 (channel mixing) or (C, S, S//2+1) (depthwise). adjoint=True applies
@@ -545,10 +531,6 @@ def _half_weight_bwd_kernel(g_ptr, o_ptr, total, H, W, K, RH, RW, BLOCK: tl.cons
     tl.store(o_ptr + idx[:, None] * 2 + two[None, :], out, mask=valid[:, None])
 
 
-def _fam_radius(n: int, cuton: float) -> int:
-    return int(cuton * int(n / 2))
-
-
 def fam_half_weight(w: torch.Tensor, cuton: float) -> torch.Tensor:
     w = w.resolve_conj().resolve_neg().contiguous()
     h, wd = w.shape[-2:]
@@ -558,8 +540,8 @@ def fam_half_weight(w: torch.Tensor, cuton: float) -> torch.Tensor:
     if total:
         block = 1024
         _launch(_half_weight_fwd_kernel, (triton.cdiv(total, block),),
-            torch.view_as_real(w), torch.view_as_real(out), total, h, wd, k, _fam_radius(h, cuton),
-            _fam_radius(wd, cuton), BLOCK=block, num_warps=4)
+            torch.view_as_real(w), torch.view_as_real(out), total, h, wd, k, fam_mask_radius(h, cuton),
+            fam_mask_radius(wd, cuton), BLOCK=block, num_warps=4)
     return out
 
 
@@ -572,8 +554,8 @@ def fam_half_weight_backward(g: torch.Tensor, cuton: float, width: int) -> torch
     if total:
         block = 1024
         _launch(_half_weight_bwd_kernel, (triton.cdiv(total, block),),
-            torch.view_as_real(g), torch.view_as_real(out), total, h, width, k, _fam_radius(h, cuton),
-            _fam_radius(width, cuton), BLOCK=block, num_warps=4)
+            torch.view_as_real(g), torch.view_as_real(out), total, h, width, k, fam_mask_radius(h, cuton),
+            fam_mask_radius(width, cuton), BLOCK=block, num_warps=4)
     return out
 
 
@@ -621,86 +603,3 @@ OPS = {
         ("fam_filter_fused", _op_fam_filter_fused),
     )
 }
-
-
-# --------------------------------------------------------------------------------------- compile check
-def _drive(batch: int = 4) -> None:
-    """Run every launcher on CPU tensors (the launches go to the installed compile-check compiler):
-    small shapes for the layouts and options, and the benchmark's spectral_conv shapes (batch 64 / 128,
-    32 to 512 channels) for the tile sizes real runs pick."""
-    torch.manual_seed(0)
-    for dt in (torch.complex64, torch.complex128):
-        xf = torch.randn(batch, 6, 7, 4, dtype=dt)
-        w = torch.randn(6, 7, 4, dtype=dt)
-        m = torch.rand(7, 4)
-        for x_ in (xf, xf.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
-            for mask in (None, m):
-                global_filter(x_, w, mask)
-                for need in ((True, True), (True, False), (False, True)):
-                    global_filter_backward(x_, x_, w, mask, *need)
-        w2 = torch.randn(6, 5, 7, 4, dtype=dt)
-        for mask in (None, m):
-            spectral_conv(xf, w2, mask)
-            spectral_conv_backward(torch.randn(batch, 5, 7, 4, dtype=dt), xf, w2, mask, True, True)
-        # benchmark shapes: (batch, in = out channels, S) of the FAM-KD stages (bench/suites/fam.py)
-        for b, c, s in ((64 + batch, 32, 32), (64 + batch, 256, 8), (128 + batch, 128, 28)):
-            k = s // 2 + 1
-            xf = torch.empty(b, c, s, k, dtype=dt)
-            w2 = torch.empty(c, c, s, k, dtype=dt)
-            spectral_conv(xf, w2, torch.rand(s, k))
-            spectral_conv_backward(torch.empty(b, c, s, k, dtype=dt), xf, w2, torch.rand(s, k), True, True)
-        fam_half_weight(torch.randn(3, 2, 8, 8, dtype=dt), 0.3)
-        fam_half_weight_backward(torch.randn(3, 2, 8, 5, dtype=dt), 0.3, 8)
-    for s in (1, 4, 7, 8, 16, 32):
-        k = s // 2 + 1
-        for depthwise in (False, True):
-            c_in, c_out = (8, 8) if depthwise else (8, 64)
-            x = torch.randn(batch, c_in, s, s)
-            wh = torch.randn(*((c_in, s, k) if depthwise else (c_in, c_out, s, k)), dtype=torch.complex64)
-            fam_filter_fused(x, wh, depthwise, False)
-            g = torch.randn(batch, c_out, s, s)
-            fam_filter_fused(g, wh, depthwise, True)
-
-
-def compile_check(arch: int = 90, verbose: bool = True, compile: bool = True, batch: int = 4):
-    """Compile every kernel variant the launchers above use, for sm_<arch>, on a machine without a GPU
-    (dctkd_ext/triton/_compile_check.py's compiler: frontend to ptxas, the JIT's own specialisation),
-    by running the launchers on CPU tensors with the launches replaced. TRITON_INTERPRET must be
-    unset. Returns the compiler: .seen {variant: (registers, stack bytes)}, .names {variant: label}."""
-    if _common.INTERPRET:
-        raise SystemExit("unset TRITON_INTERPRET: the compile check needs the compiler, not the interpreter")
-    from ._compile_check import Compiler
-
-    compiler = Compiler(arch, verbose, compile)
-    saved = _common.launch, _common.wrap_triton
-    _common.launch, _common.wrap_triton = compiler.launch, (lambda kernel: kernel)
-    try:
-        _drive(batch)
-    finally:
-        _common.launch, _common.wrap_triton = saved
-    return compiler
-
-
-if __name__ == "__main__":  # python -m dctkd_ext.triton.spectral [--arch 90] [--batch-invariance]
-    import argparse
-    import sys
-    import time
-
-    from ._compile_check import report
-
-    ap = argparse.ArgumentParser(description="compile the spectral-filter Triton kernels for a GPU architecture")
-    ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--batch-invariance", action="store_true",
-                    help="only check that batch sizes 16, 17 and 5 need the same kernel variants (no compiling)")
-    args = ap.parse_args()
-    if args.batch_invariance:
-        sets = [set(compile_check(args.arch, False, False, b).seen) for b in (16, 17, 5)]
-        extra = sorted({k[0] for s_ in sets[1:] for k in s_ - sets[0]})
-        print(f"{len(sets[0])} variants at batch 16; new at batch 17 or 5: {len(extra)} {extra}")
-        sys.exit(1 if extra else 0)
-    t0 = time.time()
-    c = compile_check(args.arch, verbose=False)
-    print(report(c))
-    stack = [k[0] for k, (_, st) in c.seen.items() if st]
-    print(f"triton {triton.__version__}, sm_{args.arch}: {len(c.seen)} kernel variants compiled in "
-          f"{time.time() - t0:.0f}s; {len(stack)} use local memory (stack): {sorted(set(stack))}")

@@ -462,6 +462,26 @@ def train(raw: dict) -> dict:
 
 def _train(raw: dict, env: Env) -> dict:
     t_start = time.perf_counter()
+    out, cfg, ckpt = _run_config(raw, env)
+    run = _setup(cfg, env, out, ckpt)
+    _write_run_info(run)
+    run.teacher_eval = _evaluate_teacher(run)
+    last_plot = time.perf_counter()
+    for epoch in range(run.start_epoch, run.epochs + 1):
+        row = _train_epoch(run, epoch)
+        ev, is_best = _evaluate_epoch(run, epoch, row)
+        last_plot = _save_epoch(run, epoch, row, ev, is_best, last_plot)
+    return _finish(run, t_start)
+
+
+class _Run:
+    """What the steps of one training share: the configuration, data, models, optimiser, loaders and
+    the history so far (set by _setup, advanced by the epoch steps)."""
+
+
+def _run_config(raw: dict, env: Env):
+    """(out, cfg, checkpoint or None): the output folder checked, the configuration resolved, or on
+    --resume merged with the saved run's."""
     out = Path(raw.get("out") or ".").expanduser()
     resume = bool(raw.get("resume"))
     if raw.get("out") is None:
@@ -476,9 +496,18 @@ def _train(raw: dict, env: Env) -> dict:
         cfg["resume"] = True
     else:
         cfg = resolve_config(raw, env.world)
+    return out, cfg, ckpt
+
+
+def _setup(cfg: dict, env: Env, out: Path, ckpt) -> _Run:
+    """Seeds, data, method, models (and the feature head), optimiser, loaders, and the state of a resumed
+    run, in this order (the order of the random draws, which a resumed run replays)."""
+    run = _Run()
+    run.cfg, run.env, run.out, run.ckpt = cfg, env, out, ckpt
     quiet = bool(cfg.get("quiet"))
-    log = lambda msg: _log(env, msg, quiet)  # noqa: E731
-    device = env.device
+    run.quiet = quiet
+    log = run.log = lambda msg: _log(env, msg, quiet)
+    device = run.device = env.device
 
     seed = int(cfg["seed"])
     random.seed(seed)
@@ -488,13 +517,13 @@ def _train(raw: dict, env: Env) -> dict:
         make_deterministic()
 
     # ---- data
-    data = build_data(cfg["data"], image_size=cfg.get("image_size"), train_size=cfg.get("train_size"),
-                      val_size=cfg.get("val_size"), seed=seed)
+    data = run.data = build_data(cfg["data"], image_size=cfg.get("image_size"), train_size=cfg.get("train_size"),
+                                 val_size=cfg.get("val_size"), seed=seed)
     log(f"data: {data.describe()}")
 
     # ---- method, models
-    mcfg = make_method_config(cfg)
-    method = Method(mcfg)
+    mcfg = run.mcfg = make_method_config(cfg)
+    method = run.method = Method(mcfg)
     stages = cfg.get("stages")
     student = build_model(cfg["model"], data.num_classes, stages, data.image_size)
     teacher = None
@@ -506,6 +535,7 @@ def _train(raw: dict, env: Env) -> dict:
             log(f"warning: the teacher was trained on --data {t_info['data_spec']!r}, this run uses {data.spec!r}")
     elif cfg.get("teacher"):
         log(f"note: method {cfg['method']!r} does not use the teacher; ignoring --teacher")
+    run.t_info = t_info
 
     s_layers = t_layers = None
     head = None
@@ -522,10 +552,12 @@ def _train(raw: dict, env: Env) -> dict:
         log(f"features: student {list(zip(s_layers, s_shapes))}")
         log(f"          teacher {list(zip(t_layers, t_shapes))}")
     cfg["student_layers"], cfg["teacher_layers"] = s_layers, t_layers
+    run.s_layers = s_layers
 
     if cfg.get("sync_bn") and env.distributed:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-    channels_last = cfg["channels_last"] if cfg.get("channels_last") is not None else device.type == "cuda"
+    channels_last = run.channels_last = (cfg["channels_last"] if cfg.get("channels_last") is not None
+                                         else device.type == "cuda")
     mem = torch.channels_last if channels_last else torch.contiguous_format
     student.to(device, memory_format=mem)
     if head is not None:
@@ -534,32 +566,33 @@ def _train(raw: dict, env: Env) -> dict:
         teacher.to(device, memory_format=mem).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    timer = LossTimer(device)
-    smod = StudentModule(student, s_layers, head, timer)
-    t_hooks = FeatureHooks(teacher, t_layers) if (teacher is not None and t_layers) else None
-    run_teacher = teacher
+    timer = run.timer = LossTimer(device)
+    smod = run.smod = StudentModule(student, s_layers, head, timer)
+    run.t_hooks = FeatureHooks(teacher, t_layers) if (teacher is not None and t_layers) else None
+    run.run_teacher = teacher
     if cfg.get("compile"):
         smod.run_student = torch.compile(student)
         if teacher is not None:
-            run_teacher = torch.compile(teacher)
-    model = smod
+            run.run_teacher = torch.compile(teacher)
+    run.model = smod
     if env.distributed:
-        model = nn.parallel.DistributedDataParallel(
+        run.model = nn.parallel.DistributedDataParallel(
             smod, device_ids=[device.index] if device.type == "cuda" else None)
+    run.student, run.teacher, run.head = student, teacher, head
 
     # The papers' recipes apply weight decay to every parameter (BN and biases included).
     params = [p for p in smod.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=float(cfg["lr"]),
-                                momentum=float(cfg["momentum"]), weight_decay=float(cfg["weight_decay"]),
-                                nesterov=bool(cfg.get("nesterov")))
-    amp_dtype = _amp_dtype(cfg["amp"], device)
+    optimizer = run.optimizer = torch.optim.SGD(params, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
+                                                weight_decay=float(cfg["weight_decay"]),
+                                                nesterov=bool(cfg.get("nesterov")))
+    amp_dtype = run.amp_dtype = _amp_dtype(cfg["amp"], device)
     scaler_cls = torch.amp.GradScaler
     if amp_dtype == torch.float16 and any(p.is_complex() for p in params):
         from dctkd_ext.amp import GradScaler as scaler_cls  # unscales FrequencyAttention's complex weights
-    scaler = scaler_cls(device.type, enabled=amp_dtype == torch.float16)
+    scaler = run.scaler = scaler_cls(device.type, enabled=amp_dtype == torch.float16)
 
     # ---- loaders
-    workers = cfg["workers"] if cfg.get("workers") is not None else _default_workers(data, device, env)
+    workers = run.workers = cfg["workers"] if cfg.get("workers") is not None else _default_workers(data, device, env)
     pin = device.type == "cuda"
     n_train = len(data.train)
     per_rank = math.ceil(n_train / env.world)
@@ -569,14 +602,16 @@ def _train(raw: dict, env: Env) -> dict:
     if batch_size > per_rank:
         log(f"warning: --batch-size {batch_size} exceeds the {per_rank} training images per process; using {per_rank}")
         batch_size = per_rank
-    sampler = EpochSampler(DistributedSampler(data.train, num_replicas=env.world, rank=env.rank, shuffle=True,
-                                              seed=seed, drop_last=False), n_train)
-    train_loader = DataLoader(EpochDataset(data.train), batch_size=batch_size, sampler=sampler,
-                              num_workers=workers, pin_memory=pin, drop_last=True, persistent_workers=workers > 0)
-    val_loader = _val_loader(data.val, env, batch_size, workers, pin)
+    run.batch_size = batch_size
+    run.sampler = EpochSampler(DistributedSampler(data.train, num_replicas=env.world, rank=env.rank, shuffle=True,
+                                                  seed=seed, drop_last=False), n_train)
+    run.train_loader = DataLoader(EpochDataset(data.train), batch_size=batch_size, sampler=run.sampler,
+                                  num_workers=workers, pin_memory=pin, drop_last=True,
+                                  persistent_workers=workers > 0)
+    run.val_loader = _val_loader(data.val, env, batch_size, workers, pin)
 
     # ---- state
-    start_epoch, best_top1, metrics = 1, -1.0, []
+    run.start_epoch, run.best_top1, run.metrics = 1, -1.0, []
     if ckpt is not None:
         student.load_state_dict(ckpt["model"])
         if head is not None and ckpt.get("head") is not None:
@@ -584,175 +619,210 @@ def _train(raw: dict, env: Env) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = int(ckpt["epoch"]) + 1
-        best_top1 = float(ckpt.get("best_top1", -1.0))
-        metrics = list(ckpt.get("metrics", []))
+        run.start_epoch = int(ckpt["epoch"]) + 1
+        run.best_top1 = float(ckpt.get("best_top1", -1.0))
+        run.metrics = list(ckpt.get("metrics", []))
         set_rng_state(ckpt.get("rng"))
         log(f"resuming {out / 'last.pt'} after epoch {ckpt['epoch']}")
+    run.epochs = int(cfg["epochs"])
+    return run
 
-    data_info = {"spec": data.spec, "name": data.name, "num_classes": data.num_classes, "class_names": data.class_names,
-                 "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std),
-                 "train_size": len(data.train), "val_size": len(data.val)}
+
+def _write_run_info(run: _Run) -> None:
+    """OUT/config.json (configuration, data, environment, teacher) and metrics.jsonl as of the checkpoint;
+    the run's one-line description in the log."""
+    cfg, env, data, device, out = run.cfg, run.env, run.data, run.device, run.out
+    run.data_info = {"spec": data.spec, "name": data.name, "num_classes": data.num_classes,
+                     "class_names": data.class_names, "image_size": data.image_size, "mean": list(data.mean),
+                     "std": list(data.std), "train_size": len(data.train), "val_size": len(data.val)}
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
         env_info = {"torch": torch.__version__, "python": platform.python_version(), "dctkd_train": __version__,
                     "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-                    "world_size": env.world, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
-                    "channels_last": channels_last, "workers": workers, "argv": sys.argv}
+                    "world_size": env.world, "amp": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "none",
+                    "channels_last": run.channels_last, "workers": run.workers, "argv": sys.argv}
         try:
             import dctkd_ext
 
             env_info["dctkd_ext"] = getattr(dctkd_ext, "__version__", "present")
         except Exception:
             env_info["dctkd_ext"] = None
-        write_json({"config": cfg, "data": data_info, "environment": env_info, "teacher": t_info,
-                    "student_params": count_parameters(student),
-                    "head_params": count_real_parameters(head) if head is not None else None}, out / "config.json")
+        write_json({"config": cfg, "data": run.data_info, "environment": env_info, "teacher": run.t_info,
+                    "student_params": count_parameters(run.student),
+                    "head_params": count_real_parameters(run.head) if run.head is not None else None},
+                   out / "config.json")
         # metrics.jsonl always mirrors the checkpoint's history (drops epochs logged after last.pt).
-        atomic_write(out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(m) + "\n" for m in metrics)), mode="w")
+        atomic_write(out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(m) + "\n" for m in run.metrics)),
+                     mode="w")
 
-    log(f"model: {cfg['model']} ({count_parameters(student) / 1e6:.2f} M params), method {cfg['method']} "
-        f"(ce {mcfg.ce_weight:g}, kd {mcfg.kd_weight:g}, feat {mcfg.feat_weight:g}{', guide' if mcfg.guide else ''}), "
-        f"recipe {cfg['recipe']}, "
-        f"{env.world} process(es) on {device}, batch {batch_size}/process, amp {cfg['amp']}")
+    mcfg = run.mcfg
+    run.log(f"model: {cfg['model']} ({count_parameters(run.student) / 1e6:.2f} M params), method {cfg['method']} "
+            f"(ce {mcfg.ce_weight:g}, kd {mcfg.kd_weight:g}, feat {mcfg.feat_weight:g}{', guide' if mcfg.guide else ''}), "
+            f"recipe {cfg['recipe']}, "
+            f"{env.world} process(es) on {device}, batch {run.batch_size}/process, amp {cfg['amp']}")
 
-    teacher_eval = None
-    if teacher is not None and cfg.get("eval_teacher", True) and start_epoch == 1:
-        teacher_eval = evaluate(teacher, val_loader, env, data.num_classes, amp_dtype, channels_last)
-        log(f"teacher {t_info['arch']}: val top-1 {teacher_eval['top1']:.2f}  top-5 {teacher_eval['top5']:.2f}  "
-            f"MCA {teacher_eval['mca']:.2f}")
-    elif ckpt is not None:
-        teacher_eval = ckpt.get("teacher_eval")
 
-    show_progress = bool(cfg.get("progress", True)) and env.main and not quiet
-    epochs = int(cfg["epochs"])
-    last_plot = time.perf_counter()
-    for epoch in range(start_epoch, epochs + 1):
-        lr = lr_at(cfg, epoch)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        sampler.set_epoch(epoch)
-        smod.train()
-        sums: dict[str, torch.Tensor] = {}
-        n_seen = 0
-        correct = torch.zeros((), dtype=torch.float64, device=device)
-        bar = Progress(len(train_loader), f"epoch {epoch}/{epochs}", enabled=show_progress)
-        shown: dict[str, float] = {}
-        t0 = time.perf_counter()
-        for x, y in train_loader:
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            t_logits = t_feats = None
-            with _autocast(device, amp_dtype):
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = run_teacher(x)
-                        t_feats = t_hooks.pop() if t_hooks is not None else None
-                s_logits, s_feats, head_out = model(x)
-            s_logits = s_logits.float()
-            ce = F.cross_entropy(s_logits, y)
-            with timer():
-                terms = method.distill_terms(y, s_logits, s_feats, head_out,
-                                             t_logits.float() if t_logits is not None else None, t_feats, epoch)
-            loss = method.total(ce, terms, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+def _evaluate_teacher(run: _Run):
+    """The teacher's validation metrics: measured at the start of a new run, carried over on --resume."""
+    if run.teacher is not None and run.cfg.get("eval_teacher", True) and run.start_epoch == 1:
+        ev = evaluate(run.teacher, run.val_loader, run.env, run.data.num_classes, run.amp_dtype, run.channels_last)
+        run.log(f"teacher {run.t_info['arch']}: val top-1 {ev['top1']:.2f}  top-5 {ev['top5']:.2f}  "
+                f"MCA {ev['mca']:.2f}")
+        return ev
+    if run.ckpt is not None:
+        return run.ckpt.get("teacher_eval")
+    return None
 
-            b = y.numel()
-            with torch.no_grad():
-                for k, v in (("loss", loss), ("ce", ce), *terms.items()):
-                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=device)) + v.detach().double() * b
-                correct += (s_logits.argmax(1) == y).sum()
-            n_seen += b
-            if show_progress:
-                if bar.step % 10 == 0:  # reading the loss syncs the device: not every step
-                    shown = {"loss": float(loss.item())}
-                bar.update(b * env.world, **shown)
-        train_time = time.perf_counter() - t0
-        bar.close()
-        loss_time, loss_calls = timer.collect()
 
-        # reduce the epoch's statistics over processes
-        keys = sorted(sums)
-        vec = torch.stack([sums[k] for k in keys] + [torch.tensor(float(n_seen), dtype=torch.float64, device=device),
-                          correct, torch.tensor(loss_time, dtype=torch.float64, device=device)])
-        _all_reduce(vec, env)
-        if not math.isfinite(vec[keys.index("loss")].item()):
-            raise TrainingDiverged(f"the training loss became non-finite in epoch {epoch} (last.pt keeps epoch "
-                                   f"{epoch - 1}); lower --lr, or use --amp none / bf16")
-        tt = torch.tensor([train_time], dtype=torch.float64, device=device)
-        if env.distributed:
-            dist.all_reduce(tt, op=dist.ReduceOp.MAX)
-        n_all = vec[len(keys)].item()
-        row: dict[str, Any] = {"epoch": epoch, "lr": lr}
-        for i, k in enumerate(keys):
-            row["train_loss" if k == "loss" else f"train_loss_{k}"] = vec[i].item() / max(n_all, 1)
-        row["train_top1"] = 100.0 * vec[len(keys) + 1].item() / max(n_all, 1)
-        row["images_per_sec"] = n_all / max(tt.item(), 1e-9)
-        row["epoch_time_s"] = tt.item()
-        row["loss_time_s"] = vec[-1].item() / env.world  # per process (each computes its own shard)
-        row["steps"] = len(train_loader)
-        row["loss_ms_per_step"] = 1000 * row["loss_time_s"] / max(1, len(train_loader))
-        if env.distributed:
-            # BatchNorm statistics: each rank updated its own after the last step; evaluate (and save) rank 0's.
-            for buf in student.buffers():
-                dist.broadcast(buf, 0)
-        ev = evaluate(smod.student, val_loader, env, data.num_classes, amp_dtype, channels_last)
-        row.update({"val_top1": ev["top1"], "val_top5": ev["top5"], "val_mca": ev["mca"], "val_loss": ev["loss"],
-                    "val_images": ev["n"]})
-        if head is not None:
-            row["feat_weight_scale"] = method.feat_scale(epoch)
-        metrics.append(row)
-        is_best = ev["top1"] > best_top1
-        best_top1 = max(best_top1, ev["top1"])
-        row["best_val_top1"] = best_top1
+def _train_epoch(run: _Run, epoch: int) -> dict:
+    """One epoch of training steps; returns the epoch's row of metrics (losses, accuracy, timings),
+    reduced over processes. Raises TrainingDiverged on a non-finite loss."""
+    cfg, env, device, method, timer = run.cfg, run.env, run.device, run.method, run.timer
+    show_progress = bool(cfg.get("progress", True)) and env.main and not run.quiet
+    lr = lr_at(cfg, epoch)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    run.sampler.set_epoch(epoch)
+    run.smod.train()
+    sums: dict[str, torch.Tensor] = {}
+    n_seen = 0
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    bar = Progress(len(run.train_loader), f"epoch {epoch}/{run.epochs}", enabled=show_progress)
+    shown: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for x, y in run.train_loader:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if run.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        t_logits = t_feats = None
+        with _autocast(device, run.amp_dtype):
+            if run.teacher is not None:
+                with torch.no_grad():
+                    t_logits = run.run_teacher(x)
+                    t_feats = run.t_hooks.pop() if run.t_hooks is not None else None
+            s_logits, s_feats, head_out = run.model(x)
+        s_logits = s_logits.float()
+        ce = F.cross_entropy(s_logits, y)
+        with timer():
+            terms = method.distill_terms(y, s_logits, s_feats, head_out,
+                                         t_logits.float() if t_logits is not None else None, t_feats, epoch)
+        loss = method.total(ce, terms, epoch)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
 
-        if env.main:
-            state = {
-                "format": FORMAT, "arch": cfg["model"], "num_classes": data.num_classes,
-                "model": student.state_dict(), "head": head.state_dict() if head is not None else None,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "best_top1": best_top1, "metrics": metrics, "config": cfg, "data": data_info,
-                "feature_layers": s_layers, "teacher_eval": teacher_eval, "rng": rng_state(),
-                "val": ev,
-            }
-            save_checkpoint(state, out / "last.pt")
-            if is_best:
-                save_checkpoint(state, out / "best.pt")
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            # a plot takes ~1 s: redraw at most once a minute, and after the last epoch
-            if epoch == epochs or time.perf_counter() - last_plot >= 60:
-                try:
-                    plot_curves(metrics, out / "curves.png", f"{cfg['model']} / {cfg['method']} / {data.spec}")
-                except Exception as e:  # a plot must never stop a run
-                    log(f"warning: curves.png not written ({type(e).__name__}: {e})")
-                last_plot = time.perf_counter()
-        terms_txt = " ".join(f"{k} {row[f'train_loss_{k}']:.4f}" for k in keys if k != "loss")
-        log(f"epoch {epoch}/{epochs}: loss {row['train_loss']:.4f} ({terms_txt}) | val top-1 {ev['top1']:.2f} "
+        b = y.numel()
+        with torch.no_grad():
+            for k, v in (("loss", loss), ("ce", ce), *terms.items()):
+                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=device)) + v.detach().double() * b
+            correct += (s_logits.argmax(1) == y).sum()
+        n_seen += b
+        if show_progress:
+            if bar.step % 10 == 0:  # reading the loss syncs the device: not every step
+                shown = {"loss": float(loss.item())}
+            bar.update(b * env.world, **shown)
+    train_time = time.perf_counter() - t0
+    bar.close()
+    loss_time, loss_calls = timer.collect()
+
+    # reduce the epoch's statistics over processes
+    keys = sorted(sums)
+    vec = torch.stack([sums[k] for k in keys] + [torch.tensor(float(n_seen), dtype=torch.float64, device=device),
+                      correct, torch.tensor(loss_time, dtype=torch.float64, device=device)])
+    _all_reduce(vec, env)
+    if not math.isfinite(vec[keys.index("loss")].item()):
+        raise TrainingDiverged(f"the training loss became non-finite in epoch {epoch} (last.pt keeps epoch "
+                               f"{epoch - 1}); lower --lr, or use --amp none / bf16")
+    tt = torch.tensor([train_time], dtype=torch.float64, device=device)
+    if env.distributed:
+        dist.all_reduce(tt, op=dist.ReduceOp.MAX)
+    n_all = vec[len(keys)].item()
+    row: dict[str, Any] = {"epoch": epoch, "lr": lr}
+    for i, k in enumerate(keys):
+        row["train_loss" if k == "loss" else f"train_loss_{k}"] = vec[i].item() / max(n_all, 1)
+    row["train_top1"] = 100.0 * vec[len(keys) + 1].item() / max(n_all, 1)
+    row["images_per_sec"] = n_all / max(tt.item(), 1e-9)
+    row["epoch_time_s"] = tt.item()
+    row["loss_time_s"] = vec[-1].item() / env.world  # per process (each computes its own shard)
+    row["steps"] = len(run.train_loader)
+    row["loss_ms_per_step"] = 1000 * row["loss_time_s"] / max(1, len(run.train_loader))
+    run.term_keys = [k for k in keys if k != "loss"]
+    return row
+
+
+def _evaluate_epoch(run: _Run, epoch: int, row: dict):
+    """Validation after an epoch: (the evaluation, whether it is the best so far); the row and the
+    history (run.metrics, run.best_top1) updated."""
+    env = run.env
+    if env.distributed:
+        # BatchNorm statistics: each rank updated its own after the last step; evaluate (and save) rank 0's.
+        for buf in run.student.buffers():
+            dist.broadcast(buf, 0)
+    ev = evaluate(run.smod.student, run.val_loader, env, run.data.num_classes, run.amp_dtype, run.channels_last)
+    row.update({"val_top1": ev["top1"], "val_top5": ev["top5"], "val_mca": ev["mca"], "val_loss": ev["loss"],
+                "val_images": ev["n"]})
+    if run.head is not None:
+        row["feat_weight_scale"] = run.method.feat_scale(epoch)
+    run.metrics.append(row)
+    is_best = ev["top1"] > run.best_top1
+    run.best_top1 = max(run.best_top1, ev["top1"])
+    row["best_val_top1"] = run.best_top1
+    return ev, is_best
+
+
+def _save_epoch(run: _Run, epoch: int, row: dict, ev: dict, is_best: bool, last_plot: float) -> float:
+    """Checkpoints (last.pt, best.pt), the metrics line, the curves (at most once a minute and after the
+    last epoch) and the epoch's log line; returns the time of the last plot."""
+    cfg, env, out = run.cfg, run.env, run.out
+    if env.main:
+        state = {
+            "format": FORMAT, "arch": cfg["model"], "num_classes": run.data.num_classes,
+            "model": run.student.state_dict(), "head": run.head.state_dict() if run.head is not None else None,
+            "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+            "epoch": epoch, "best_top1": run.best_top1, "metrics": run.metrics, "config": cfg,
+            "data": run.data_info, "feature_layers": run.s_layers, "teacher_eval": run.teacher_eval,
+            "rng": rng_state(), "val": ev,
+        }
+        save_checkpoint(state, out / "last.pt")
+        if is_best:
+            save_checkpoint(state, out / "best.pt")
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        # a plot takes ~1 s: redraw at most once a minute, and after the last epoch
+        if epoch == run.epochs or time.perf_counter() - last_plot >= 60:
+            try:
+                plot_curves(run.metrics, out / "curves.png", f"{cfg['model']} / {cfg['method']} / {run.data.spec}")
+            except Exception as e:  # a plot must never stop a run
+                run.log(f"warning: curves.png not written ({type(e).__name__}: {e})")
+            last_plot = time.perf_counter()
+    terms_txt = " ".join(f"{k} {row[f'train_loss_{k}']:.4f}" for k in run.term_keys)
+    run.log(f"epoch {epoch}/{run.epochs}: loss {row['train_loss']:.4f} ({terms_txt}) | val top-1 {ev['top1']:.2f} "
             f"top-5 {ev['top5']:.2f} MCA {ev['mca']:.2f} | {row['images_per_sec']:.0f} img/s, "
-            f"loss time {row['loss_time_s']:.2f}s, lr {lr:.4g}")
-        if env.distributed:
-            dist.barrier()
+            f"loss time {row['loss_time_s']:.2f}s, lr {row['lr']:.4g}")
+    if env.distributed:
+        dist.barrier()
+    return last_plot
 
-    if t_hooks is not None:
-        t_hooks.remove()
+
+def _finish(run: _Run, t_start: float) -> dict:
+    """The run's summary (also OUT/summary.json); removes the teacher's feature hooks."""
+    if run.t_hooks is not None:
+        run.t_hooks.remove()
+    metrics = run.metrics
     final = metrics[-1] if metrics else {}
     best = max(metrics, key=lambda m: m["val_top1"]) if metrics else {}
     summary = {
-        "model": cfg["model"], "method": cfg["method"], "data": data.spec, "epochs": epochs,
-        "final": final, "best": best, "teacher_eval": teacher_eval,
+        "model": run.cfg["model"], "method": run.cfg["method"], "data": run.data.spec, "epochs": run.epochs,
+        "final": final, "best": best, "teacher_eval": run.teacher_eval,
         "loss_time_s": sum(m.get("loss_time_s", 0.0) for m in metrics),
         "steps": sum(m.get("steps", 0) for m in metrics),
         "train_time_s": sum(m.get("epoch_time_s", 0.0) for m in metrics),
-        "wall_time_s": time.perf_counter() - t_start, "out": str(out),
+        "wall_time_s": time.perf_counter() - t_start, "out": str(run.out),
     }
-    if env.main:
-        write_json(summary, out / "summary.json")
+    if run.env.main:
+        write_json(summary, run.out / "summary.json")
     return summary
 
 

@@ -21,24 +21,14 @@ from dctkd_ext import reference  # noqa: E402
 
 from conftest import rel_err  # noqa: E402
 
-BACKENDS = ["cuda"] + (["triton"] if dctkd_ext.ops.spectral._triton_importable() else [])
+BACKENDS = ["cuda"] + (["triton"] if dctkd_ext._backend.triton_installed() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-10}
 DEV = "cuda"
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    """torch.empty returns NaN-filled memory while deterministic algorithms are on."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev)
-        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+# every output a kernel allocates is NaN until written (conftest.nan_poisoned_empty)
+pytestmark = pytest.mark.usefixtures("poison_outputs_warn_only")
 
 
 def check(out, ref, tol, what):
