@@ -245,8 +245,8 @@ void loss_single_pass(std::vector<LevelPlan<T>>& levels, T* dist, const T* grad_
       if (grad_scale != nullptr) {
         // The same products in the same order as dct_at_loss_backward: (dL/dA * g_b) * (1/C), then * d|S|^p/dS.
         const T k = grad_scale[b], inv_c = T(1) / T(lv.sb.C);
-        for (int64_t i = 0; i < n; ++i) tmp[i] = (gm[i] * k) * inv_c;
-        sample::attention_map_grad<T>(lv.sb, b, p, tmp.data());
+        for (int64_t i = 0; i < n; ++i) tmp[i] = gm[i] * k;
+        sample::attention_map_grad<T>(lv.sb, b, p, tmp.data(), inv_c);
       }
     }
   });
