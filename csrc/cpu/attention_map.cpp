@@ -133,16 +133,17 @@ void backward_vec(const float* g, const void* x, void* dx, at::ScalarType t, boo
   const int64_t esize = static_cast<int64_t>(at::elementSize(t));
   const char* xb = static_cast<const char*>(x);
   char* db = static_cast<char*>(dx);
+  const bool stream = B * C * HW * esize > sweep::kStreamBytes;
   if (cl) {
     at::parallel_for(0, B * HW, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
-      sweep::grad_nhwc(g + begin, scale, xb + begin * C * esize, db + begin * C * esize, t, C, end - begin);
+      sweep::grad_nhwc(g + begin, scale, xb + begin * C * esize, db + begin * C * esize, t, C, end - begin, stream);
     });
     return;
   }
   at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end;) {
       const int64_t b = bc / C, rows = std::min(end - bc, C - bc % C);
-      sweep::grad_nchw(g + b * HW, scale, xb + bc * HW * esize, db + bc * HW * esize, t, rows, HW, HW);
+      sweep::grad_nchw(g + b * HW, scale, xb + bc * HW * esize, db + bc * HW * esize, t, rows, HW, HW, stream);
       bc += rows;
     }
   });

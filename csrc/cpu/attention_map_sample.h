@@ -102,6 +102,7 @@ void with_type(at::ScalarType t, F&& f) {
 struct Block {
   const void* x = nullptr;
   void* dx = nullptr;  // the gradient's block, or null
+  bool stream = false;  // write dx with non-temporal stores (sweep::grad_*)
   at::ScalarType type = at::kFloat;
   bool channels_last = false;
   int64_t C = 0, HW = 0;
@@ -143,8 +144,8 @@ void attention_map_grad(const Block& blk, int64_t b, double p, const acc_t* g, a
       const int64_t off = b * blk.C * blk.HW * static_cast<int64_t>(at::elementSize(blk.type));
       const void* x = static_cast<const char*>(blk.x) + off;
       void* dx = static_cast<char*>(blk.dx) + off;
-      if (blk.channels_last) sweep::grad_nhwc(g, scale, x, dx, blk.type, blk.C, blk.HW);
-      else sweep::grad_nchw(g, scale, x, dx, blk.type, blk.C, blk.HW, blk.HW);
+      if (blk.channels_last) sweep::grad_nhwc(g, scale, x, dx, blk.type, blk.C, blk.HW, blk.stream);
+      else sweep::grad_nchw(g, scale, x, dx, blk.type, blk.C, blk.HW, blk.HW, blk.stream);
       return;
     }
   }

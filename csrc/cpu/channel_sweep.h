@@ -28,11 +28,16 @@ void map_nchw(const void* x, at::ScalarType t, double p, int64_t C, int64_t stri
 void map_nhwc(const void* x, at::ScalarType t, double p, int64_t C, int64_t npos, float scale, float* out);
 
 // NCHW, p = 2: dx[c * stride + i] = (g[i] * scale) * (2 x[c * stride + i]) for c < C, i < n,
-// rounded to x's type as static_cast does.
+// rounded to x's type as static_cast does. stream: write dx with non-temporal stores (for a
+// gradient too large to stay in cache; the values are the same either way).
 void grad_nchw(const float* g, float scale, const void* x, void* dx, at::ScalarType t, int64_t C, int64_t stride,
-               int64_t n);
+               int64_t n, bool stream);
 // channels_last, p = 2: dx[pos * C + c] = (g[pos] * scale) * (2 x[pos * C + c]) for pos < npos.
-void grad_nhwc(const float* g, float scale, const void* x, void* dx, at::ScalarType t, int64_t C, int64_t npos);
+void grad_nhwc(const float* g, float scale, const void* x, void* dx, at::ScalarType t, int64_t C, int64_t npos,
+               bool stream);
+
+// Gradients above this size are streamed past the caches (a few times the L2 of a core).
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 }  // namespace sweep
 }  // namespace cpu

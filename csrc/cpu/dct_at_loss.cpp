@@ -305,6 +305,12 @@ LossResult loss_impl(at::TensorList student, at::TensorList teacher, at::ArrayRe
       lv.bw = &cached_bases<T>(lv.W, dct, dft);
       any_work = any_work || lv.H * lv.W > 0;
     }
+    if (want_grad) {
+      // The student's gradient goes past the caches when all of it is much larger than they are.
+      int64_t ds_bytes = 0;
+      for (const auto& lv : levels) ds_bytes += lv.ds.nbytes();
+      for (auto& lv : levels) lv.sb.stream = ds_bytes > sweep::kStreamBytes;
+    }
     if (B > 0 && any_work) {
       // A level with an empty map contributes 0 and gets a zero gradient; the rest go through the pass.
       std::vector<LevelPlan<T>> work;
