@@ -1,7 +1,9 @@
 // The attention map of ONE sample and its gradient, for kernels that work sample by sample (the
 // single-pass dct_at_loss): the sample's (C, H, W) block is contiguous in both NCHW and
 // channels_last, so one pointer and the layout flag describe it. fp32 accumulation (fp64 for
-// fp64), fp16/bf16 converted in registers.
+// fp64), fp16/bf16 converted in registers. fp32 accumulation with p = 2 or 1 (the map) and p = 2
+// (the gradient) runs the vectorised sweeps of channel_sweep.h; the templates below serve fp64 and
+// other exponents.
 #pragma once
 #include <ATen/ATen.h>
 
