@@ -131,9 +131,11 @@ def op_cases(batch, dtype, device):
 
     xb = batch * c * h * h * esize
     ab = batch * h * h * 4
+    # attention_map: fwd reads x, writes A; bwd reads dA and x again, writes dx (two separate ops,
+    # so fwd+bwd is their sum: 3x + 2A).
     return [
         Case("attention_map", "r18_stage1", batch, dtype,
-             {"fwd": xb + ab, "bwd": 2 * xb + ab, "fwd+bwd": 2 * xb + 2 * ab},
+             {"fwd": xb + ab, "bwd": 2 * xb + ab, "fwd+bwd": 3 * xb + 2 * ab},
              [Impl("ours", am_make(dctkd_ext.attention_map)),
               Impl("eager_paper", am_make(lambda x: x.float().pow(2).mean(1))),
               Impl("eager_reference", am_make(reference.attention_map))]),

@@ -6,9 +6,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../dctkd_math.h"
+#include "channel_sweep.h"
 #include "cpu_kernels.h"
 
 namespace dctkd {
@@ -102,6 +104,51 @@ void backward_nhwc(const acc_t* g, const scalar_t* x, scalar_t* dx, int64_t B, i
   });
 }
 
+// fp32 accumulation of float32/bfloat16/float16 (channel_sweep.h). NCHW: one work item per sample
+// and tile of up to 4096 positions, so each channel is one long sequential run.
+void reduce_vec(const void* x, at::ScalarType t, bool cl, float* out, int64_t B, int64_t C, int64_t HW, double p,
+                float scale) {
+  const int64_t esize = static_cast<int64_t>(at::elementSize(t));
+  const char* xb = static_cast<const char*>(x);
+  if (cl) {
+    at::parallel_for(0, B * HW, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+      sweep::map_nhwc(xb + begin * C * esize, t, p, C, end - begin, scale, out + begin);
+    });
+    return;
+  }
+  constexpr int64_t kVecTile = 4096;
+  const int64_t tiles = (HW + kVecTile - 1) / kVecTile;
+  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / tiles, t0 = (item % tiles) * kVecTile;
+      sweep::map_nchw(xb + (b * C * HW + t0) * esize, t, p, C, HW, std::min(kVecTile, HW - t0), scale,
+                      out + b * HW + t0);
+    }
+  });
+}
+
+// p = 2: dx = (g * scale) * 2x, the same products as the single pass of dct_at_loss.
+void backward_vec(const float* g, const void* x, void* dx, at::ScalarType t, bool cl, int64_t B, int64_t C, int64_t HW,
+                  float scale) {
+  const int64_t esize = static_cast<int64_t>(at::elementSize(t));
+  const char* xb = static_cast<const char*>(x);
+  char* db = static_cast<char*>(dx);
+  const bool stream = B * C * HW * esize > sweep::kStreamBytes;
+  if (cl) {
+    at::parallel_for(0, B * HW, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+      sweep::grad_nhwc(g + begin, scale, xb + begin * C * esize, db + begin * C * esize, t, C, end - begin, stream);
+    });
+    return;
+  }
+  at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end;) {
+      const int64_t b = bc / C, rows = std::min(end - bc, C - bc % C);
+      sweep::grad_nchw(g + b * HW, scale, xb + bc * HW * esize, db + bc * HW * esize, t, rows, HW, HW, stream);
+      bc += rows;
+    }
+  });
+}
+
 // The memory format the kernels read: NCHW-contiguous, channels_last, or (anything else) a copy.
 bool use_channels_last(const at::Tensor& x) {
   return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -136,6 +183,12 @@ at::Tensor attention_map_into(const at::Tensor& x_in, double p, bool mean, at::S
       const acc_t pp = static_cast<acc_t>(p);
       const in_t* xp = x.const_data_ptr<in_t>();
       acc_t* op = out.mutable_data_ptr<acc_t>();
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (sweep::map_supported(x.scalar_type(), p)) {
+          reduce_vec(xp, x.scalar_type(), cl, op, B, C, HW, p, scale);
+          return;
+        }
+      }
       if (cl) {
         if (p == 2.0) reduce_nhwc<in_t, acc_t, 2>(xp, op, B, C, HW, pp, scale);
         else if (p == 1.0) reduce_nhwc<in_t, acc_t, 1>(xp, op, B, C, HW, pp, scale);
@@ -171,6 +224,12 @@ at::Tensor attention_map_backward_impl(const at::Tensor& grad_in, const at::Tens
       const acc_t* gp = g.const_data_ptr<acc_t>();
       const in_t* xp = x.const_data_ptr<in_t>();
       in_t* dp = dx.mutable_data_ptr<in_t>();
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (sweep::grad_supported(x.scalar_type(), p)) {
+          backward_vec(gp, xp, dp, x.scalar_type(), cl, B, C, HW, scale);
+          return;
+        }
+      }
       if (cl) {
         if (p == 2.0) backward_nhwc<in_t, acc_t, 2>(gp, xp, dp, B, C, HW, pp, scale);
         else backward_nhwc<in_t, acc_t, 0>(gp, xp, dp, B, C, HW, pp, scale);

@@ -1,7 +1,9 @@
 // The attention map of ONE sample and its gradient, for kernels that work sample by sample (the
 // single-pass dct_at_loss): the sample's (C, H, W) block is contiguous in both NCHW and
 // channels_last, so one pointer and the layout flag describe it. fp32 accumulation (fp64 for
-// fp64), fp16/bf16 converted in registers.
+// fp64), fp16/bf16 converted in registers. fp32 accumulation with p = 2 or 1 (the map) and p = 2
+// (the gradient) runs the vectorised sweeps of channel_sweep.h; the templates below serve fp64 and
+// other exponents.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -10,6 +12,7 @@
 #include <type_traits>
 
 #include "../dctkd_math.h"
+#include "channel_sweep.h"
 
 namespace dctkd {
 namespace cpu {
@@ -64,20 +67,21 @@ void map_nhwc(const in_t* x, int64_t C, int64_t HW, acc_t p, acc_t scale, acc_t*
   }
 }
 
-// dx[c, i] = gs[i] * d|x|^p/dx, where gs already holds every factor (upstream gradient, 1/C).
+// dx[c, i] = (g[i] * scale) * d|x|^p/dx.
 template <typename in_t, typename acc_t, int kPow>
-void grad_nchw(const acc_t* gs, const in_t* x, in_t* dx, int64_t C, int64_t HW, acc_t p) {
+void grad_nchw(const acc_t* g, acc_t scale, const in_t* x, in_t* dx, int64_t C, int64_t HW, acc_t p) {
   for (int64_t c = 0; c < C; ++c) {
     const in_t* xc = x + c * HW;
     in_t* dc = dx + c * HW;
-    for (int64_t i = 0; i < HW; ++i) dc[i] = static_cast<in_t>(gs[i] * term_grad<acc_t, kPow>(static_cast<acc_t>(xc[i]), p));
+    for (int64_t i = 0; i < HW; ++i)
+      dc[i] = static_cast<in_t>((g[i] * scale) * term_grad<acc_t, kPow>(static_cast<acc_t>(xc[i]), p));
   }
 }
 
 template <typename in_t, typename acc_t, int kPow>
-void grad_nhwc(const acc_t* gs, const in_t* x, in_t* dx, int64_t C, int64_t HW, acc_t p) {
+void grad_nhwc(const acc_t* gs, acc_t scale, const in_t* x, in_t* dx, int64_t C, int64_t HW, acc_t p) {
   for (int64_t pos = 0; pos < HW; ++pos) {
-    const acc_t g = gs[pos];
+    const acc_t g = gs[pos] * scale;
     const in_t* xp = x + pos * C;
     in_t* dp = dx + pos * C;
     for (int64_t c = 0; c < C; ++c) dp[c] = static_cast<in_t>(g * term_grad<acc_t, kPow>(static_cast<acc_t>(xp[c]), p));
@@ -100,6 +104,7 @@ void with_type(at::ScalarType t, F&& f) {
 struct Block {
   const void* x = nullptr;
   void* dx = nullptr;  // the gradient's block, or null
+  bool stream = false;  // write dx with non-temporal stores (sweep::grad_*)
   at::ScalarType type = at::kFloat;
   bool channels_last = false;
   int64_t C = 0, HW = 0;
@@ -107,6 +112,15 @@ struct Block {
 
 template <typename acc_t>
 void attention_map(const Block& blk, int64_t b, double p, acc_t scale, acc_t* out) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (sweep::map_supported(blk.type, p)) {
+      const int64_t off = b * blk.C * blk.HW * static_cast<int64_t>(at::elementSize(blk.type));
+      const void* x = static_cast<const char*>(blk.x) + off;
+      if (blk.channels_last) sweep::map_nhwc(x, blk.type, p, blk.C, blk.HW, scale, out);
+      else sweep::map_nchw(x, blk.type, p, blk.C, blk.HW, blk.HW, scale, out);
+      return;
+    }
+  }
   with_type(blk.type, [&](auto tag) {
     using in_t = std::remove_pointer_t<decltype(tag)>;
     const in_t* x = static_cast<const in_t*>(blk.x) + b * blk.C * blk.HW;
@@ -124,8 +138,19 @@ void attention_map(const Block& blk, int64_t b, double p, acc_t scale, acc_t* ou
   });
 }
 
+// dx = (g[i] * scale) * d|x|^p/dx; scale holds the rest of the factors (1/C).
 template <typename acc_t>
-void attention_map_grad(const Block& blk, int64_t b, double p, const acc_t* gs) {
+void attention_map_grad(const Block& blk, int64_t b, double p, const acc_t* g, acc_t scale) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (sweep::grad_supported(blk.type, p)) {
+      const int64_t off = b * blk.C * blk.HW * static_cast<int64_t>(at::elementSize(blk.type));
+      const void* x = static_cast<const char*>(blk.x) + off;
+      void* dx = static_cast<char*>(blk.dx) + off;
+      if (blk.channels_last) sweep::grad_nhwc(g, scale, x, dx, blk.type, blk.C, blk.HW, blk.stream);
+      else sweep::grad_nchw(g, scale, x, dx, blk.type, blk.C, blk.HW, blk.HW, blk.stream);
+      return;
+    }
+  }
   with_type(blk.type, [&](auto tag) {
     using in_t = std::remove_pointer_t<decltype(tag)>;
     const int64_t off = b * blk.C * blk.HW;
@@ -133,11 +158,11 @@ void attention_map_grad(const Block& blk, int64_t b, double p, const acc_t* gs) 
     in_t* dx = static_cast<in_t*>(blk.dx) + off;
     const acc_t pp = static_cast<acc_t>(p);
     if (blk.channels_last) {
-      if (p == 2.0) grad_nhwc<in_t, acc_t, 2>(gs, x, dx, blk.C, blk.HW, pp);
-      else grad_nhwc<in_t, acc_t, 0>(gs, x, dx, blk.C, blk.HW, pp);
+      if (p == 2.0) grad_nhwc<in_t, acc_t, 2>(g, scale, x, dx, blk.C, blk.HW, pp);
+      else grad_nhwc<in_t, acc_t, 0>(g, scale, x, dx, blk.C, blk.HW, pp);
     } else {
-      if (p == 2.0) grad_nchw<in_t, acc_t, 2>(gs, x, dx, blk.C, blk.HW, pp);
-      else grad_nchw<in_t, acc_t, 0>(gs, x, dx, blk.C, blk.HW, pp);
+      if (p == 2.0) grad_nchw<in_t, acc_t, 2>(g, scale, x, dx, blk.C, blk.HW, pp);
+      else grad_nchw<in_t, acc_t, 0>(g, scale, x, dx, blk.C, blk.HW, pp);
     }
   });
 }

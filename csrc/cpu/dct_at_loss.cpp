@@ -245,8 +245,8 @@ void loss_single_pass(std::vector<LevelPlan<T>>& levels, T* dist, const T* grad_
       if (grad_scale != nullptr) {
         // The same products in the same order as dct_at_loss_backward: (dL/dA * g_b) * (1/C), then * d|S|^p/dS.
         const T k = grad_scale[b], inv_c = T(1) / T(lv.sb.C);
-        for (int64_t i = 0; i < n; ++i) tmp[i] = (gm[i] * k) * inv_c;
-        sample::attention_map_grad<T>(lv.sb, b, p, tmp.data());
+        for (int64_t i = 0; i < n; ++i) tmp[i] = gm[i] * k;
+        sample::attention_map_grad<T>(lv.sb, b, p, tmp.data(), inv_c);
       }
     }
   });
@@ -304,6 +304,12 @@ LossResult loss_impl(at::TensorList student, at::TensorList teacher, at::ArrayRe
       lv.bh = &cached_bases<T>(lv.H, dct, dft);
       lv.bw = &cached_bases<T>(lv.W, dct, dft);
       any_work = any_work || lv.H * lv.W > 0;
+    }
+    if (want_grad) {
+      // The student's gradient goes past the caches when all of it is much larger than they are.
+      int64_t ds_bytes = 0;
+      for (const auto& lv : levels) ds_bytes += lv.ds.nbytes();
+      for (auto& lv : levels) lv.sb.stream = ds_bytes > sweep::kStreamBytes;
     }
     if (B > 0 && any_work) {
       // A level with an empty map contributes 0 and gets a zero gradient; the rest go through the pass.
