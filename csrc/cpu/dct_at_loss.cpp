@@ -358,14 +358,11 @@ LossResult dct_at_loss_fused_cpu(at::TensorList student, at::TensorList teacher,
 
 std::vector<at::Tensor> dct_at_loss_backward_cpu(const at::Tensor& grad_loss, at::TensorList grad_maps,
                                                  at::TensorList student, double p) {
-  TORCH_CHECK(grad_maps.size() == student.size(), "grad_maps: expected ", student.size(), " levels, got ",
-              grad_maps.size());
-  TORCH_CHECK(grad_loss.dim() == 1, "grad_loss: expected a 1-D (B,) tensor, got ", grad_loss.dim(), "-D");
+  check_backward_levels(grad_loss, grad_maps, student);
   std::vector<at::Tensor> grads;
   grads.reserve(student.size());
   for (size_t l = 0; l < student.size(); ++l) {
     const int64_t B = student[l].size(0);
-    TORCH_CHECK(grad_loss.size(0) == B, "grad_loss: expected ", B, " values, got ", grad_loss.size(0));
     // Fold the per-sample upstream gradient into the (small) map gradient, then one pass over S.
     const at::Tensor g = grad_maps[l] * grad_loss.to(grad_maps[l].scalar_type()).view({B, 1, 1});
     grads.push_back(attention_map_backward_impl(g, student[l], p, true));
