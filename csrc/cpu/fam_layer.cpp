@@ -239,10 +239,7 @@ at::Tensor spectrum_freq_major(const at::Tensor& x, bool conj = false) {
 
 // (H, K, B, C) spectrum -> (B, C, H, W) real: the FFT reads the permuted view (no transposed copy).
 at::Tensor real_of_freq_major(const at::Tensor& yt, int64_t H, int64_t W) {
-  const at::ScalarType rt = yt.scalar_type() == at::kComplexDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({yt.size(2), yt.size(3), H, W}, yt.options().dtype(rt));
-  at::fft_irfft2_out(out, yt.permute({2, 3, 0, 1}), at::IntArrayRef{H, W}, {-2, -1}, "ortho");
-  return out;
+  return at::fft_irfft2(yt.permute({2, 3, 0, 1}), at::IntArrayRef{H, W}, {-2, -1}, "ortho").contiguous();
 }
 
 // One batched GEMM over the frequencies of n rows of frequency-major (R, K, M, N) tensors, each taken
