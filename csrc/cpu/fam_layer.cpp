@@ -56,6 +56,30 @@ std::vector<RowChunk> row_chunks(int64_t H, int64_t row_bytes) {
   return out;
 }
 
+// Where W'(rows[r], k) comes from: W'[m, k] = a w[m, k] + b conj(w[-m, -k]), offsets p and q of the two
+// terms in a weights1 plane (complex units) and their coefficients (zero where the mask drops the term).
+template <typename T>
+struct FoldTerm {
+  int64_t p, q;
+  T a, b;
+};
+
+template <typename T>
+std::vector<FoldTerm<T>> fold_terms(T r1, int64_t H, int64_t W, int64_t rh, int64_t rw, const std::vector<int64_t>& rows) {
+  const int64_t K = W / 2 + 1;
+  std::vector<FoldTerm<T>> t;
+  t.reserve(rows.size() * K);
+  for (int64_t h : rows) {
+    const int64_t nh = mirror(h, H);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t nk = mirror(k, W);
+      t.push_back({h * W + k, nh * W + nk, fam_keep(h, k, H, W, rh, rw) ? T(0.5) * r1 : T(0),
+                   fam_keep(nh, nk, H, W, rh, rw) ? T(0.5) * r1 : T(0)});
+    }
+  }
+  return t;
+}
+
 // out[r, k, i, o] = rate1 * W'[i, o, rows[r], k] + rate2 * w0[o, i] (complex, (R, K, I, O)) with
 // W'[m, k] = (M[m, k] w[m, k] + conj(M[-m, -k] w[-m, -k])) / 2 from weights1 w (I, O, H, W); its
 // conjugate when conj (so that the backward's GEMM reads Wc^H as a plain transpose, without a copy).
@@ -63,29 +87,37 @@ template <typename T>
 void fold_rows(const T* w1, const T* w0, T r1, T r2, int64_t I, int64_t O, int64_t H, int64_t W, int64_t rh,
                int64_t rw, const std::vector<int64_t>& rows, bool conj, T* out) {
   const T sign = conj ? T(-1) : T(1);
-  const int64_t K = W / 2 + 1, R = rows.size(), oblocks = (O + kOB - 1) / kOB;
+  const int64_t oblocks = (O + kOB - 1) / kOB, HW = H * W;
+  const std::vector<FoldTerm<T>> terms = fold_terms<T>(r1, H, W, rh, rw, rows);
+  const int64_t RK = terms.size();
   at::parallel_for(0, I * oblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t i = item / oblocks, o0 = (item % oblocks) * kOB, o1 = std::min(O, o0 + kOB);
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t h = rows[r], nh = mirror(h, H);
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t nk = mirror(k, W);
-          const T a = fam_keep(h, k, H, W, rh, rw) ? T(0.5) * r1 : T(0);
-          const T b = fam_keep(nh, nk, H, W, rh, rw) ? T(0.5) * r1 : T(0);
-          T* __restrict__ dst = out + 2 * (((r * K + k) * I + i) * O);
-          for (int64_t o = o0; o < o1; ++o) {
-            const T* plane = w1 + 2 * ((i * O + o) * H * W);
-            const T* p = plane + 2 * (h * W + k);
-            const T* q = plane + 2 * (nh * W + nk);
-            dst[2 * o] = a * p[0] + b * q[0] + r2 * w0[o * I + i];
-            dst[2 * o + 1] = sign * (a * p[1] - b * q[1]);
-          }
+      const int64_t i = item / oblocks, o0 = (item % oblocks) * kOB, n = std::min(O, o0 + kOB) - o0;
+      T c0[kOB];
+      for (int64_t o = 0; o < n; ++o) c0[o] = r2 * w0[(o0 + o) * I + i];
+      const T* __restrict__ planes = w1 + 2 * ((i * O + o0) * HW);
+      for (int64_t rk = 0; rk < RK; ++rk) {
+        const FoldTerm<T> f = terms[rk];
+        const T* __restrict__ p = planes + 2 * f.p;
+        const T* __restrict__ q = planes + 2 * f.q;
+        T* __restrict__ dst = out + 2 * ((rk * I + i) * O + o0);
+        for (int64_t o = 0; o < n; ++o) {
+          const int64_t e = 2 * o * HW;
+          dst[2 * o] = f.a * p[e] + f.b * q[e] + c0[o];
+          dst[2 * o + 1] = sign * (f.a * p[e + 1] - f.b * q[e + 1]);
         }
       }
     }
   });
 }
+
+// The backward of one element (p, q) of a weights1 plane: D[p, q] = (c1 dWc[r1k] + c2 conj(dWc[r2k])) / 2,
+// with dWc = mult g; c1, c2 zero where the mask or the half plane leaves the term out.
+template <typename T>
+struct UnfoldTerm {
+  int64_t src1, src2;  // rows r*K + k of g
+  T c1, c2;
+};
 
 // From g[r, k, i, o] = sum_b conj(X[b, i]) G[b, o] at the chunk's rows (complex, (R, K, I, O)) and the
 // multiplicity c_k of each half-plane column (dWc = c_k g is the gradient of the combined weight):
@@ -96,48 +128,53 @@ template <typename T>
 void fold_rows_backward(const T* g, const T* w1, const T* mult, T r1, int64_t I, int64_t O, int64_t H, int64_t W,
                         int64_t rh, int64_t rw, const std::vector<int64_t>& rows, const std::vector<int64_t>& row_of,
                         T* dw1, double* wsum, double* r1part) {
-  const int64_t K = W / 2 + 1, R = rows.size(), oblocks = (O + kOB - 1) / kOB, st = 2 * I * O;
+  const int64_t K = W / 2 + 1, R = rows.size(), oblocks = (O + kOB - 1) / kOB, st = 2 * I * O, HW = H * W;
+  std::vector<UnfoldTerm<T>> terms;
+  terms.reserve(R * W);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t p = rows[r], rnp = row_of[mirror(p, H)];
+    for (int64_t q = 0; q < W; ++q) {
+      const int64_t nq = mirror(q, W);
+      const bool keep = fam_keep(p, q, H, W, rh, rw);
+      UnfoldTerm<T> t{0, 0, T(0), T(0)};
+      if (keep && q < K) t.src1 = r * K + q, t.c1 = T(0.5) * mult[q];
+      if (keep && nq < K) t.src2 = rnp * K + nq, t.c2 = T(0.5) * mult[nq];
+      terms.push_back(t);
+    }
+  }
+  std::vector<T> colmult(R * K);
+  for (int64_t rk = 0; rk < R * K; ++rk) colmult[rk] = mult[rk % K];
   at::parallel_for(0, I * oblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t i = item / oblocks, o0 = (item % oblocks) * kOB, o1 = std::min(O, o0 + kOB);
       double r1acc = 0;
       for (int64_t o = o0; o < o1; ++o) {
-        const T* gc = g + 2 * (i * O + o);
+        const T* __restrict__ gc = g + 2 * (i * O + o);
         if (wsum != nullptr) {
           double s = 0;
-          for (int64_t r = 0; r < R; ++r)
-            for (int64_t k = 0; k < K; ++k) s += double(mult[k] * gc[(r * K + k) * st]);
+          for (int64_t rk = 0; rk < R * K; ++rk) s += double(colmult[rk] * gc[rk * st]);
           wsum[i * O + o] += s;
         }
         if (dw1 == nullptr && r1part == nullptr) continue;
-        const int64_t plane = (i * O + o) * H * W;
+        const int64_t plane = (i * O + o) * HW;
+        T acc = 0;
         for (int64_t r = 0; r < R; ++r) {
-          const int64_t p = rows[r], rp = r, rnp = row_of[mirror(p, H)];
+          const UnfoldTerm<T>* __restrict__ tr = terms.data() + r * W;
+          const int64_t e0 = 2 * (plane + rows[r] * W);
           for (int64_t q = 0; q < W; ++q) {
-            const int64_t nq = mirror(q, W);
-            T re = 0, im = 0;
-            if (fam_keep(p, q, H, W, rh, rw)) {
-              if (q < K) {
-                const T* v = gc + (rp * K + q) * st;
-                re += mult[q] * v[0];
-                im += mult[q] * v[1];
-              }
-              if (nq < K) {
-                const T* v = gc + (rnp * K + nq) * st;
-                re += mult[nq] * v[0];
-                im -= mult[nq] * v[1];
-              }
-            }
-            re *= T(0.5);
-            im *= T(0.5);
-            const int64_t e = 2 * (plane + p * W + q);
+            const UnfoldTerm<T> t = tr[q];
+            const T* v1 = gc + t.src1 * st;
+            const T* v2 = gc + t.src2 * st;
+            const T re = t.c1 * v1[0] + t.c2 * v2[0], im = t.c1 * v1[1] - t.c2 * v2[1];
+            const int64_t e = e0 + 2 * q;
             if (dw1 != nullptr) {
               dw1[e] = r1 * re;
               dw1[e + 1] = r1 * im;
             }
-            if (r1part != nullptr) r1acc += double(w1[e] * re + w1[e + 1] * im);
+            if (r1part != nullptr) acc += w1[e] * re + w1[e + 1] * im;
           }
         }
+        r1acc += double(acc);
       }
       if (r1part != nullptr) r1part[item] += r1acc;
     }
@@ -285,11 +322,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::TensorOptions co = ro.dtype(x.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat);
   auto empty0 = [&]() { return at::empty({0}, ro); };
   at::Tensor dx = empty0(), dw1 = at::empty({0}, co), dw0 = empty0(), db = empty0(), dr1 = empty0(), dr2 = empty0();
-  // sum over b, h, w of grad per output channel: the bias' share of db and drate2
-  const at::Tensor gsum = (need_b || (need_r2 && has_bias)) ? grad.sum({0, 2, 3}) : at::Tensor();
+  const bool need_gsum = need_b || (need_r2 && has_bias);
+  at::Tensor gsum;  // sum over b, h, w of grad per output channel: the bias' share of db and drate2
   at::Tensor wsum = need_wsum ? at::zeros({s.I, s.O}, ro.dtype(at::kDouble)) : at::Tensor();
   if ((need_x || need_g) && grad.numel() > 0 && x.numel() > 0) {
     const at::Tensor gt = spectrum_freq_major(grad);                       // (H, K, B, O)
+    // the DC term of the orthonormal spectrum is the sum over (h, w) divided by sqrt(H W)
+    if (need_gsum) gsum = at::real(gt.select(0, 0).select(0, 0)).sum(0).mul_(std::sqrt(double(s.H * s.W)));
     const at::Tensor xct = need_g ? spectrum_freq_major(x, true) : at::Tensor();  // conj, (H, K, B, I)
     at::Tensor dxt = need_x ? at::empty({s.H, s.K, s.B, s.I}, co) : at::Tensor();
     if (need_w1) dw1 = at::empty({s.I, s.O, s.H, s.W}, co);
@@ -332,6 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (need_w1) dw1 = at::zeros(weights1.sizes(), co);
     if (need_r1) dr1 = at::zeros({1}, ro);
   }
+  if (need_gsum && !gsum.defined()) gsum = grad.sum({0, 2, 3});
   if (need_w0) dw0 = (rate2.to(at::kDouble) * wsum.t()).to(x.scalar_type()).reshape(w0_weight.sizes()).contiguous();
   if (need_b) db = rate2 * gsum;
   if (need_r2) {
