@@ -4,6 +4,7 @@
 // picks the clone the CPU supports, so the library stays portable. bfloat16 and float16 are widened
 // and narrowed in registers with integer operations (exact, round to nearest even as c10 rounds).
 #include "channel_sweep.h"
+#include "simd.h"
 
 #include <xmmintrin.h>  // SSE streaming stores: part of the baseline x86-64 ISA
 
@@ -11,13 +12,6 @@
 #include <cmath>
 #include <cstring>
 
-#if defined(__GNUC__)
-#define DCTKD_INLINE inline __attribute__((always_inline))
-// The vector helpers are always inlined into the clones, so no vector crosses a call boundary.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#else
-#define DCTKD_INLINE inline
-#endif
 
 namespace dctkd {
 namespace cpu {

@@ -3,6 +3,7 @@
 // Register-blocked: a tile of MR rows x NV vectors of C stays in registers for the whole k loop,
 // so each loaded row piece of B feeds MR fused multiply-adds (the i-k-j form reloads C every k).
 #include "small_matmul.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cstring>
@@ -11,13 +12,6 @@
 #include <mutex>
 #include <tuple>
 
-#if defined(__GNUC__)
-#define DCTKD_INLINE inline __attribute__((always_inline))
-// The vector helpers below are always inlined into the clones, so no vector crosses a call boundary.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#else
-#define DCTKD_INLINE inline
-#endif
 
 namespace dctkd {
 namespace cpu {
