@@ -52,8 +52,7 @@ inline void check_levels(const at::TensorList& student, const at::TensorList& te
   TORCH_CHECK(!student.empty(), "student_feats: expected a non-empty list of (B, C, H, W) tensors");
   TORCH_CHECK(student.size() == teacher.size(), "teacher_feats: expected ", student.size(),
               " levels to match student_feats, got ", teacher.size());
-  TORCH_CHECK(weights.size() == student.size(), "weights: expected ", student.size(), " values, got ",
-              weights.size());
+  TORCH_CHECK(weights.size() == student.size(), "weights: expected ", student.size(), " values, got ", weights.size());
   const at::Device dev = student[0].device();
   for (size_t l = 0; l < student.size(); ++l) {
     const at::Tensor& s = student[l];

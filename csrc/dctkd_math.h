@@ -41,27 +41,63 @@ enum class Reduce : int { Mean = 0, Sum = 1 };
 
 // Parsers: return false on an unknown name so the caller can raise an error that names the argument.
 inline bool parse_norm(const std::string& s, Norm* out) {
-  if (s == "none") { *out = Norm::None; return true; }
-  if (s == "minmax") { *out = Norm::MinMax; return true; }
-  if (s == "max") { *out = Norm::Max; return true; }
-  if (s == "l2") { *out = Norm::L2; return true; }
+  if (s == "none") {
+    *out = Norm::None;
+    return true;
+  }
+  if (s == "minmax") {
+    *out = Norm::MinMax;
+    return true;
+  }
+  if (s == "max") {
+    *out = Norm::Max;
+    return true;
+  }
+  if (s == "l2") {
+    *out = Norm::L2;
+    return true;
+  }
   return false;
 }
 inline bool parse_transform(const std::string& s, Transform* out) {
-  if (s == "identity") { *out = Transform::Identity; return true; }
-  if (s == "dct") { *out = Transform::Dct; return true; }
-  if (s == "fft_real") { *out = Transform::FftReal; return true; }
+  if (s == "identity") {
+    *out = Transform::Identity;
+    return true;
+  }
+  if (s == "dct") {
+    *out = Transform::Dct;
+    return true;
+  }
+  if (s == "fft_real") {
+    *out = Transform::FftReal;
+    return true;
+  }
   return false;
 }
 inline bool parse_distance(const std::string& s, Distance* out) {
-  if (s == "l2") { *out = Distance::L2; return true; }
-  if (s == "mse") { *out = Distance::Mse; return true; }
-  if (s == "sse") { *out = Distance::Sse; return true; }
+  if (s == "l2") {
+    *out = Distance::L2;
+    return true;
+  }
+  if (s == "mse") {
+    *out = Distance::Mse;
+    return true;
+  }
+  if (s == "sse") {
+    *out = Distance::Sse;
+    return true;
+  }
   return false;
 }
 inline bool parse_reduce(const std::string& s, Reduce* out) {
-  if (s == "mean") { *out = Reduce::Mean; return true; }
-  if (s == "sum") { *out = Reduce::Sum; return true; }
+  if (s == "mean") {
+    *out = Reduce::Mean;
+    return true;
+  }
+  if (s == "sum") {
+    *out = Reduce::Sum;
+    return true;
+  }
   return false;
 }
 

@@ -8,18 +8,13 @@
 namespace dctkd {
 namespace spectral {
 
-inline bool is_complex_kernel_dtype(at::ScalarType t) {
-  return t == at::kComplexFloat || t == at::kComplexDouble;
-}
+inline bool is_complex_kernel_dtype(at::ScalarType t) { return t == at::kComplexFloat || t == at::kComplexDouble; }
 
-inline at::ScalarType real_dtype_of(at::ScalarType t) {
-  return t == at::kComplexDouble ? at::kDouble : at::kFloat;
-}
+inline at::ScalarType real_dtype_of(at::ScalarType t) { return t == at::kComplexDouble ? at::kDouble : at::kFloat; }
 
 inline void check_complex(const at::Tensor& t, const char* name, int64_t ndim, const char* layout) {
-  TORCH_CHECK(is_complex_kernel_dtype(t.scalar_type()), name,
-              ": expected a complex64 (or complex128) tensor, got ", t.scalar_type(),
-              " (use torch.view_as_complex on a (..., 2) float tensor)");
+  TORCH_CHECK(is_complex_kernel_dtype(t.scalar_type()), name, ": expected a complex64 (or complex128) tensor, got ",
+              t.scalar_type(), " (use torch.view_as_complex on a (..., 2) float tensor)");
   TORCH_CHECK(t.dim() == ndim, name, ": expected a ", ndim, "-D ", layout, " tensor, got shape ", t.sizes());
 }
 
@@ -39,30 +34,34 @@ inline at::Tensor prepare_mask(const c10::optional<at::Tensor>& mask, const at::
   TORCH_CHECK(!m.is_complex(), "mask: expected a real (or bool) tensor, got ", m.scalar_type());
   TORCH_CHECK(m.dim() == 2 && m.size(0) == H && m.size(1) == K, "mask: expected shape (", H, ", ", K,
               ") to match the last two dims of xf, got ", m.sizes());
-  TORCH_CHECK(m.device() == xf.device(), "mask: expected a tensor on ", xf.device(), " like xf, got one on ", m.device());
+  TORCH_CHECK(m.device() == xf.device(), "mask: expected a tensor on ", xf.device(), " like xf, got one on ",
+              m.device());
   return m.to(real_dtype_of(xf.scalar_type())).contiguous();
 }
 
 inline void check_global_filter(const at::Tensor& xf, const at::Tensor& w) {
   check_complex(xf, "xf", 4, "(B, C, H, K)");
   check_complex(w, "w", 3, "(C, H, K)");
-  TORCH_CHECK(w.scalar_type() == xf.scalar_type(), "w: expected dtype ", xf.scalar_type(), " like xf, got ", w.scalar_type());
-  TORCH_CHECK(w.size(0) == xf.size(1) && w.size(1) == xf.size(2) && w.size(2) == xf.size(3),
-              "w: expected shape (", xf.size(1), ", ", xf.size(2), ", ", xf.size(3), ") = (C, H, K) of xf, got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == xf.scalar_type(), "w: expected dtype ", xf.scalar_type(), " like xf, got ",
+              w.scalar_type());
+  TORCH_CHECK(w.size(0) == xf.size(1) && w.size(1) == xf.size(2) && w.size(2) == xf.size(3), "w: expected shape (",
+              xf.size(1), ", ", xf.size(2), ", ", xf.size(3), ") = (C, H, K) of xf, got ", w.sizes());
   TORCH_CHECK(w.device() == xf.device(), "w: expected a tensor on ", xf.device(), " like xf, got one on ", w.device());
 }
 
 inline void check_spectral_conv(const at::Tensor& xf, const at::Tensor& w) {
   check_complex(xf, "xf", 4, "(B, I, H, K)");
   check_complex(w, "w", 4, "(I, O, H, K)");
-  TORCH_CHECK(w.scalar_type() == xf.scalar_type(), "w: expected dtype ", xf.scalar_type(), " like xf, got ", w.scalar_type());
-  TORCH_CHECK(w.size(0) == xf.size(1) && w.size(2) == xf.size(2) && w.size(3) == xf.size(3),
-              "w: expected shape (", xf.size(1), ", O, ", xf.size(2), ", ", xf.size(3), ") = (I, O, H, K) of xf, got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == xf.scalar_type(), "w: expected dtype ", xf.scalar_type(), " like xf, got ",
+              w.scalar_type());
+  TORCH_CHECK(w.size(0) == xf.size(1) && w.size(2) == xf.size(2) && w.size(3) == xf.size(3), "w: expected shape (",
+              xf.size(1), ", O, ", xf.size(2), ", ", xf.size(3), ") = (I, O, H, K) of xf, got ", w.sizes());
   TORCH_CHECK(w.device() == xf.device(), "w: expected a tensor on ", xf.device(), " like xf, got one on ", w.device());
 }
 
 inline void check_grad(const at::Tensor& grad, at::IntArrayRef expected, const at::Tensor& xf) {
-  TORCH_CHECK(grad.scalar_type() == xf.scalar_type(), "grad: expected dtype ", xf.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK(grad.scalar_type() == xf.scalar_type(), "grad: expected dtype ", xf.scalar_type(), ", got ",
+              grad.scalar_type());
   TORCH_CHECK(grad.sizes() == expected, "grad: expected shape ", expected, ", got ", grad.sizes());
   TORCH_CHECK(grad.device() == xf.device(), "grad: expected a tensor on ", xf.device(), ", got one on ", grad.device());
 }

@@ -69,7 +69,8 @@ void reduce_nhwc(const scalar_t* x, acc_t* out, int64_t B, int64_t C, int64_t HW
 }
 
 template <typename scalar_t, typename acc_t, int kPow>
-void backward_nchw(const acc_t* g, const scalar_t* x, scalar_t* dx, int64_t B, int64_t C, int64_t HW, acc_t p, acc_t scale) {
+void backward_nchw(const acc_t* g, const scalar_t* x, scalar_t* dx, int64_t B, int64_t C, int64_t HW, acc_t p,
+                   acc_t scale) {
   at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end; ++bc) {
       const acc_t* gb = g + (bc / C) * HW;
@@ -87,7 +88,8 @@ void backward_nchw(const acc_t* g, const scalar_t* x, scalar_t* dx, int64_t B, i
 }
 
 template <typename scalar_t, typename acc_t, int kPow>
-void backward_nhwc(const acc_t* g, const scalar_t* x, scalar_t* dx, int64_t B, int64_t C, int64_t HW, acc_t p, acc_t scale) {
+void backward_nhwc(const acc_t* g, const scalar_t* x, scalar_t* dx, int64_t B, int64_t C, int64_t HW, acc_t p,
+                   acc_t scale) {
   at::parallel_for(0, B * HW, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t pos = begin; pos < end; ++pos) {
       const acc_t gs = g[pos] * scale;
@@ -156,16 +158,14 @@ bool use_channels_last(const at::Tensor& x) {
 
 void check_features(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 4, name, ": expected a 4-D (B, C, H, W) tensor, got ", x.dim(), "-D");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name,
-              ": expected a float16/bfloat16/float32/float64 tensor, got ", x.scalar_type());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, ": expected a float16/bfloat16/float32/float64 tensor, got ",
+              x.scalar_type());
   TORCH_CHECK(x.size(1) > 0, name, ": expected at least one channel");
 }
 
 }  // namespace
 
-at::ScalarType acc_dtype_for(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType acc_dtype_for(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 at::Tensor attention_map_into(const at::Tensor& x_in, double p, bool mean, at::ScalarType acc_type) {
   check_features(x_in, "x");
@@ -199,7 +199,8 @@ at::Tensor attention_map_into(const at::Tensor& x_in, double p, bool mean, at::S
         else reduce_nchw<in_t, acc_t, 0>(xp, op, B, C, HW, pp, scale);
       }
     };
-    if (acc_type == at::kDouble) run(double(0)); else run(float(0));
+    if (acc_type == at::kDouble) run(double(0));
+    else run(float(0));
   });
   return out;
 }
@@ -238,7 +239,8 @@ at::Tensor attention_map_backward_impl(const at::Tensor& grad_in, const at::Tens
         else backward_nchw<in_t, acc_t, 0>(gp, xp, dp, B, C, HW, pp, scale);
       }
     };
-    if (acc_type == at::kDouble) run(double(0)); else run(float(0));
+    if (acc_type == at::kDouble) run(double(0));
+    else run(float(0));
   });
   return dx;
 }

@@ -4,7 +4,6 @@
 // picks the clone the CPU supports, so the library stays portable. bfloat16 and float16 are widened
 // and narrowed in registers with integer operations (exact, round to nearest even as c10 rounds).
 #include "channel_sweep.h"
-#include "simd.h"
 
 #include <xmmintrin.h>  // SSE streaming stores: part of the baseline x86-64 ISA
 
@@ -12,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "simd.h"
 
 namespace dctkd {
 namespace cpu {
@@ -306,7 +306,8 @@ DCTKD_SWEEP_CLONES void grad_nchw(const float* g, float scale, const void* x, vo
                                    stride, n, stream);
       break;
     case at::kHalf:
-      grad_nchw_body<at::Half>(g, scale, static_cast<const at::Half*>(x), static_cast<at::Half*>(dx), C, stride, n, stream);
+      grad_nchw_body<at::Half>(g, scale, static_cast<const at::Half*>(x), static_cast<at::Half*>(dx), C, stride, n,
+                               stream);
       break;
     default: TORCH_CHECK(false, "channel sweep: unsupported type ", t);
   }

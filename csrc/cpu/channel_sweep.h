@@ -22,8 +22,7 @@ inline bool grad_supported(at::ScalarType t, double p) {
 
 // NCHW: out[i] = scale * sum_{c < C} |x[c * stride + i]|^p for positions i < n; each position sums
 // its channels in order c = 0, 1, ...
-void map_nchw(const void* x, at::ScalarType t, double p, int64_t C, int64_t stride, int64_t n, float scale,
-              float* out);
+void map_nchw(const void* x, at::ScalarType t, double p, int64_t C, int64_t stride, int64_t n, float scale, float* out);
 // channels_last: out[pos] = scale * sum_c |x[pos * C + c]|^p for pos < npos.
 void map_nhwc(const void* x, at::ScalarType t, double p, int64_t C, int64_t npos, float scale, float* out);
 

@@ -28,7 +28,8 @@ template <typename T>
 struct DctHalves {
   int64_t n, ce, h;
   std::vector<T> de, det, dodd, dodt;
-  explicit DctHalves(int64_t n_) : n(n_), ce((n_ + 1) / 2), h(n_ / 2), de(ce * ce), det(ce * ce), dodd(h * h), dodt(h * h) {
+  explicit DctHalves(int64_t n_)
+      : n(n_), ce((n_ + 1) / 2), h(n_ / 2), de(ce * ce), det(ce * ce), dodd(h * h), dodt(h * h) {
     for (int64_t k = 0; k < ce; ++k)
       for (int64_t m = 0; m < ce; ++m) {
         const T v = static_cast<T>(dct_basis(2 * k, m, n));
@@ -174,8 +175,7 @@ at::Tensor dct2d_common(const at::Tensor& a_in, bool inverse) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "dct2d_cpu", [&] {
     if (a.scalar_type() == at::kDouble)
       dct2d_maps<scalar_t, double>(a.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), N, H, W, inverse);
-    else
-      dct2d_maps<scalar_t, float>(a.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), N, H, W, inverse);
+    else dct2d_maps<scalar_t, float>(a.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), N, H, W, inverse);
   });
   return y;
 }

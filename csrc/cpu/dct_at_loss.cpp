@@ -133,8 +133,8 @@ struct PhiTrace {
 };
 
 template <typename T>
-void phi_forward(PhiTrace<T>& tr, T* tmp, T* tmp2, int64_t H, int64_t W, const PhiConfig<T>& cfg,
-                 const Bases<T>& bh, const Bases<T>& bw) {
+void phi_forward(PhiTrace<T>& tr, T* tmp, T* tmp2, int64_t H, int64_t W, const PhiConfig<T>& cfg, const Bases<T>& bh,
+                 const Bases<T>& bw) {
   const int64_t n = H * W;
   norm_forward(tr.a.data(), tr.u.data(), n, cfg.map_norm, cfg.eps, tr.n1);
   T mean = 0;
@@ -272,8 +272,7 @@ LossResult loss_impl(at::TensorList student, at::TensorList teacher, at::ArrayRe
     const at::Tensor& gs = *grad_scale_in;
     TORCH_CHECK(gs.dim() == 1 && gs.size(0) == B, "grad_scale: expected a 1-D (", B, ",) tensor, got shape ",
                 gs.sizes());
-    TORCH_CHECK(at::isFloatingType(gs.scalar_type()), "grad_scale: expected a floating tensor, got ",
-                gs.scalar_type());
+    TORCH_CHECK(at::isFloatingType(gs.scalar_type()), "grad_scale: expected a floating tensor, got ", gs.scalar_type());
     TORCH_CHECK(gs.device() == student[0].device(), "grad_scale: expected a tensor on ", student[0].device(),
                 ", got one on ", gs.device());
     grad_scale = gs.to(acc).contiguous();
@@ -325,8 +324,8 @@ LossResult loss_impl(at::TensorList student, at::TensorList teacher, at::ArrayRe
       }
       at::Tensor work_dist = at::zeros({static_cast<int64_t>(work.size()), B}, loss.options());
       const PhiConfig<T> cfg{o.map_norm, center, o.transform, coef_abs, o.coef_norm, o.distance, static_cast<T>(eps)};
-      loss_single_pass<T>(work, work_dist.mutable_data_ptr<T>(),
-                          want_grad ? grad_scale.const_data_ptr<T>() : nullptr, B, p, cfg);
+      loss_single_pass<T>(work, work_dist.mutable_data_ptr<T>(), want_grad ? grad_scale.const_data_ptr<T>() : nullptr,
+                          B, p, cfg);
       for (size_t w = 0; w < work.size(); ++w) dist[index[w]].copy_(work_dist[static_cast<int64_t>(w)]);
     } else if (want_grad) {
       for (auto& lv : levels) lv.ds.zero_();
@@ -348,8 +347,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dct_at_loss_cpu(
   return {std::get<0>(r), std::get<1>(r)};
 }
 
-LossResult dct_at_loss_fused_cpu(at::TensorList student, at::TensorList teacher, at::ArrayRef<double> weights,
-                                 double p, std::string map_norm, bool center, std::string transform, bool coef_abs,
+LossResult dct_at_loss_fused_cpu(at::TensorList student, at::TensorList teacher, at::ArrayRef<double> weights, double p,
+                                 std::string map_norm, bool center, std::string transform, bool coef_abs,
                                  std::string coef_norm, std::string distance, double eps,
                                  const std::optional<at::Tensor>& grad_scale) {
   return loss_impl(student, teacher, weights, p, map_norm, center, transform, coef_abs, coef_norm, distance, eps,

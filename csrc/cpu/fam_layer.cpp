@@ -65,7 +65,8 @@ struct FoldTerm {
 };
 
 template <typename T>
-std::vector<FoldTerm<T>> fold_terms(T r1, int64_t H, int64_t W, int64_t rh, int64_t rw, const std::vector<int64_t>& rows) {
+std::vector<FoldTerm<T>> fold_terms(T r1, int64_t H, int64_t W, int64_t rh, int64_t rw,
+                                    const std::vector<int64_t>& rows) {
   const int64_t K = W / 2 + 1;
   std::vector<FoldTerm<T>> t;
   t.reserve(rows.size() * K);
@@ -84,8 +85,8 @@ std::vector<FoldTerm<T>> fold_terms(T r1, int64_t H, int64_t W, int64_t rh, int6
 // W'[m, k] = (M[m, k] w[m, k] + conj(M[-m, -k] w[-m, -k])) / 2 from weights1 w (I, O, H, W); its
 // conjugate when conj (so that the backward's GEMM reads Wc^H as a plain transpose, without a copy).
 template <typename T>
-void fold_rows(const T* w1, const T* w0, T r1, T r2, int64_t I, int64_t O, int64_t H, int64_t W, int64_t rh,
-               int64_t rw, const std::vector<int64_t>& rows, bool conj, T* out) {
+void fold_rows(const T* w1, const T* w0, T r1, T r2, int64_t I, int64_t O, int64_t H, int64_t W, int64_t rh, int64_t rw,
+               const std::vector<int64_t>& rows, bool conj, T* out) {
   const T sign = conj ? T(-1) : T(1);
   const int64_t oblocks = (O + kOB - 1) / kOB, HW = H * W;
   const std::vector<FoldTerm<T>> terms = fold_terms<T>(r1, H, W, rh, rw, rows);
@@ -215,12 +216,14 @@ LayerShape check_layer(const at::Tensor& x, const at::Tensor& weights1, const at
               w0_weight.scalar_type());
   if (w0_bias.has_value() && w0_bias->defined())
     TORCH_CHECK(w0_bias->scalar_type() == x.scalar_type() && w0_bias->dim() == 1 && w0_bias->size(0) == O,
-                "w0_bias: expected a (", O, ",) tensor of x's dtype, got ", w0_bias->sizes(), " ", w0_bias->scalar_type());
+                "w0_bias: expected a (", O, ",) tensor of x's dtype, got ", w0_bias->sizes(), " ",
+                w0_bias->scalar_type());
   for (const at::Tensor* r : {&rate1, &rate2})
     TORCH_CHECK(r->scalar_type() == x.scalar_type() && r->numel() == 1,
                 "rate1/rate2: expected one-element tensors of x's dtype, got ", r->sizes(), " ", r->scalar_type());
   for (const at::Tensor* t : {&weights1, &w0_weight, &rate1, &rate2})
-    TORCH_CHECK(t->device() == x.device(), "fam_layer: expected every tensor on ", x.device(), ", got one on ", t->device());
+    TORCH_CHECK(t->device() == x.device(), "fam_layer: expected every tensor on ", x.device(), ", got one on ",
+                t->device());
   TORCH_CHECK(cuton >= 0.0 && cuton <= 1.0, "cuton: expected a number in [0, 1], got ", cuton);
   return {B, I, O, H, W, W / 2 + 1};
 }
@@ -248,8 +251,8 @@ at::Tensor rows_of(const at::Tensor& t, int64_t off, int64_t n) {
   return t.narrow(0, off, n).reshape({n * t.size(1), t.size(2), t.size(3)});
 }
 
-void bmm_rows(const at::Tensor& out, int64_t out_off, const at::Tensor& a, int64_t a_off, char op_a, const at::Tensor& b,
-              int64_t b_off, char op_b, int64_t n) {
+void bmm_rows(const at::Tensor& out, int64_t out_off, const at::Tensor& a, int64_t a_off, char op_a,
+              const at::Tensor& b, int64_t b_off, char op_b, int64_t n) {
   if (n <= 0) return;
   at::Tensor A = rows_of(a, a_off, n), Bm = rows_of(b, b_off, n);
   if (op_a == 't') A = A.transpose(1, 2);
@@ -311,8 +314,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     std::array<bool, 6> needs) {
   const LayerShape s = check_layer(x_in, weights1, w0_weight, w0_bias, rate1, rate2, cuton);
   TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type() && grad_in.sizes() == at::IntArrayRef({s.B, s.O, s.H, s.W}),
-              "grad: expected a (", s.B, ", ", s.O, ", ", s.H, ", ", s.W, ") tensor of x's dtype, got ", grad_in.sizes(),
-              " ", grad_in.scalar_type());
+              "grad: expected a (", s.B, ", ", s.O, ", ", s.H, ", ", s.W, ") tensor of x's dtype, got ",
+              grad_in.sizes(), " ", grad_in.scalar_type());
   const bool has_bias = w0_bias.has_value() && w0_bias->defined();
   const bool need_x = needs[0], need_w1 = needs[1], need_w0 = needs[2], need_b = needs[3] && has_bias,
              need_r1 = needs[4], need_r2 = needs[5];
@@ -375,7 +378,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (need_w0) dw0 = (rate2.to(at::kDouble) * wsum.t()).to(x.scalar_type()).reshape(w0_weight.sizes()).contiguous();
   if (need_b) db = rate2 * gsum;
   if (need_r2) {
-    at::Tensor v = need_wsum ? (w0_weight.reshape({s.O, s.I}).t().to(at::kDouble) * wsum).sum() : at::zeros({}, ro.dtype(at::kDouble));
+    at::Tensor v = need_wsum ? (w0_weight.reshape({s.O, s.I}).t().to(at::kDouble) * wsum).sum()
+                             : at::zeros({}, ro.dtype(at::kDouble));
     if (has_bias) v = v + (w0_bias->to(at::kDouble) * gsum.to(at::kDouble)).sum();
     dr2 = v.reshape({1}).to(x.scalar_type());
   }

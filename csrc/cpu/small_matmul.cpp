@@ -3,7 +3,6 @@
 // Register-blocked: a tile of MR rows x NV vectors of C stays in registers for the whole k loop,
 // so each loaded row piece of B feeds MR fused multiply-adds (the i-k-j form reloads C every k).
 #include "small_matmul.h"
-#include "simd.h"
 
 #include <algorithm>
 #include <cstring>
@@ -12,6 +11,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "simd.h"
 
 namespace dctkd {
 namespace cpu {

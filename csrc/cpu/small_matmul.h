@@ -22,7 +22,8 @@ struct Bases {
   std::vector<T> c, s;   // DFT cos / sin matrices (symmetric)
   explicit Bases(int64_t n_, bool dct, bool dft) : n(n_) {
     if (dct) {
-      d.resize(n * n); dt.resize(n * n);
+      d.resize(n * n);
+      dt.resize(n * n);
       for (int64_t k = 0; k < n; ++k)
         for (int64_t m = 0; m < n; ++m) {
           const T v = static_cast<T>(dct_basis(k, m, n));
@@ -31,7 +32,8 @@ struct Bases {
         }
     }
     if (dft) {
-      c.resize(n * n); s.resize(n * n);
+      c.resize(n * n);
+      s.resize(n * n);
       for (int64_t k = 0; k < n; ++k)
         for (int64_t m = 0; m < n; ++m) {
           c[k * n + m] = static_cast<T>(dft_cos(k, m, n));

@@ -123,8 +123,9 @@ at::Tensor global_filter_cpu(const at::Tensor& xf, const at::Tensor& w, const c1
 }
 
 std::tuple<at::Tensor, at::Tensor> global_filter_backward_cpu(const at::Tensor& grad, const at::Tensor& xf,
-                                                              const at::Tensor& w, const c10::optional<at::Tensor>& mask,
-                                                              bool need_xf, bool need_w) {
+                                                              const at::Tensor& w,
+                                                              const c10::optional<at::Tensor>& mask, bool need_xf,
+                                                              bool need_w) {
   check_global_filter(xf, w);
   check_grad(grad, xf.sizes(), xf);
   const GfPlan p(xf);
@@ -138,9 +139,9 @@ std::tuple<at::Tensor, at::Tensor> global_filter_backward_cpu(const at::Tensor& 
   const at::Tensor gd = p.data(grad), xd = need_w ? p.data(xf) : at::Tensor(), wd = p.weight(w);
   dispatch_complex(xf.scalar_type(), "global_filter_backward", [&](auto tag) {
     using T = decltype(tag);
-    gf_backward<T>(real_ptr<T>(gd), need_w ? real_ptr<T>(xd) : nullptr, real_ptr<T>(wd), m.defined() ? real_ptr<T>(m) : nullptr,
-                   need_xf ? real_ptr<T>(dx) : nullptr, need_w ? real_ptr<T>(dw) : nullptr, p.B, p.R, p.L,
-                   p.channels_last);
+    gf_backward<T>(real_ptr<T>(gd), need_w ? real_ptr<T>(xd) : nullptr, real_ptr<T>(wd),
+                   m.defined() ? real_ptr<T>(m) : nullptr, need_xf ? real_ptr<T>(dx) : nullptr,
+                   need_w ? real_ptr<T>(dw) : nullptr, p.B, p.R, p.L, p.channels_last);
   });
   return {dx, dw};
 }
@@ -160,9 +161,9 @@ constexpr int64_t kMT = 8;   // rows of out per work item
 // at run time) and the baseline build compile the same code with the accumulators in registers.
 template <typename T>
 static inline __attribute__((always_inline)) void micro_2rows(const T* __restrict__ a0r, const T* __restrict__ a0i,
-                                                               const T* __restrict__ a1r, const T* __restrict__ a1i,
-                                                               const T* __restrict__ bR, const T* __restrict__ bI,
-                                                               int64_t K, T* __restrict__ acc) {
+                                                              const T* __restrict__ a1r, const T* __restrict__ a1i,
+                                                              const T* __restrict__ bR, const T* __restrict__ bI,
+                                                              int64_t K, T* __restrict__ acc) {
   T r0[kFC] = {}, i0[kFC] = {}, r1[kFC] = {}, i1[kFC] = {};
   for (int64_t k = 0; k < K; ++k) {
     const T* __restrict__ br = bR + k * kFC;
@@ -302,8 +303,9 @@ at::Tensor spectral_conv_cpu(const at::Tensor& xf, const at::Tensor& w, const c1
 }
 
 std::tuple<at::Tensor, at::Tensor> spectral_conv_backward_cpu(const at::Tensor& grad, const at::Tensor& xf,
-                                                              const at::Tensor& w, const c10::optional<at::Tensor>& mask,
-                                                              bool need_xf, bool need_w) {
+                                                              const at::Tensor& w,
+                                                              const c10::optional<at::Tensor>& mask, bool need_xf,
+                                                              bool need_w) {
   check_spectral_conv(xf, w);
   const int64_t B = xf.size(0), I = xf.size(1), H = xf.size(2), K = xf.size(3), O = w.size(1), F = H * K;
   check_grad(grad, {B, O, H, K}, xf);

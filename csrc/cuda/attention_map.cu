@@ -42,16 +42,19 @@ struct MapParams {
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t job_scale(const MapJob& J) {
-  if constexpr (sizeof(acc_t) == 8) return J.scale_d; else return J.scale_f;
+  if constexpr (sizeof(acc_t) == 8) return J.scale_d;
+  else return J.scale_f;
 }
 
 template <typename acc_t, bool kPow2>
 __device__ __forceinline__ acc_t fwd_term(acc_t v, acc_t p) {
-  if constexpr (kPow2) return v * v; else return abs_pow_dev(v, p);
+  if constexpr (kPow2) return v * v;
+  else return abs_pow_dev(v, p);
 }
 template <typename acc_t, bool kPow2>
 __device__ __forceinline__ acc_t bwd_term(acc_t v, acc_t p) {
-  if constexpr (kPow2) return acc_t(2) * v; else return abs_pow_grad_dev(v, p);
+  if constexpr (kPow2) return acc_t(2) * v;
+  else return abs_pow_grad_dev(v, p);
 }
 
 template <typename T>
@@ -150,7 +153,8 @@ __device__ __forceinline__ void nchw_tile(const MapJob& J, int tile, acc_t p, ac
       const Pack<scalar_t, V> pk = load_pack<scalar_t, V>(x + c * HW);
       Pack<scalar_t, V> o;
 #pragma unroll
-      for (int v = 0; v < V; ++v) o.v[v] = static_cast<scalar_t>(gs[v] * bwd_term<acc_t, kPow2>(static_cast<acc_t>(pk.v[v]), p));
+      for (int v = 0; v < V; ++v)
+        o.v[v] = static_cast<scalar_t>(gs[v] * bwd_term<acc_t, kPow2>(static_cast<acc_t>(pk.v[v]), p));
       store_pack<scalar_t, V>(dx + c * HW, o);
     }
   }
@@ -208,7 +212,8 @@ __device__ __forceinline__ void nhwc_tile(const MapJob& J, int tile, acc_t p) {
           const acc_t gs = gg * scale;
           Pack<scalar_t, V> o;
 #pragma unroll
-          for (int v = 0; v < V; ++v) o.v[v] = static_cast<scalar_t>(gs * bwd_term<acc_t, kPow2>(static_cast<acc_t>(pk[u].v[v]), p));
+          for (int v = 0; v < V; ++v)
+            o.v[v] = static_cast<scalar_t>(gs * bwd_term<acc_t, kPow2>(static_cast<acc_t>(pk[u].v[v]), p));
           store_pack<scalar_t, V>(static_cast<scalar_t*>(J.y) + (base + pos[u]) * C + int64_t(q) * V, o);
         }
       }
@@ -253,7 +258,8 @@ __device__ __forceinline__ void nhwc_tile(const MapJob& J, int tile, acc_t p) {
           for (int u = 0; u < U; ++u) {
             Pack<scalar_t, V> o;
 #pragma unroll
-            for (int v = 0; v < V; ++v) o.v[v] = static_cast<scalar_t>(gs * bwd_term<acc_t, kPow2>(static_cast<acc_t>(pk[u].v[v]), p));
+            for (int v = 0; v < V; ++v)
+              o.v[v] = static_cast<scalar_t>(gs * bwd_term<acc_t, kPow2>(static_cast<acc_t>(pk[u].v[v]), p));
             store_pack<scalar_t, V>(dp + (j + 32 * u) * V, o);
           }
         }
@@ -261,7 +267,8 @@ __device__ __forceinline__ void nhwc_tile(const MapJob& J, int tile, acc_t p) {
           const Pack<scalar_t, V> pk = load_pack<scalar_t, V>(xp + j * V);
           Pack<scalar_t, V> o;
 #pragma unroll
-          for (int v = 0; v < V; ++v) o.v[v] = static_cast<scalar_t>(gs * bwd_term<acc_t, kPow2>(static_cast<acc_t>(pk.v[v]), p));
+          for (int v = 0; v < V; ++v)
+            o.v[v] = static_cast<scalar_t>(gs * bwd_term<acc_t, kPow2>(static_cast<acc_t>(pk.v[v]), p));
           store_pack<scalar_t, V>(dp + j * V, o);
         }
       }
@@ -318,7 +325,8 @@ __device__ __forceinline__ void dispatch_tile(const MapJob& J, int tile, acc_t p
 // fp32: at most 64 registers, 4 blocks (1024 threads, each with 4-8 loads in flight) per SM;
 // fp64 (testing) gets 128 so that its pow calls do not spill.
 template <typename acc_t, bool kBwd>
-__global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 8 ? 2 : 4) map_kernel(const __grid_constant__ MapParams P) {
+__global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 8 ? 2 : 4)
+    map_kernel(const __grid_constant__ MapParams P) {
   // NCHW forward cross-warp partial sums: 256 threads x up to 8 (fp32) or 1 (fp64) positions.
   __shared__ __align__(16) acc_t red[kBwd ? 1 : kThreads * (sizeof(acc_t) == 8 ? 1 : 8)];
   int j = 0;
@@ -339,8 +347,8 @@ int64_t elem_size(int dtype) { return dtype == kF64 ? 8 : (dtype == kF32 ? 4 : 2
 
 void check_features(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 4, name, ": expected a 4-D (B, C, H, W) tensor, got ", x.dim(), "-D");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name,
-              ": expected a float16/bfloat16/float32/float64 tensor, got ", x.scalar_type());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, ": expected a float16/bfloat16/float32/float64 tensor, got ",
+              x.scalar_type());
   TORCH_CHECK(x.size(1) > 0, name, ": expected at least one channel");
 }
 
@@ -373,8 +381,8 @@ MapJob make_map_job(const at::Tensor& x, bool channels_last, void* y, const void
     const int64_t run = J.nhwc ? C : HW;
     for (int64_t bytes : {int64_t(16), int64_t(8)}) {
       const int64_t v = bytes / esize;
-      const bool aligned = reinterpret_cast<uintptr_t>(J.x) % bytes == 0 &&
-                           (!bwd || reinterpret_cast<uintptr_t>(y) % bytes == 0);
+      const bool aligned =
+          reinterpret_cast<uintptr_t>(J.x) % bytes == 0 && (!bwd || reinterpret_cast<uintptr_t>(y) % bytes == 0);
       if (v > 1 && run % v == 0 && aligned) {
         J.vec = static_cast<int>(v);
         break;
@@ -465,14 +473,16 @@ at::Tensor attention_map_cuda(const at::Tensor& x_in, double p, std::string redu
   const bool cl = use_channels_last(x_in);
   const at::Tensor x = cl ? x_in : x_in.contiguous();
   const bool acc_double = x.scalar_type() == at::kDouble;
-  at::Tensor out = at::empty({x.size(0), x.size(2), x.size(3)}, x.options().dtype(acc_double ? at::kDouble : at::kFloat));
+  at::Tensor out =
+      at::empty({x.size(0), x.size(2), x.size(3)}, x.options().dtype(acc_double ? at::kDouble : at::kFloat));
   if (out.numel() == 0) return out;
-  launch_map_jobs({make_map_job(x, cl, out.data_ptr(), nullptr, nullptr, mean, acc_double, p == 2.0, false)}, false, acc_double,
-                  p, c10::cuda::getCurrentCUDAStream());
+  launch_map_jobs({make_map_job(x, cl, out.data_ptr(), nullptr, nullptr, mean, acc_double, p == 2.0, false)}, false,
+                  acc_double, p, c10::cuda::getCurrentCUDAStream());
   return out;
 }
 
-at::Tensor attention_map_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in, double p, std::string reduce) {
+at::Tensor attention_map_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in, double p,
+                                       std::string reduce) {
   TORCH_CHECK(p > 0, "p: expected a positive exponent, got ", p);
   const bool mean = parse_reduce_arg(reduce);
   check_features(x_in, "x");
@@ -482,7 +492,8 @@ at::Tensor attention_map_backward_cuda(const at::Tensor& grad_in, const at::Tens
   TORCH_CHECK(x_in.is_cuda(), "x: expected a CUDA tensor, got one on ", x_in.device());
   TORCH_CHECK(grad_in.device() == x_in.device(), "grad: expected a tensor on ", x_in.device(), " like x, got one on ",
               grad_in.device());
-  TORCH_CHECK(at::isFloatingType(grad_in.scalar_type()), "grad: expected a floating tensor, got ", grad_in.scalar_type());
+  TORCH_CHECK(at::isFloatingType(grad_in.scalar_type()), "grad: expected a floating tensor, got ",
+              grad_in.scalar_type());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool cl = use_channels_last(x_in);
   const at::Tensor x = cl ? x_in : x_in.contiguous();
@@ -490,8 +501,8 @@ at::Tensor attention_map_backward_cuda(const at::Tensor& grad_in, const at::Tens
   const at::Tensor g = grad_in.to(acc_double ? at::kDouble : at::kFloat).contiguous();
   at::Tensor dx = at::empty_like(x);  // keeps x's memory format
   if (dx.numel() == 0) return dx;
-  launch_map_jobs({make_map_job(x, cl, dx.data_ptr(), g.const_data_ptr(), nullptr, mean, acc_double, p == 2.0, true)}, true,
-                  acc_double, p, c10::cuda::getCurrentCUDAStream());
+  launch_map_jobs({make_map_job(x, cl, dx.data_ptr(), g.const_data_ptr(), nullptr, mean, acc_double, p == 2.0, true)},
+                  true, acc_double, p, c10::cuda::getCurrentCUDAStream());
   return dx;
 }
 

@@ -33,11 +33,24 @@ inline int dtype_code(at::ScalarType t) {
 }
 
 // ------------------------------------------------------------------------------ packed accesses
-template <int kBytes> struct RawVec;
-template <> struct RawVec<16> { using type = uint4; };
-template <> struct RawVec<8> { using type = uint2; };
-template <> struct RawVec<4> { using type = unsigned int; };
-template <> struct RawVec<2> { using type = unsigned short; };
+template <int kBytes>
+struct RawVec;
+template <>
+struct RawVec<16> {
+  using type = uint4;
+};
+template <>
+struct RawVec<8> {
+  using type = uint2;
+};
+template <>
+struct RawVec<4> {
+  using type = unsigned int;
+};
+template <>
+struct RawVec<2> {
+  using type = unsigned short;
+};
 
 // V consecutive elements moved as one 16/8/4/2-byte access (the caller checks the alignment).
 template <typename T, int V>

@@ -114,7 +114,8 @@ at::Tensor dct2d_common(const at::Tensor& a_in, bool inverse) {
     if (in_smem) {
       auto kernel = dct2d_kernel<scalar_t, acc_t, true>;
       allow_dynamic_smem(kernel, lay.bytes);
-      kernel<<<static_cast<unsigned>(grid), kDctThreads, lay.bytes, stream>>>(ip, op, maps, H, W, inverse ? 1 : 0, nullptr, 0);
+      kernel<<<static_cast<unsigned>(grid), kDctThreads, lay.bytes, stream>>>(ip, op, maps, H, W, inverse ? 1 : 0,
+                                                                              nullptr, 0);
     } else {
       dct2d_kernel<scalar_t, acc_t, false><<<static_cast<unsigned>(grid), kDctThreads, 0, stream>>>(
           ip, op, maps, H, W, inverse ? 1 : 0, scratch.mutable_data_ptr<unsigned char>(), stride);

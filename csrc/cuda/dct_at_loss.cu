@@ -84,17 +84,30 @@ __host__ __device__ inline PhiLayout phi_layout(int64_t H, int64_t W, int transf
   const int64_t n4 = round_up4(H * W), hh = H * round_up4(H), ww = W * round_up4(W);
   int64_t o = 0;
   if (bases) {
-    L.lh1 = o; o += hh;
-    L.lh2 = o; o += hh;
-    L.lw1 = o; o += ww;
-    L.lw2 = o; o += ww;
+    L.lh1 = o;
+    o += hh;
+    L.lh2 = o;
+    o += hh;
+    L.lw1 = o;
+    o += ww;
+    L.lw2 = o;
+    o += ww;
   }
-  L.b0 = o; o += n4;
-  L.b1 = o; o += n4;
-  L.b3 = o; o += n4;
+  L.b0 = o;
+  o += n4;
+  L.b1 = o;
+  o += n4;
+  L.b3 = o;
+  o += n4;
   const int64_t np = round_up4(W * odd_ld(H));  // a transposed intermediate
-  if (bases) { L.p1 = o; o += np; }
-  if (fft) { L.p2 = o; o += np; }
+  if (bases) {
+    L.p1 = o;
+    o += np;
+  }
+  if (fft) {
+    L.p2 = o;
+    o += np;
+  }
   L.bytes = L.tab_bytes + o * tsize;
   return L;
 }
@@ -123,14 +136,20 @@ __device__ void block_sum2(T& a, T& b, RedScratch<T>& rs) {
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
   a = warp_sum(a);
   b = warp_sum(b);
-  if (lane == 0) { rs.s[0][w] = a; rs.s[1][w] = b; }
+  if (lane == 0) {
+    rs.s[0][w] = a;
+    rs.s[1][w] = b;
+  }
   __syncthreads();
   if (w == 0) {
     a = lane < kPhiWarps ? rs.s[0][lane] : T(0);
     b = lane < kPhiWarps ? rs.s[1][lane] : T(0);
     a = warp_sum(a);
     b = warp_sum(b);
-    if (lane == 0) { rs.s_out[0] = a; rs.s_out[1] = b; }
+    if (lane == 0) {
+      rs.s_out[0] = a;
+      rs.s_out[1] = b;
+    }
   }
   __syncthreads();
   a = rs.s_out[0];
@@ -146,8 +165,14 @@ struct MinMax {
 
 template <typename T>
 __device__ __forceinline__ void minmax_merge(MinMax<T>& a, T lo, int ilo, T hi, int ihi) {
-  if (ilo >= 0 && (a.ilo < 0 || lo < a.lo || (lo == a.lo && ilo < a.ilo))) { a.lo = lo; a.ilo = ilo; }
-  if (ihi >= 0 && (a.ihi < 0 || hi > a.hi || (hi == a.hi && ihi < a.ihi))) { a.hi = hi; a.ihi = ihi; }
+  if (ilo >= 0 && (a.ilo < 0 || lo < a.lo || (lo == a.lo && ilo < a.ilo))) {
+    a.lo = lo;
+    a.ilo = ilo;
+  }
+  if (ihi >= 0 && (a.ihi < 0 || hi > a.hi || (hi == a.hi && ihi < a.ihi))) {
+    a.hi = hi;
+    a.ihi = ihi;
+  }
 }
 
 template <typename T>
@@ -165,16 +190,34 @@ template <typename T>
 __device__ void block_minmax(MinMax<T>& m, RedScratch<T>& rs) {
   const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
   warp_minmax(m);
-  if (lane == 0) { rs.lo[w] = m.lo; rs.hi[w] = m.hi; rs.ilo[w] = m.ilo; rs.ihi[w] = m.ihi; }
+  if (lane == 0) {
+    rs.lo[w] = m.lo;
+    rs.hi[w] = m.hi;
+    rs.ilo[w] = m.ilo;
+    rs.ihi[w] = m.ihi;
+  }
   __syncthreads();
   if (w == 0) {
     MinMax<T> r{T(0), T(0), -1, -1};
-    if (lane < kPhiWarps) { r.lo = rs.lo[lane]; r.hi = rs.hi[lane]; r.ilo = rs.ilo[lane]; r.ihi = rs.ihi[lane]; }
+    if (lane < kPhiWarps) {
+      r.lo = rs.lo[lane];
+      r.hi = rs.hi[lane];
+      r.ilo = rs.ilo[lane];
+      r.ihi = rs.ihi[lane];
+    }
     warp_minmax(r);
-    if (lane == 0) { rs.lo_out = r.lo; rs.hi_out = r.hi; rs.ilo_out = r.ilo; rs.ihi_out = r.ihi; }
+    if (lane == 0) {
+      rs.lo_out = r.lo;
+      rs.hi_out = r.hi;
+      rs.ilo_out = r.ilo;
+      rs.ihi_out = r.ihi;
+    }
   }
   __syncthreads();
-  m.lo = rs.lo_out; m.hi = rs.hi_out; m.ilo = rs.ilo_out; m.ihi = rs.ihi_out;
+  m.lo = rs.lo_out;
+  m.hi = rs.hi_out;
+  m.ilo = rs.ilo_out;
+  m.ihi = rs.ihi_out;
 }
 
 // ---------------------------------------------------------------------------- normalisations
@@ -186,7 +229,9 @@ struct NormSt {
 };
 
 template <typename T>
-__device__ __forceinline__ T in_val(T v, bool absf) { return absf ? fabs(v) : v; }
+__device__ __forceinline__ T in_val(T v, bool absf) {
+  return absf ? fabs(v) : v;
+}
 
 template <typename T>
 __device__ __forceinline__ T norm_apply(T v, int kind, const NormSt<T>& st) {
@@ -214,8 +259,14 @@ __device__ NormSt<T> norm_stats(const T* buf, int n, int kind, bool absf, T eps,
   MinMax<T> m{T(0), T(0), -1, -1};
   for (int i = threadIdx.x; i < n; i += blockDim.x) {  // ascending i: strict compares keep the first index
     const T v = in_val(buf[i], absf);
-    if (m.ilo < 0 || v < m.lo) { m.lo = v; m.ilo = i; }
-    if (m.ihi < 0 || v > m.hi) { m.hi = v; m.ihi = i; }
+    if (m.ilo < 0 || v < m.lo) {
+      m.lo = v;
+      m.ilo = i;
+    }
+    if (m.ihi < 0 || v > m.hi) {
+      m.hi = v;
+      m.ihi = i;
+    }
   }
   block_minmax(m, rs);
   st.lo = m.lo;
@@ -528,8 +579,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dct_at_loss_cuda(
   const int64_t B = student[0].size(0);
   TORCH_CHECK(B <= INT_MAX, "student_feats[0]: batch ", B, " is too large");
   for (size_t l = 0; l < L; ++l)
-    TORCH_CHECK(student[l].size(2) <= kMaxSide && student[l].size(3) <= kMaxSide, "student_feats[", l,
-                "]: maps of ", student[l].size(2), " x ", student[l].size(3),
+    TORCH_CHECK(student[l].size(2) <= kMaxSide && student[l].size(3) <= kMaxSide, "student_feats[", l, "]: maps of ",
+                student[l].size(2), " x ", student[l].size(3),
                 " are too large for the CUDA dct_at_loss kernel (at most ", kMaxSide, " per side; pool them first)");
 
   at::Tensor loss = at::empty({B}, opts);
@@ -556,8 +607,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dct_at_loss_cuda(
       const at::Tensor& x_in = which == 0 ? student[l] : teacher[l];
       const bool cl = use_channels_last(x_in);
       feats.push_back(cl ? x_in : x_in.contiguous());
-      jobs.push_back(make_map_job(feats.back(), cl, maps_ptr + (offset[l] + which * n) * esize, nullptr, nullptr,
-                                  true, acc_double, p == 2.0, false));
+      jobs.push_back(make_map_job(feats.back(), cl, maps_ptr + (offset[l] + which * n) * esize, nullptr, nullptr, true,
+                                  acc_double, p == 2.0, false));
     }
   }
   launch_map_jobs(jobs, false, acc_double, p, stream);
@@ -621,7 +672,8 @@ std::vector<at::Tensor> dct_at_loss_backward_cuda(const at::Tensor& grad_loss, a
     keep.push_back(g);
     grads.push_back(dx);
     if (dx.numel() == 0) continue;
-    jobs.push_back(make_map_job(x, cl, dx.data_ptr(), g.const_data_ptr(), gl.const_data_ptr(), true, acc_double, p == 2.0, true));
+    jobs.push_back(
+        make_map_job(x, cl, dx.data_ptr(), g.const_data_ptr(), gl.const_data_ptr(), true, acc_double, p == 2.0, true));
   }
   launch_map_jobs(jobs, true, acc_double, p, c10::cuda::getCurrentCUDAStream());
   return grads;

@@ -59,12 +59,18 @@ __device__ inline void fill_basis(T* LT, int N, int ld, int kind, const double* 
 // ---------------------------------------------------------------------------------------- matmul
 __device__ __forceinline__ void load4(const float* p, float& a, float& b, float& c, float& d) {
   const float4 v = *reinterpret_cast<const float4*>(p);
-  a = v.x; b = v.y; c = v.z; d = v.w;
+  a = v.x;
+  b = v.y;
+  c = v.z;
+  d = v.w;
 }
 __device__ __forceinline__ void load4(const double* p, double& a, double& b, double& c, double& d) {
   const double2 v0 = reinterpret_cast<const double2*>(p)[0];
   const double2 v1 = reinterpret_cast<const double2*>(p)[1];
-  a = v0.x; b = v0.y; c = v1.x; d = v1.y;
+  a = v0.x;
+  b = v0.y;
+  c = v1.x;
+  d = v1.y;
 }
 
 // out[j * ldo + i] = sum_k LT[k * ldl + i] * R[k * ldr + j]       for i < M, j < N, k < K
@@ -91,17 +97,26 @@ __device__ inline void mm_t(const T* LT, const T* LT2, int ldl, const T* R, cons
       const T rv = r[k * ldr];
       T x0, x1, x2, x3;
       load4(l + k * ldl, x0, x1, x2, x3);
-      a0 += x0 * rv; a1 += x1 * rv; a2 += x2 * rv; a3 += x3 * rv;
+      a0 += x0 * rv;
+      a1 += x1 * rv;
+      a2 += x2 * rv;
+      a3 += x3 * rv;
       if constexpr (kMode != 0) {
         const T rv2 = (kMode == 2) ? r2[k * ldr] : rv;
         T y0, y1, y2, y3;
         load4(l2 + k * ldl, y0, y1, y2, y3);
-        b0 += y0 * rv2; b1 += y1 * rv2; b2 += y2 * rv2; b3 += y3 * rv2;
+        b0 += y0 * rv2;
+        b1 += y1 * rv2;
+        b2 += y2 * rv2;
+        b3 += y3 * rv2;
       }
     }
     T* o = out + j * ldo + i0;
     if constexpr (kMode == 2) {
-      a0 -= b0; a1 -= b1; a2 -= b2; a3 -= b3;
+      a0 -= b0;
+      a1 -= b1;
+      a2 -= b2;
+      a3 -= b3;
     }
     o[0] = a0;  // i0 < M always
     if (i0 + 1 < M) o[1] = a1;

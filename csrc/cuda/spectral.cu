@@ -47,9 +47,10 @@ __device__ __forceinline__ T mask_at(const T* mask, int mode, int64_t j, int64_t
 // (its weight and mask stay in registers: one index division per thread, none per element) and
 // streams it through the samples b0..b1 of its block row; consecutive threads, consecutive j.
 template <typename T>
-__global__ void gf_forward_kernel(const typename Vec2<T>::type* __restrict__ x, const typename Vec2<T>::type* __restrict__ w,
-                                  const T* __restrict__ mask, typename Vec2<T>::type* __restrict__ y, int64_t B,
-                                  int64_t N, int64_t HK, int64_t C, int64_t b_per_block, int mode) {
+__global__ void gf_forward_kernel(const typename Vec2<T>::type* __restrict__ x,
+                                  const typename Vec2<T>::type* __restrict__ w, const T* __restrict__ mask,
+                                  typename Vec2<T>::type* __restrict__ y, int64_t B, int64_t N, int64_t HK, int64_t C,
+                                  int64_t b_per_block, int mode) {
   using V = typename Vec2<T>::type;
   const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (j >= N) return;
@@ -72,7 +73,8 @@ __global__ void gf_forward_kernel(const typename Vec2<T>::type* __restrict__ x, 
 // dx[b, j] = g * conj(w) * m; part[split, j] = m * sum_{b in split} g * conj(x). Each dw element is
 // reduced by one thread per split in batch order (deterministic); splits are summed afterwards.
 template <typename T>
-__global__ void gf_backward_kernel(const typename Vec2<T>::type* __restrict__ g, const typename Vec2<T>::type* __restrict__ x,
+__global__ void gf_backward_kernel(const typename Vec2<T>::type* __restrict__ g,
+                                   const typename Vec2<T>::type* __restrict__ x,
                                    const typename Vec2<T>::type* __restrict__ w, const T* __restrict__ mask,
                                    typename Vec2<T>::type* __restrict__ dx, typename Vec2<T>::type* __restrict__ part,
                                    int64_t B, int64_t N, int64_t HK, int64_t C, int64_t b_per_split, int mode) {
@@ -165,8 +167,9 @@ at::Tensor global_filter_cuda(const at::Tensor& xf, const at::Tensor& w, const c
 }
 
 std::tuple<at::Tensor, at::Tensor> global_filter_backward_cuda(const at::Tensor& grad, const at::Tensor& xf,
-                                                               const at::Tensor& w, const c10::optional<at::Tensor>& mask,
-                                                               bool need_xf, bool need_w) {
+                                                               const at::Tensor& w,
+                                                               const c10::optional<at::Tensor>& mask, bool need_xf,
+                                                               bool need_w) {
   check_global_filter(xf, w);
   check_grad(grad, xf.sizes(), xf);
   const c10::cuda::CUDAGuard guard(xf.device());
@@ -195,10 +198,9 @@ std::tuple<at::Tensor, at::Tensor> global_filter_backward_cuda(const at::Tensor&
   dispatch_complex(xf.scalar_type(), "global_filter_backward", [&](auto tag) {
     using T = decltype(tag);
     const dim3 grid(static_cast<unsigned>(jblocks), static_cast<unsigned>(splits));
-    gf_backward_kernel<T><<<grid, threads, 0, stream>>>(vptr<T>(gd), need_w ? vptr<T>(xd) : nullptr, vptr<T>(wd), rptr<T>(m),
-                                                        need_xf ? vptr<T>(dx) : nullptr,
-                                                        need_w ? vptr<T>(part) : nullptr, p.B, N, p.H * p.K, p.C,
-                                                        b_per, mode);
+    gf_backward_kernel<T><<<grid, threads, 0, stream>>>(
+        vptr<T>(gd), need_w ? vptr<T>(xd) : nullptr, vptr<T>(wd), rptr<T>(m), need_xf ? vptr<T>(dx) : nullptr,
+        need_w ? vptr<T>(part) : nullptr, p.B, N, p.H * p.K, p.C, b_per, mode);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (need_w) {
@@ -228,11 +230,11 @@ struct KChunk {
 };
 
 template <typename T, bool kConjA, bool kConjB>
-__global__ void __launch_bounds__(kFT* kTY, sizeof(T) == 4 ? 2 : 1) cgemm_freq_kernel(const typename Vec2<T>::type* __restrict__ A, int64_t sAm,
-                                                               int64_t sAk, const typename Vec2<T>::type* __restrict__ Bm,
-                                                               int64_t sBk, int64_t sBn, const T* __restrict__ mask,
-                                                               typename Vec2<T>::type* __restrict__ out, int64_t M,
-                                                               int64_t N, int64_t K, int64_t F) {
+__global__ void __launch_bounds__(kFT* kTY, sizeof(T) == 4 ? 2 : 1)
+    cgemm_freq_kernel(const typename Vec2<T>::type* __restrict__ A, int64_t sAm, int64_t sAk,
+                      const typename Vec2<T>::type* __restrict__ Bm, int64_t sBk, int64_t sBn,
+                      const T* __restrict__ mask, typename Vec2<T>::type* __restrict__ out, int64_t M, int64_t N,
+                      int64_t K, int64_t F) {
   using V = typename Vec2<T>::type;
   constexpr int KC = KChunk<T>::value;
   __shared__ T sAr[kTM][KC][kFT], sAi[kTM][KC][kFT];
@@ -359,8 +361,9 @@ at::Tensor spectral_conv_cuda(const at::Tensor& xf, const at::Tensor& w, const c
 }
 
 std::tuple<at::Tensor, at::Tensor> spectral_conv_backward_cuda(const at::Tensor& grad, const at::Tensor& xf,
-                                                               const at::Tensor& w, const c10::optional<at::Tensor>& mask,
-                                                               bool need_xf, bool need_w) {
+                                                               const at::Tensor& w,
+                                                               const c10::optional<at::Tensor>& mask, bool need_xf,
+                                                               bool need_w) {
   check_spectral_conv(xf, w);
   const c10::cuda::CUDAGuard guard(xf.device());
   const int64_t B = xf.size(0), I = xf.size(1), H = xf.size(2), K = xf.size(3), O = w.size(1), F = H * K;
@@ -383,8 +386,9 @@ std::tuple<at::Tensor, at::Tensor> spectral_conv_backward_cuda(const at::Tensor&
 // ---------------------------------------------------------------------------------- fam_half_weight
 // P planes of (H, W) -> (H, K = W/2+1) and back; both gathers, one thread per output element.
 template <typename T>
-__global__ void half_weight_forward_kernel(const typename Vec2<T>::type* __restrict__ w, typename Vec2<T>::type* __restrict__ out,
-                                           int64_t total, int64_t H, int64_t W, int64_t rh, int64_t rw) {
+__global__ void half_weight_forward_kernel(const typename Vec2<T>::type* __restrict__ w,
+                                           typename Vec2<T>::type* __restrict__ out, int64_t total, int64_t H,
+                                           int64_t W, int64_t rh, int64_t rw) {
   using V = typename Vec2<T>::type;
   const int64_t K = W / 2 + 1;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
@@ -403,8 +407,9 @@ __global__ void half_weight_forward_kernel(const typename Vec2<T>::type* __restr
 }
 
 template <typename T>
-__global__ void half_weight_backward_kernel(const typename Vec2<T>::type* __restrict__ g, typename Vec2<T>::type* __restrict__ out,
-                                            int64_t total, int64_t H, int64_t W, int64_t rh, int64_t rw) {
+__global__ void half_weight_backward_kernel(const typename Vec2<T>::type* __restrict__ g,
+                                            typename Vec2<T>::type* __restrict__ out, int64_t total, int64_t H,
+                                            int64_t W, int64_t rh, int64_t rw) {
   using V = typename Vec2<T>::type;
   const int64_t K = W / 2 + 1;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
@@ -445,8 +450,8 @@ at::Tensor fam_half_weight_cuda(const at::Tensor& w_in, double cuton) {
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, sm_count() * 32);
   dispatch_complex(w.scalar_type(), "fam_half_weight", [&](auto tag) {
     using T = decltype(tag);
-    half_weight_forward_kernel<T><<<blocks, threads, 0, current_stream()>>>(
-        vptr<T>(w), vptr<T>(out), total, H, W, fam_radius(H, cuton), fam_radius(W, cuton));
+    half_weight_forward_kernel<T><<<blocks, threads, 0, current_stream()>>>(vptr<T>(w), vptr<T>(out), total, H, W,
+                                                                            fam_radius(H, cuton), fam_radius(W, cuton));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -28,8 +28,8 @@ double rel(const at::Tensor& a, const at::Tensor& b) {
 }
 
 using LossSig = std::tuple<at::Tensor, std::vector<at::Tensor>>(at::TensorList, at::TensorList, at::ArrayRef<double>,
-                                                                 double, std::string, bool, std::string, bool,
-                                                                 std::string, std::string, double);
+                                                                double, std::string, bool, std::string, bool,
+                                                                std::string, std::string, double);
 
 }  // namespace
 
@@ -79,8 +79,12 @@ int main() {
     auto sp = s.clone(), sm = s.clone();
     sp.view(-1)[i] += h;
     sm.view(-1)[i] -= h;
-    double lp = std::get<0>(loss.call({sp}, {t}, {1.0}, 2.0, "minmax", true, "dct", true, "minmax", "l2", 1e-8)).sum().item<double>();
-    double lm = std::get<0>(loss.call({sm}, {t}, {1.0}, 2.0, "minmax", true, "dct", true, "minmax", "l2", 1e-8)).sum().item<double>();
+    double lp = std::get<0>(loss.call({sp}, {t}, {1.0}, 2.0, "minmax", true, "dct", true, "minmax", "l2", 1e-8))
+                    .sum()
+                    .item<double>();
+    double lm = std::get<0>(loss.call({sm}, {t}, {1.0}, 2.0, "minmax", true, "dct", true, "minmax", "l2", 1e-8))
+                    .sum()
+                    .item<double>();
     double fd = (lp - lm) / (2 * h);
     worst = std::max(worst, std::abs(fd - ds.view(-1)[i].item<double>()) / std::max(1.0, std::abs(fd)));
   }
