@@ -5,6 +5,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <tuple>
+#include <type_traits>
+
 namespace dctkd {
 namespace spectral {
 
@@ -110,6 +113,107 @@ inline void check_half_weight_grad(const at::Tensor& g, double cuton, int64_t wi
 
 // The placeholder returned for an output that was not asked for (need_xf / need_w false).
 inline at::Tensor not_needed(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+// f(T(0)) with T = float for complex64, double for complex128.
+template <typename F>
+void dispatch_complex(at::ScalarType t, const char* name, F&& f) {
+  if (t == at::kComplexFloat) f(float(0));
+  else if (t == at::kComplexDouble) f(double(0));
+  else TORCH_CHECK(false, name, ": unsupported dtype ", t);
+}
+
+// ------------------------------------------------------------------------ host side of the ops
+// What every backend does before its kernels: the checks, the mask, the inputs in the order the
+// kernels read them and the outputs allocated. Each backend then launches its own kernels.
+
+// global_filter forward: `empty` when there is nothing to compute (y is then the whole answer).
+struct GfForwardArgs {
+  GfPlan p;
+  at::Tensor m, y, xd, wd;
+  bool empty;
+};
+
+inline GfForwardArgs gf_forward_args(const at::Tensor& xf, const at::Tensor& w, const c10::optional<at::Tensor>& mask) {
+  check_global_filter(xf, w);
+  GfForwardArgs a{GfPlan(xf), {}, {}, {}, {}, false};
+  a.m = prepare_mask(mask, xf, a.p.H, a.p.K);
+  a.y = a.p.new_data(xf.options());
+  a.empty = a.y.numel() == 0;
+  if (!a.empty) {
+    a.xd = a.p.data(xf);
+    a.wd = a.p.weight(w);
+  }
+  return a;
+}
+
+// global_filter backward: `done` when dx and dw are already the answer (nothing asked, or empty data:
+// dw is then zero). xf is read only for dw (a caller that wants dxf alone may pass a shape-only,
+// e.g. expanded, xf).
+struct GfBackwardArgs {
+  GfPlan p;
+  at::Tensor m, dx, dw, gd, xd, wd;
+  bool done;
+};
+
+inline GfBackwardArgs gf_backward_args(const at::Tensor& grad, const at::Tensor& xf, const at::Tensor& w,
+                                       const c10::optional<at::Tensor>& mask, bool need_xf, bool need_w) {
+  check_global_filter(xf, w);
+  check_grad(grad, xf.sizes(), xf);
+  GfBackwardArgs a{GfPlan(xf), {}, {}, {}, {}, {}, {}, false};
+  a.m = prepare_mask(mask, xf, a.p.H, a.p.K);
+  a.dx = need_xf ? a.p.new_data(xf.options()) : not_needed(xf);
+  a.dw = need_w ? a.p.new_weight(w.options()) : not_needed(w);
+  if (!need_xf && !need_w) {
+    a.done = true;
+  } else if (xf.numel() == 0) {
+    if (need_w) a.dw.zero_();
+    a.done = true;
+  } else {
+    a.gd = a.p.data(grad);
+    a.xd = need_w ? a.p.data(xf) : at::Tensor();
+    a.wd = a.p.weight(w);
+  }
+  return a;
+}
+
+// spectral_conv: the forward and both gradients are one frequency-batched complex GEMM each,
+//   out[m, n, f] = mask[f] sum_k opA(A[m, k, f]) opB(B[k, n, f])   (opX: conj when kConjX),
+// run by the backend's `gemm(std::integral_constant<bool, kConjA>, std::integral_constant<bool, kConjB>,
+// A, sAm, sAk, B, sBk, sBn, mask, out, M, N, K, F)`.
+template <typename Gemm>
+at::Tensor spectral_conv_host(const at::Tensor& xf, const at::Tensor& w, const c10::optional<at::Tensor>& mask,
+                              const Gemm& gemm) {
+  check_spectral_conv(xf, w);
+  const int64_t B = xf.size(0), I = xf.size(1), H = xf.size(2), K = xf.size(3), O = w.size(1), F = H * K;
+  const at::Tensor m = prepare_mask(mask, xf, H, K);
+  const at::Tensor x = resolved(xf).contiguous(), wc = resolved(w).contiguous();
+  at::Tensor y = at::empty({B, O, H, K}, xf.options());
+  // out[b, o] = sum_i x[b, i] w[i, o]
+  gemm(std::false_type{}, std::false_type{}, x, I * F, F, wc, O * F, F, m, y, B, O, I, F);
+  return y;
+}
+
+template <typename Gemm>
+std::tuple<at::Tensor, at::Tensor> spectral_conv_backward_host(const at::Tensor& grad, const at::Tensor& xf,
+                                                               const at::Tensor& w,
+                                                               const c10::optional<at::Tensor>& mask, bool need_xf,
+                                                               bool need_w, const Gemm& gemm) {
+  check_spectral_conv(xf, w);
+  const int64_t B = xf.size(0), I = xf.size(1), H = xf.size(2), K = xf.size(3), O = w.size(1), F = H * K;
+  check_grad(grad, {B, O, H, K}, xf);
+  const at::Tensor m = prepare_mask(mask, xf, H, K);
+  at::Tensor dx = need_xf ? at::empty({B, I, H, K}, xf.options()) : not_needed(xf);
+  at::Tensor dw = need_w ? at::empty({I, O, H, K}, w.options()) : not_needed(w);
+  if (!need_xf && !need_w) return {dx, dw};
+  // xf is read only for dw (a caller that wants dxf alone may pass a shape-only, e.g. expanded, xf)
+  const at::Tensor g = resolved(grad).contiguous(), wc = resolved(w).contiguous();
+  const at::Tensor x = need_w ? resolved(xf).contiguous() : at::Tensor();
+  // dx[b, i] = sum_o g[b, o] conj(w[i, o]):  A = g (m=b, k=o), B[k=o, n=i] = w[i, o]
+  if (need_xf) gemm(std::false_type{}, std::true_type{}, g, O * F, F, wc, F, O * F, m, dx, B, I, O, F);
+  // dw[i, o] = sum_b conj(x[b, i]) g[b, o]:  A[m=i, k=b] = x[b, i], B = g (k=b, n=o)
+  if (need_w) gemm(std::true_type{}, std::false_type{}, x, F, I * F, g, O * F, F, m, dw, I, O, B, F);
+  return {dx, dw};
+}
 
 }  // namespace spectral
 }  // namespace dctkd

@@ -95,55 +95,37 @@ void gf_backward(const T* g, const T* x, const T* w, const T* mask, T* dx, T* dw
   });
 }
 
-template <typename F>
-void dispatch_complex(at::ScalarType t, const char* name, F&& f) {
-  if (t == at::kComplexFloat) f(float(0));
-  else if (t == at::kComplexDouble) f(double(0));
-  else TORCH_CHECK(false, name, ": unsupported dtype ", t);
-}
-
 template <typename T>
 T* real_ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
 at::Tensor global_filter_cpu(const at::Tensor& xf, const at::Tensor& w, const c10::optional<at::Tensor>& mask) {
-  check_global_filter(xf, w);
-  const GfPlan p(xf);
-  const at::Tensor m = prepare_mask(mask, xf, p.H, p.K);
-  at::Tensor y = p.new_data(xf.options());
-  if (y.numel() == 0) return y;
-  const at::Tensor xd = p.data(xf), wd = p.weight(w);
+  const GfForwardArgs a = gf_forward_args(xf, w, mask);
+  if (a.empty) return a.y;
+  const GfPlan& p = a.p;
   dispatch_complex(xf.scalar_type(), "global_filter", [&](auto tag) {
     using T = decltype(tag);
-    gf_forward<T>(real_ptr<T>(xd), real_ptr<T>(wd), m.defined() ? real_ptr<T>(m) : nullptr, real_ptr<T>(y), p.B, p.R,
-                  p.L, p.channels_last);
+    gf_forward<T>(real_ptr<T>(a.xd), real_ptr<T>(a.wd), a.m.defined() ? real_ptr<T>(a.m) : nullptr, real_ptr<T>(a.y),
+                  p.B, p.R, p.L, p.channels_last);
   });
-  return y;
+  return a.y;
 }
 
 std::tuple<at::Tensor, at::Tensor> global_filter_backward_cpu(const at::Tensor& grad, const at::Tensor& xf,
                                                               const at::Tensor& w,
                                                               const c10::optional<at::Tensor>& mask, bool need_xf,
                                                               bool need_w) {
-  check_global_filter(xf, w);
-  check_grad(grad, xf.sizes(), xf);
-  const GfPlan p(xf);
-  const at::Tensor m = prepare_mask(mask, xf, p.H, p.K);
-  at::Tensor dx = need_xf ? p.new_data(xf.options()) : not_needed(xf);
-  at::Tensor dw = need_w ? p.new_weight(w.options()) : not_needed(w);
-  if (!need_xf && !need_w) return {dx, dw};
-  if (need_w && p.B == 0) dw.zero_();
-  if (xf.numel() == 0) return {dx, dw};
-  // xf is read only for dw (a caller that wants dxf alone may pass a shape-only, e.g. expanded, xf)
-  const at::Tensor gd = p.data(grad), xd = need_w ? p.data(xf) : at::Tensor(), wd = p.weight(w);
+  const GfBackwardArgs a = gf_backward_args(grad, xf, w, mask, need_xf, need_w);
+  if (a.done) return {a.dx, a.dw};
+  const GfPlan& p = a.p;
   dispatch_complex(xf.scalar_type(), "global_filter_backward", [&](auto tag) {
     using T = decltype(tag);
-    gf_backward<T>(real_ptr<T>(gd), need_w ? real_ptr<T>(xd) : nullptr, real_ptr<T>(wd),
-                   m.defined() ? real_ptr<T>(m) : nullptr, need_xf ? real_ptr<T>(dx) : nullptr,
-                   need_w ? real_ptr<T>(dw) : nullptr, p.B, p.R, p.L, p.channels_last);
+    gf_backward<T>(real_ptr<T>(a.gd), need_w ? real_ptr<T>(a.xd) : nullptr, real_ptr<T>(a.wd),
+                   a.m.defined() ? real_ptr<T>(a.m) : nullptr, need_xf ? real_ptr<T>(a.dx) : nullptr,
+                   need_w ? real_ptr<T>(a.dw) : nullptr, p.B, p.R, p.L, p.channels_last);
   });
-  return {dx, dw};
+  return {a.dx, a.dw};
 }
 
 // ------------------------------------------------------------------------------------ spectral_conv
@@ -288,42 +270,26 @@ void cgemm_or_zero(const at::Tensor& A, int64_t sAm, int64_t sAk, const at::Tens
                                 mask.defined() ? real_ptr<T>(mask) : nullptr, real_ptr<T>(out), M, N, K, F);
 }
 
+// spectral_conv_host's GEMM on the CPU.
+struct CpuFreqGemm {
+  template <typename CA, typename CB>
+  void operator()(CA, CB, const at::Tensor& A, int64_t sAm, int64_t sAk, const at::Tensor& Bt, int64_t sBk, int64_t sBn,
+                  const at::Tensor& mask, at::Tensor& out, int64_t M, int64_t N, int64_t K, int64_t F) const {
+    dispatch_complex(A.scalar_type(), "spectral_conv", [&](auto tag) {
+      cgemm_or_zero<decltype(tag), CA::value, CB::value>(A, sAm, sAk, Bt, sBk, sBn, mask, out, M, N, K, F);
+    });
+  }
+};
+
 at::Tensor spectral_conv_cpu(const at::Tensor& xf, const at::Tensor& w, const c10::optional<at::Tensor>& mask) {
-  check_spectral_conv(xf, w);
-  const int64_t B = xf.size(0), I = xf.size(1), H = xf.size(2), K = xf.size(3), O = w.size(1), F = H * K;
-  const at::Tensor m = prepare_mask(mask, xf, H, K);
-  const at::Tensor x = resolved(xf).contiguous(), wc = resolved(w).contiguous();
-  at::Tensor y = at::empty({B, O, H, K}, xf.options());
-  dispatch_complex(xf.scalar_type(), "spectral_conv", [&](auto tag) {
-    using T = decltype(tag);
-    // out[b, o] = sum_i x[b, i] w[i, o]
-    cgemm_or_zero<T, false, false>(x, I * F, F, wc, O * F, F, m, y, B, O, I, F);
-  });
-  return y;
+  return spectral_conv_host(xf, w, mask, CpuFreqGemm{});
 }
 
 std::tuple<at::Tensor, at::Tensor> spectral_conv_backward_cpu(const at::Tensor& grad, const at::Tensor& xf,
                                                               const at::Tensor& w,
                                                               const c10::optional<at::Tensor>& mask, bool need_xf,
                                                               bool need_w) {
-  check_spectral_conv(xf, w);
-  const int64_t B = xf.size(0), I = xf.size(1), H = xf.size(2), K = xf.size(3), O = w.size(1), F = H * K;
-  check_grad(grad, {B, O, H, K}, xf);
-  const at::Tensor m = prepare_mask(mask, xf, H, K);
-  at::Tensor dx = need_xf ? at::empty({B, I, H, K}, xf.options()) : not_needed(xf);
-  at::Tensor dw = need_w ? at::empty({I, O, H, K}, w.options()) : not_needed(w);
-  if (!need_xf && !need_w) return {dx, dw};
-  // xf is read only for dw (a caller that wants dxf alone may pass a shape-only, e.g. expanded, xf)
-  const at::Tensor g = resolved(grad).contiguous(), wc = resolved(w).contiguous();
-  const at::Tensor x = need_w ? resolved(xf).contiguous() : at::Tensor();
-  dispatch_complex(xf.scalar_type(), "spectral_conv_backward", [&](auto tag) {
-    using T = decltype(tag);
-    // dx[b, i] = sum_o g[b, o] conj(w[i, o]):  A = g (m=b, k=o), B[k=o, n=i] = w[i, o]
-    if (need_xf) cgemm_or_zero<T, false, true>(g, O * F, F, wc, F, O * F, m, dx, B, I, O, F);
-    // dw[i, o] = sum_b conj(x[b, i]) g[b, o]:  A[m=i, k=b] = x[b, i], B = g (k=b, n=o)
-    if (need_w) cgemm_or_zero<T, true, false>(x, F, I * F, g, O * F, F, m, dw, I, O, B, F);
-  });
-  return {dx, dw};
+  return spectral_conv_backward_host(grad, xf, w, mask, need_xf, need_w, CpuFreqGemm{});
 }
 
 // ---------------------------------------------------------------------------------- fam_half_weight

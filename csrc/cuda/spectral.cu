@@ -111,13 +111,6 @@ __global__ void gf_backward_kernel(const typename Vec2<T>::type* __restrict__ g,
   }
 }
 
-template <typename F>
-void dispatch_complex(at::ScalarType t, const char* name, F&& f) {
-  if (t == at::kComplexFloat) f(float(0));
-  else if (t == at::kComplexDouble) f(double(0));
-  else TORCH_CHECK(false, name, ": unsupported dtype ", t);
-}
-
 template <typename T>
 typename Vec2<T>::type* vptr(const at::Tensor& t) {
   return reinterpret_cast<typename Vec2<T>::type*>(t.data_ptr());
@@ -139,13 +132,11 @@ int64_t sm_count() {
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 at::Tensor global_filter_cuda(const at::Tensor& xf, const at::Tensor& w, const c10::optional<at::Tensor>& mask) {
-  check_global_filter(xf, w);
   const c10::cuda::CUDAGuard guard(xf.device());
-  const GfPlan p(xf);
-  const at::Tensor m = prepare_mask(mask, xf, p.H, p.K);
-  at::Tensor y = p.new_data(xf.options());
-  if (y.numel() == 0) return y;
-  const at::Tensor xd = p.data(xf), wd = p.weight(w);
+  const GfForwardArgs a = gf_forward_args(xf, w, mask);
+  if (a.empty) return a.y;
+  const GfPlan& p = a.p;
+  const at::Tensor &m = a.m, &y = a.y, &xd = a.xd, &wd = a.wd;
   const int64_t N = p.R * p.L;
   const int mode = m.defined() ? (p.channels_last ? 2 : 1) : 0;
   const int threads = 256;
@@ -170,20 +161,12 @@ std::tuple<at::Tensor, at::Tensor> global_filter_backward_cuda(const at::Tensor&
                                                                const at::Tensor& w,
                                                                const c10::optional<at::Tensor>& mask, bool need_xf,
                                                                bool need_w) {
-  check_global_filter(xf, w);
-  check_grad(grad, xf.sizes(), xf);
   const c10::cuda::CUDAGuard guard(xf.device());
-  const GfPlan p(xf);
-  const at::Tensor m = prepare_mask(mask, xf, p.H, p.K);
-  at::Tensor dx = need_xf ? p.new_data(xf.options()) : not_needed(xf);
-  at::Tensor dw = need_w ? p.new_weight(w.options()) : not_needed(w);
-  if (!need_xf && !need_w) return {dx, dw};
-  if (xf.numel() == 0) {
-    if (need_w) dw.zero_();
-    return {dx, dw};
-  }
-  // xf is read only for dw (a caller that wants dxf alone may pass a shape-only, e.g. expanded, xf)
-  const at::Tensor gd = p.data(grad), xd = need_w ? p.data(xf) : at::Tensor(), wd = p.weight(w);
+  GfBackwardArgs a = gf_backward_args(grad, xf, w, mask, need_xf, need_w);
+  if (a.done) return {a.dx, a.dw};
+  const GfPlan& p = a.p;
+  const at::Tensor &m = a.m, &gd = a.gd, &xd = a.xd, &wd = a.wd;
+  at::Tensor &dx = a.dx, &dw = a.dw;
   const int64_t N = p.R * p.L;
   const int mode = m.defined() ? (p.channels_last ? 2 : 1) : 0;
   const int threads = 256;
@@ -346,41 +329,28 @@ void cgemm_freq(const at::Tensor& A, int64_t sAm, int64_t sAk, const at::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// spectral_conv_host's GEMM on the GPU.
+struct CudaFreqGemm {
+  template <typename CA, typename CB>
+  void operator()(CA, CB, const at::Tensor& A, int64_t sAm, int64_t sAk, const at::Tensor& Bt, int64_t sBk, int64_t sBn,
+                  const at::Tensor& mask, at::Tensor& out, int64_t M, int64_t N, int64_t K, int64_t F) const {
+    dispatch_complex(A.scalar_type(), "spectral_conv", [&](auto tag) {
+      cgemm_freq<decltype(tag), CA::value, CB::value>(A, sAm, sAk, Bt, sBk, sBn, mask, out, M, N, K, F);
+    });
+  }
+};
+
 at::Tensor spectral_conv_cuda(const at::Tensor& xf, const at::Tensor& w, const c10::optional<at::Tensor>& mask) {
-  check_spectral_conv(xf, w);
   const c10::cuda::CUDAGuard guard(xf.device());
-  const int64_t B = xf.size(0), I = xf.size(1), H = xf.size(2), K = xf.size(3), O = w.size(1), F = H * K;
-  const at::Tensor m = prepare_mask(mask, xf, H, K);
-  const at::Tensor x = resolved(xf).contiguous(), wc = resolved(w).contiguous();
-  at::Tensor y = at::empty({B, O, H, K}, xf.options());
-  dispatch_complex(xf.scalar_type(), "spectral_conv", [&](auto tag) {
-    using T = decltype(tag);
-    cgemm_freq<T, false, false>(x, I * F, F, wc, O * F, F, m, y, B, O, I, F);
-  });
-  return y;
+  return spectral_conv_host(xf, w, mask, CudaFreqGemm{});
 }
 
 std::tuple<at::Tensor, at::Tensor> spectral_conv_backward_cuda(const at::Tensor& grad, const at::Tensor& xf,
                                                                const at::Tensor& w,
                                                                const c10::optional<at::Tensor>& mask, bool need_xf,
                                                                bool need_w) {
-  check_spectral_conv(xf, w);
   const c10::cuda::CUDAGuard guard(xf.device());
-  const int64_t B = xf.size(0), I = xf.size(1), H = xf.size(2), K = xf.size(3), O = w.size(1), F = H * K;
-  check_grad(grad, {B, O, H, K}, xf);
-  const at::Tensor m = prepare_mask(mask, xf, H, K);
-  at::Tensor dx = need_xf ? at::empty({B, I, H, K}, xf.options()) : not_needed(xf);
-  at::Tensor dw = need_w ? at::empty({I, O, H, K}, w.options()) : not_needed(w);
-  if (!need_xf && !need_w) return {dx, dw};
-  // xf is read only for dw (a caller that wants dxf alone may pass a shape-only, e.g. expanded, xf)
-  const at::Tensor g = resolved(grad).contiguous(), wc = resolved(w).contiguous();
-  const at::Tensor x = need_w ? resolved(xf).contiguous() : at::Tensor();
-  dispatch_complex(xf.scalar_type(), "spectral_conv_backward", [&](auto tag) {
-    using T = decltype(tag);
-    if (need_xf) cgemm_freq<T, false, true>(g, O * F, F, wc, F, O * F, m, dx, B, I, O, F);
-    if (need_w) cgemm_freq<T, true, false>(x, F, I * F, g, O * F, F, m, dw, I, O, B, F);
-  });
-  return {dx, dw};
+  return spectral_conv_backward_host(grad, xf, w, mask, need_xf, need_w, CudaFreqGemm{});
 }
 
 // ---------------------------------------------------------------------------------- fam_half_weight
