@@ -1,5 +1,6 @@
-// Host-side argument checks and layout rules of the spectral-filter ops (docs/DESIGN.md §3.4), shared by the
-// CPU (csrc/cpu/spectral.cpp) and CUDA (csrc/cuda/spectral.cu) kernels. The Python face
+// The host side of the spectral-filter ops (docs/DESIGN.md §3.4): argument checks, layout rules and the
+// preparation every backend does before its kernels, shared by the CPU (csrc/cpu/spectral.cpp,
+// csrc/cpu/fam_layer.cpp) and CUDA (csrc/cuda/spectral.cu) files. The Python face
 // (dctkd_ext/ops/spectral.py) checks the same things first with friendlier messages; these checks
 // guard direct torch.ops.dctkd_ext.* calls.
 #pragma once
