@@ -63,7 +63,7 @@ def render_targets(path):
     with open(path) as f:
         data = json.load(f)
     meta = data["meta"]
-    kind = "cuda" if "cpu" not in meta["device"].split(" ")[0].lower() else "cpu"
+    kind = "cpu" if meta["device"].startswith("cpu") else "cuda"
     what = {"speedup": "speed-up over {vs}", "bw": "fraction of copy bandwidth", "mem": "peak extra memory / {vs}'s"}
     lines = [f"Targets ({kind}; forward+backward; source `{path}`):", "",
              "| op | shape | B | dtype | measure | goal | measured | met |", "|---|---|---|---|---|---|---|---|"]

@@ -7,6 +7,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 
 import report  # noqa: E402
+import targets  # noqa: E402
 
 
 def _record(impl, speedups=None, bw=0.5, mem=10.0, dtype="float32", mode="fwd+bwd"):
@@ -34,4 +35,4 @@ def test_targets_are_read_from_the_matching_forward_backward_record():
 def test_the_target_table_has_one_row_per_target():
     path = os.path.join(os.path.dirname(__file__), "..", "bench", "results", "cpu.json")
     text = report.render_targets(path)
-    assert text.count("\n| ") == len(__import__("targets").CPU_TARGETS) + 1  # header row + one per target
+    assert text.count("\n| ") == len(targets.CPU_TARGETS) + 1  # header row + one per target
