@@ -151,6 +151,26 @@ def test_loss_matches_reference(device, preset, over, kind, dtype, channels_last
                                  reduction="none", **over)
 
 
+# Map sizes for the folded transforms (csrc/cpu/map_transforms.cpp): 1, 2 and 3 (no or one fold
+# pair), odd and even sides (a middle row / column that pairs with itself), H != W both ways.
+TRANSFORM_SIZES = [(1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (3, 2), (3, 3), (4, 4), (4, 7), (7, 4), (5, 6),
+                   (6, 5), (8, 9), (16, 17), (17, 16), (33, 32)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("transform", ["dct", "fft_real"])
+@pytest.mark.parametrize("hw", TRANSFORM_SIZES, ids=lambda hw: f"{hw[0]}x{hw[1]}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+def test_loss_transform_at_every_map_size(device, transform, hw, dtype, gen):
+    # No normalisation, no centring, no abs: the loss and its gradient are the transform itself.
+    h, w = hw
+    s = [features(2, 3, h, w, dtype=dtype, device=device, generator=gen, requires_grad=True)]
+    t = [features(2, 5, h, w, dtype=dtype, device=device, generator=gen)]
+    check_loss_against_reference(s, t, dtype, f"{transform} {h}x{w}", preset="dct", transform=transform,
+                                 map_norm="none", center=False, coef_abs=False, coef_norm="none", distance="sse",
+                                 reduction="none")
+
+
 OVERRIDES = [
     dict(map_norm="none"), dict(map_norm="l2"), dict(map_norm="max", eps=1e-6), dict(center=False),
     dict(transform="fft_real"), dict(transform="identity"), dict(coef_abs=False), dict(coef_norm="l2"),

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -19,7 +20,7 @@
 #include "../dctkd_math.h"
 #include "attention_map_sample.h"
 #include "cpu_kernels.h"
-#include "small_matmul.h"
+#include "map_transforms.h"
 
 namespace dctkd {
 namespace cpu {
@@ -43,6 +44,44 @@ struct NormState {
   T denom = T(1), nrm = T(0);
 };
 
+// The first index of the minimum and of the maximum of in[0, n), n >= 1: the first index of each
+// wins ties, as torch.min(x, dim) / torch.max(x, dim) do, and a NaN never wins unless it is in[0]
+// (the strict comparisons of a scan from in[0]). The values come from a vector reduction, then a
+// scan finds their first occurrence: no index-dependent loads in the reduction.
+template <typename T>
+void first_min_max(const T* in, int64_t n, int64_t& imin, int64_t& imax) {
+  imin = imax = 0;
+  T lo = in[0], hi = in[0];
+  if (lo != lo) return;
+  // 16-byte vectors (native on every x86-64), four of each in flight.
+  constexpr int L = 16 / sizeof(T), U = 4;
+  typedef T V __attribute__((vector_size(16)));
+  int64_t i = 0;
+  if (n >= U * L) {
+    V vlo[U], vhi[U];
+    for (int u = 0; u < U; ++u)
+      for (int j = 0; j < L; ++j) vlo[u][j] = vhi[u][j] = lo;
+    for (; i + U * L <= n; i += U * L)
+      for (int u = 0; u < U; ++u) {
+        V x;
+        std::memcpy(&x, in + i + u * L, sizeof(V));
+        vlo[u] = x < vlo[u] ? x : vlo[u];
+        vhi[u] = x > vhi[u] ? x : vhi[u];
+      }
+    for (int u = 0; u < U; ++u)
+      for (int j = 0; j < L; ++j) {
+        lo = vlo[u][j] < lo ? vlo[u][j] : lo;
+        hi = vhi[u][j] > hi ? vhi[u][j] : hi;
+      }
+  }
+  for (; i < n; ++i) {
+    lo = in[i] < lo ? in[i] : lo;
+    hi = in[i] > hi ? in[i] : hi;
+  }
+  while (!(in[imin] == lo)) ++imin;
+  while (!(in[imax] == hi)) ++imax;
+}
+
 template <typename T>
 void norm_forward(const T* in, T* out, int64_t n, Norm kind, T eps, NormState<T>& st) {
   if (kind == Norm::None) {
@@ -57,15 +96,8 @@ void norm_forward(const T* in, T* out, int64_t n, Norm kind, T eps, NormState<T>
     for (int64_t i = 0; i < n; ++i) out[i] = in[i] / st.denom;
     return;
   }
-  // min / max: the first index of each wins ties, as torch.min(x, dim) / torch.max(x, dim) do.
-  int64_t imin = 0, imax = 0;
-  for (int64_t i = 1; i < n; ++i) {
-    if (in[i] < in[imin]) imin = i;
-    if (in[i] > in[imax]) imax = i;
-  }
-  st.imin = imin;
-  st.imax = imax;
-  const T lo = in[imin], hi = in[imax];
+  first_min_max(in, n, st.imin, st.imax);
+  const T lo = in[st.imin], hi = in[st.imax];
   st.denom = (kind == Norm::MinMax) ? (hi - lo + eps) : (hi + eps);
   for (int64_t i = 0; i < n; ++i) out[i] = (in[i] - lo) / st.denom;
 }
@@ -98,23 +130,26 @@ void norm_backward(const T* g, const T* in, const T* out, T* g_in, int64_t n, No
   g_in[st.imax] += -sum_gu / d;
 }
 
+// The transform tables of one map size (map_transforms.h); only the kind in use is set.
+template <typename T>
+struct MapTables {
+  const DctHalves<T>* dct_h = nullptr;
+  const DctHalves<T>* dct_w = nullptr;
+  const DftHalves<T>* dft_h = nullptr;
+  const DftHalves<T>* dft_w = nullptr;
+};
+
 // c = transform(v) for an H x W map; the backward of fft_real is the same map (its bases are symmetric).
 template <typename T>
-void transform_apply(const T* v, T* c, T* tmp, T* tmp2, int64_t H, int64_t W, Transform tr, bool backward,
-                     const Bases<T>& bh, const Bases<T>& bw) {
+void transform_apply(const T* v, T* c, int64_t H, int64_t W, Transform tr, bool backward, const MapTables<T>& tb,
+                     MapScratch<T>& scratch) {
   if (tr == Transform::Identity) {
     for (int64_t i = 0; i < H * W; ++i) c[i] = v[i];
   } else if (tr == Transform::Dct) {
     // forward: D_H v D_W^T ; backward: D_H^T g D_W
-    matmul(v, backward ? bw.d.data() : bw.dt.data(), tmp, H, W, W);
-    matmul(backward ? bh.dt.data() : bh.d.data(), tmp, c, H, H, W);
+    dct2_map(v, c, *tb.dct_h, *tb.dct_w, backward, scratch);
   } else {
-    // Re(FFT2(v)) = C_H v C_W - S_H v S_W
-    matmul(v, bw.c.data(), tmp, H, W, W);
-    matmul(bh.c.data(), tmp, c, H, H, W);
-    matmul(v, bw.s.data(), tmp, H, W, W);
-    matmul(bh.s.data(), tmp, tmp2, H, H, W);
-    for (int64_t i = 0; i < H * W; ++i) c[i] -= tmp2[i];
+    real_dft2_map(v, c, *tb.dft_h, *tb.dft_w, scratch);
   }
 }
 
@@ -133,8 +168,8 @@ struct PhiTrace {
 };
 
 template <typename T>
-void phi_forward(PhiTrace<T>& tr, T* tmp, T* tmp2, int64_t H, int64_t W, const PhiConfig<T>& cfg, const Bases<T>& bh,
-                 const Bases<T>& bw) {
+void phi_forward(PhiTrace<T>& tr, int64_t H, int64_t W, const PhiConfig<T>& cfg, const MapTables<T>& tb,
+                 MapScratch<T>& scratch) {
   const int64_t n = H * W;
   norm_forward(tr.a.data(), tr.u.data(), n, cfg.map_norm, cfg.eps, tr.n1);
   T mean = 0;
@@ -143,7 +178,7 @@ void phi_forward(PhiTrace<T>& tr, T* tmp, T* tmp2, int64_t H, int64_t W, const P
     mean /= T(n);
   }
   for (int64_t i = 0; i < n; ++i) tr.v[i] = tr.u[i] - mean;
-  transform_apply(tr.v.data(), tr.c.data(), tmp, tmp2, H, W, cfg.transform, false, bh, bw);
+  transform_apply(tr.v.data(), tr.c.data(), H, W, cfg.transform, false, tb, scratch);
   // A centred map has a DC coefficient of exactly 0 under both transforms; rounding would leave
   // noise there whose random sign then feeds min|C| and its gradient. Store the exact value.
   if (centred_dc(cfg)) tr.c[0] = T(0);
@@ -151,10 +186,10 @@ void phi_forward(PhiTrace<T>& tr, T* tmp, T* tmp2, int64_t H, int64_t W, const P
   norm_forward(tr.cabs.data(), tr.z.data(), n, cfg.coef_norm, cfg.eps, tr.n2);
 }
 
-// g (length n, holding dL/dz) -> dL/da written to g_a. Uses tmp buffers; overwrites g.
+// g (length n, holding dL/dz) -> dL/da written to g_a. Uses tmp3 (length n); overwrites g.
 template <typename T>
-void phi_backward(const PhiTrace<T>& tr, T* g, T* g_a, T* tmp, T* tmp2, T* tmp3, int64_t H, int64_t W,
-                  const PhiConfig<T>& cfg, const Bases<T>& bh, const Bases<T>& bw) {
+void phi_backward(const PhiTrace<T>& tr, T* g, T* g_a, T* tmp3, int64_t H, int64_t W, const PhiConfig<T>& cfg,
+                  const MapTables<T>& tb, MapScratch<T>& scratch) {
   const int64_t n = H * W;
   norm_backward(g, tr.cabs.data(), tr.z.data(), tmp3, n, cfg.coef_norm, tr.n2);
   if (cfg.coef_abs)  // d|c|/dc = sign(c), 0 at 0 (as torch.abs)
@@ -164,7 +199,7 @@ void phi_backward(const PhiTrace<T>& tr, T* g, T* g_a, T* tmp, T* tmp2, T* tmp3,
     // the transform's backward (the DC basis is the constant map): exact, with no cancellation.
     tmp3[0] = T(0);
   }
-  transform_apply(tmp3, g, tmp, tmp2, H, W, cfg.transform, true, bh, bw);
+  transform_apply(tmp3, g, H, W, cfg.transform, true, tb, scratch);
   if (cfg.center && !centred_dc(cfg)) {
     T mean = 0;
     for (int64_t i = 0; i < n; ++i) mean += g[i];
@@ -182,8 +217,7 @@ struct LevelPlan {
   sample::Block sb, tb;
   int64_t H = 0, W = 0;
   T weight = T(1);
-  const Bases<T>* bh = nullptr;
-  const Bases<T>* bw = nullptr;
+  MapTables<T> tables;
 };
 
 inline bool reads_channels_last(const at::Tensor& x) {
@@ -208,19 +242,23 @@ template <typename T>
 void loss_single_pass(std::vector<LevelPlan<T>>& levels, T* dist, const T* grad_scale, int64_t B, double p,
                       const PhiConfig<T>& cfg) {
   const int64_t L = static_cast<int64_t>(levels.size());
-  int64_t maxn = 1;
-  for (const auto& lv : levels) maxn = std::max(maxn, lv.H * lv.W);
+  int64_t maxn = 1, max_side = 1;
+  for (const auto& lv : levels) {
+    maxn = std::max(maxn, lv.H * lv.W);
+    max_side = std::max({max_side, lv.H, lv.W});
+  }
   at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
     PhiTrace<T> ts(maxn), tt(maxn);
-    std::vector<T> tmp(maxn), tmp2(maxn), tmp3(maxn), g(maxn);
+    std::vector<T> tmp(maxn), tmp3(maxn), g(maxn);
+    MapScratch<T> scratch(max_side);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / L, l = item % L;
       LevelPlan<T>& lv = levels[l];
       const int64_t H = lv.H, W = lv.W, n = H * W;
       sample::attention_map<T>(lv.tb, b, p, T(1) / T(lv.tb.C), tt.a.data());
       sample::attention_map<T>(lv.sb, b, p, T(1) / T(lv.sb.C), ts.a.data());
-      phi_forward(ts, tmp.data(), tmp2.data(), H, W, cfg, *lv.bh, *lv.bw);
-      phi_forward(tt, tmp.data(), tmp2.data(), H, W, cfg, *lv.bh, *lv.bw);
+      phi_forward(ts, H, W, cfg, lv.tables, scratch);
+      phi_forward(tt, H, W, cfg, lv.tables, scratch);
       T ss = 0;
       for (int64_t i = 0; i < n; ++i) {
         g[i] = ts.z[i] - tt.z[i];
@@ -241,7 +279,7 @@ void loss_single_pass(std::vector<LevelPlan<T>>& levels, T* dist, const T* grad_
       dist[l * B + b] = d;
       for (int64_t i = 0; i < n; ++i) g[i] *= gscale;
       T* gm = lv.gmap.template mutable_data_ptr<T>() + b * n;
-      phi_backward(ts, g.data(), gm, tmp.data(), tmp2.data(), tmp3.data(), H, W, cfg, *lv.bh, *lv.bw);
+      phi_backward(ts, g.data(), gm, tmp3.data(), H, W, cfg, lv.tables, scratch);
       if (grad_scale != nullptr) {
         // The same products in the same order as dct_at_loss_backward: (dL/dA * g_b) * (1/C), then * d|S|^p/dS.
         const T k = grad_scale[b], inv_c = T(1) / T(lv.sb.C);
@@ -300,8 +338,15 @@ LossResult loss_impl(at::TensorList student, at::TensorList teacher, at::ArrayRe
         lv.ds = at::empty_like(lv.s);  // keeps the layout the kernel reads
         lv.sb.dx = lv.ds.mutable_data_ptr();
       }
-      lv.bh = &cached_bases<T>(lv.H, dct, dft);
-      lv.bw = &cached_bases<T>(lv.W, dct, dft);
+      if (lv.H * lv.W == 0) {
+        // an empty map: no transform runs
+      } else if (dct) {
+        lv.tables.dct_h = &dct_halves<T>(lv.H);
+        lv.tables.dct_w = &dct_halves<T>(lv.W);
+      } else if (dft) {
+        lv.tables.dft_h = &dft_halves<T>(lv.H);
+        lv.tables.dft_w = &dft_halves<T>(lv.W);
+      }
       any_work = any_work || lv.H * lv.W > 0;
     }
     if (want_grad) {

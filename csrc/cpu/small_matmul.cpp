@@ -1,15 +1,11 @@
 // The small dense matmul of the CPU transforms (see small_matmul.h), compiled for the baseline
-// x86-64 ISA and for x86-64-v3 (AVX2 + FMA), chosen once at load time.
+// x86-64 ISA, for x86-64-v3 (AVX2 + FMA) and for x86-64-v4 (AVX-512); the CPU's best is used.
 // Register-blocked: a tile of MR rows x NV vectors of C stays in registers for the whole k loop,
 // so each loaded row piece of B feeds MR fused multiply-adds (the i-k-j form reloads C every k).
 #include "small_matmul.h"
 
 #include <algorithm>
 #include <cstring>
-#include <map>
-#include <memory>
-#include <mutex>
-#include <tuple>
 
 #include "simd.h"
 
@@ -17,74 +13,36 @@ namespace dctkd {
 namespace cpu {
 namespace {
 
-// 32-byte vectors via the GCC/Clang vector extension: one ymm on AVX2, two xmm on baseline SSE2.
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
-  static constexpr int lanes = 8;
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
-  static constexpr int lanes = 4;
+// Vectors of VB bytes via the GCC/Clang vector extension: VB = 64 is one zmm (AVX-512), VB = 32 one
+// ymm on AVX2 or two xmm on baseline SSE2, VB = 16 one xmm.
+template <typename T, int VB>
+struct Vec {
+  typedef T type __attribute__((vector_size(VB)));
+  static constexpr int lanes = VB / static_cast<int>(sizeof(T));
 };
 
-// Half-width vectors (16 bytes) for a column tail of 4..7 floats / 2..3 doubles.
-template <typename T>
-struct Half;
-template <>
-struct Half<float> {
-  typedef float type __attribute__((vector_size(16)));
-  static constexpr int lanes = 4;
-};
-template <>
-struct Half<double> {
-  typedef double type __attribute__((vector_size(16)));
-  static constexpr int lanes = 2;
-};
-
-// C[0:M, 0:lanes] = A[0:M, 0:K] * B[0:K, 0:lanes] with 16-byte vectors, 4 rows at a time.
-template <typename T>
-DCTKD_INLINE void half_column(const T* A, const T* B, T* C, int64_t M, int64_t K, int64_t N) {
-  using V = typename Half<T>::type;
-  int64_t i = 0;
-  for (; i < M; i += 4) {
-    const int rows = static_cast<int>(std::min<int64_t>(4, M - i));
-    V acc[4] = {V{}, V{}, V{}, V{}};
-    for (int64_t k = 0; k < K; ++k) {
-      V b;
-      std::memcpy(&b, B + k * N, sizeof(V));
-      for (int r = 0; r < 4; ++r)
-        if (r < rows) acc[r] += A[(i + r) * K + k] * b;
-    }
-    for (int r = 0; r < rows; ++r) std::memcpy(C + (i + r) * N, &acc[r], sizeof(V));
-  }
-}
-
-template <typename T>
-DCTKD_INLINE typename Vec<T>::type load(const T* p) {
-  typename Vec<T>::type v;
+template <typename V, typename T>
+DCTKD_INLINE V load(const T* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-template <typename T>
-DCTKD_INLINE void store(T* p, typename Vec<T>::type v) {
+template <typename V, typename T>
+DCTKD_INLINE void store(T* p, V v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
 // C[0:MR, 0:NV*lanes] = A[0:MR, 0:K] * B[0:K, 0:NV*lanes]
-template <typename T, int MR, int NV>
+template <typename T, int VB, int MR, int NV>
 DCTKD_INLINE void tile(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t K) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes;
+  using V = typename Vec<T, VB>::type;
+  constexpr int L = Vec<T, VB>::lanes;
   V acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = V{};
   for (int64_t k = 0; k < K; ++k) {
     V b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = load(B + k * ldb + v * L);
+    for (int v = 0; v < NV; ++v) b[v] = load<V>(B + k * ldb + v * L);
     for (int i = 0; i < MR; ++i) {
       const T a = A[i * lda + k];
       for (int v = 0; v < NV; ++v) acc[i][v] += a * b[v];
@@ -94,66 +52,101 @@ DCTKD_INLINE void tile(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, i
     for (int v = 0; v < NV; ++v) store(C + i * ldc + v * L, acc[i][v]);
 }
 
+struct Strides {
+  int64_t lda, ldb, ldc;
+};
+
 // Rows [0, M) for the column block [j, j + NV*lanes).
-template <typename T, int NV>
-DCTKD_INLINE void column_block(const T* A, const T* B, T* C, int64_t M, int64_t K, int64_t N, int64_t j) {
+template <typename T, int VB, int NV>
+DCTKD_INLINE void column_block(const T* A, const T* B, T* C, int64_t M, int64_t K, Strides s, int64_t j) {
   constexpr int MR = 4;
   int64_t i = 0;
-  for (; i + MR <= M; i += MR) tile<T, MR, NV>(A + i * K, K, B + j, N, C + i * N + j, N, K);
-  for (; i < M; ++i) tile<T, 1, NV>(A + i * K, K, B + j, N, C + i * N + j, N, K);
+  for (; i + MR <= M; i += MR) tile<T, VB, MR, NV>(A + i * s.lda, s.lda, B + j, s.ldb, C + i * s.ldc + j, s.ldc, K);
+  for (; i < M; ++i) tile<T, VB, 1, NV>(A + i * s.lda, s.lda, B + j, s.ldb, C + i * s.ldc + j, s.ldc, K);
 }
 
-template <typename T>
-DCTKD_INLINE void matmul_blocked(const T* A, const T* B, T* C, int64_t M, int64_t K, int64_t N) {
-  constexpr int L = Vec<T>::lanes;
+// Column blocks of two and one VB-byte vectors, then narrower vectors down to 16 bytes, then the
+// last few columns one by one (a dot product each, kept in a register).
+template <typename T, int VB>
+DCTKD_INLINE void matmul_blocked(const T* A, const T* B, T* C, int64_t M, int64_t K, int64_t N, Strides s) {
+  constexpr int L = Vec<T, VB>::lanes;
   int64_t j = 0;
-  for (; j + 2 * L <= N; j += 2 * L) column_block<T, 2>(A, B, C, M, K, N, j);
-  for (; j + L <= N; j += L) column_block<T, 1>(A, B, C, M, K, N, j);
-  if (j + Half<T>::lanes <= N) {
-    half_column(A, B + j, C + j, M, K, N);
-    j += Half<T>::lanes;
-  }
-  if (j < N) {  // the last N % lanes columns
-    for (int64_t i = 0; i < M; ++i) {
-      T* c = C + i * N;
-      for (int64_t jj = j; jj < N; ++jj) c[jj] = T(0);
-      for (int64_t k = 0; k < K; ++k) {
-        const T a = A[i * K + k];
-        const T* b = B + k * N;
-        for (int64_t jj = j; jj < N; ++jj) c[jj] += a * b[jj];
-      }
+  for (; j + 2 * L <= N; j += 2 * L) column_block<T, VB, 2>(A, B, C, M, K, s, j);
+  for (; j + L <= N; j += L) column_block<T, VB, 1>(A, B, C, M, K, s, j);
+  if constexpr (VB == 64) {
+    if (j + Vec<T, 32>::lanes <= N) {
+      column_block<T, 32, 1>(A, B, C, M, K, s, j);
+      j += Vec<T, 32>::lanes;
     }
   }
+  if (j + Vec<T, 16>::lanes <= N) {
+    column_block<T, 16, 1>(A, B, C, M, K, s, j);
+    j += Vec<T, 16>::lanes;
+  }
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t jj = j; jj < N; ++jj) {
+      T acc = T(0);
+      for (int64_t k = 0; k < K; ++k) acc += A[i * s.lda + k] * B[k * s.ldb + jj];
+      C[i * s.ldc + jj] = acc;
+    }
 }
 
 }  // namespace
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DCTKD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define DCTKD_CPU_V4 1
 #else
 #define DCTKD_CPU_CLONES
 #endif
 
-DCTKD_CPU_CLONES void matmul(const float* A, const float* B, float* C, int64_t M, int64_t K, int64_t N) {
-  matmul_blocked(A, B, C, M, K, N);
+namespace {
+DCTKD_CPU_CLONES void matmul_ymm(const float* A, const float* B, float* C, int64_t M, int64_t K, int64_t N, Strides s) {
+  matmul_blocked<float, 32>(A, B, C, M, K, N, s);
 }
-DCTKD_CPU_CLONES void matmul(const double* A, const double* B, double* C, int64_t M, int64_t K, int64_t N) {
-  matmul_blocked(A, B, C, M, K, N);
+DCTKD_CPU_CLONES void matmul_ymm(const double* A, const double* B, double* C, int64_t M, int64_t K, int64_t N,
+                                 Strides s) {
+  matmul_blocked<double, 32>(A, B, C, M, K, N, s);
 }
-
-// One set of bases per (type, n, kinds) for the life of the process: evaluating them costs
-// 2 n^2 cos/sin in double, more than the transforms themselves for a few maps.
+#ifdef DCTKD_CPU_V4
+// 16 floats per register and 32 registers: twice the columns per tile of the AVX2 code.
+#define DCTKD_V4 __attribute__((target("arch=x86-64-v4")))
+DCTKD_V4 void matmul_zmm(const float* A, const float* B, float* C, int64_t M, int64_t K, int64_t N, Strides s) {
+  matmul_blocked<float, 64>(A, B, C, M, K, N, s);
+}
+DCTKD_V4 void matmul_zmm(const double* A, const double* B, double* C, int64_t M, int64_t K, int64_t N, Strides s) {
+  matmul_blocked<double, 64>(A, B, C, M, K, N, s);
+}
+#undef DCTKD_V4
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  return yes;
+}
+#endif
 template <typename T>
-const Bases<T>& cached_bases(int64_t n, bool dct, bool dft) {
-  static std::mutex mu;
-  static std::map<std::tuple<int64_t, bool, bool>, std::unique_ptr<Bases<T>>> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto& slot = cache[std::make_tuple(n, dct, dft)];
-  if (!slot) slot = std::make_unique<Bases<T>>(n, dct, dft);
-  return *slot;
+void matmul_any(const T* A, const T* B, T* C, int64_t M, int64_t K, int64_t N, Strides s) {
+#ifdef DCTKD_CPU_V4
+  if (has_avx512()) return matmul_zmm(A, B, C, M, K, N, s);
+#endif
+  matmul_ymm(A, B, C, M, K, N, s);
 }
-template const Bases<float>& cached_bases<float>(int64_t, bool, bool);
-template const Bases<double>& cached_bases<double>(int64_t, bool, bool);
+}  // namespace
+
+void matmul(const float* A, const float* B, float* C, int64_t M, int64_t K, int64_t N) {
+  matmul_any(A, B, C, M, K, N, Strides{K, N, N});
+}
+void matmul(const double* A, const double* B, double* C, int64_t M, int64_t K, int64_t N) {
+  matmul_any(A, B, C, M, K, N, Strides{K, N, N});
+}
+void matmul(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t K,
+            int64_t N) {
+  matmul_any(A, B, C, M, K, N, Strides{lda, ldb, ldc});
+}
+void matmul(const double* A, int64_t lda, const double* B, int64_t ldb, double* C, int64_t ldc, int64_t M, int64_t K,
+            int64_t N) {
+  matmul_any(A, B, C, M, K, N, Strides{lda, ldb, ldc});
+}
 
 }  // namespace cpu
 }  // namespace dctkd
