@@ -149,45 +149,83 @@ def _traced(t: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or type(t) is not torch.Tensor
 
 
-def _register_fused_autograd() -> None:
-    """Autograd of dctkd_ext::dct_at_loss_fused (CPU): the forward already wrote dS for the upstream
-    gradient grad_scale. When the upstream gradient is exactly grad_scale (compared on the host: the
-    CPU holds both), the backward hands dS over without touching it; otherwise (another upstream
-    gradient, or a trace) it runs the two-pass backward from the saved map gradients."""
-
-    def setup(ctx, inputs, output):
-        student, p, grad_scale = inputs[0], inputs[3], inputs[11]
-        _loss, grad_maps, d_student = output
-        ctx.levels, ctx.p, ctx.fused = len(student), p, len(d_student) > 0
-        ctx.save_for_backward(*grad_maps, *student, *d_student, grad_scale)
-        _save_loss_options(ctx, inputs)
-        # The gradient outputs are never differentiated: no zero tensors (as large as S) for them.
-        ctx.set_materialize_grads(False)
-
-    def backward(ctx, grad_loss, _grad_of_grad_maps, _grad_of_d_student):
-        n = ctx.levels
-        if grad_loss is None:
-            return ([None] * n, [None] * n) + (None,) * 10
-        saved = ctx.saved_tensors
-        grad_maps, student = list(saved[:n]), list(saved[n : 2 * n])
-        d_student, grad_scale = list(saved[2 * n : -1]), saved[-1]
-        if wants_graph():  # create_graph=True: a backward that can be differentiated again
-            d_student = _loss_grads_through_reference(ctx, student, grad_loss)
-        elif ctx.fused and not _traced(grad_loss) and torch.equal(grad_loss, grad_scale):
-            # A retained graph may run this again: then .grad must not share dS's memory, or the
-            # next accumulation into .grad would change the saved dS.
-            keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-            if keep_graph is None or keep_graph():
-                d_student = [d.clone() for d in d_student]
-        else:
-            d_student = _ops.dct_at_loss_backward(grad_loss, grad_maps, student, ctx.p)
-        # student, teacher (a constant), the non-tensor options, grad_scale
-        return (d_student, [None] * n) + (None,) * 10
-
-    torch.library.register_autograd("dctkd_ext::dct_at_loss_fused", backward, setup_context=setup)
+# Autograd of dctkd_ext::dct_at_loss_fused (CPU): the forward already wrote dS for the upstream
+# gradient grad_scale. When the upstream gradient is exactly grad_scale (compared on the host: the
+# CPU holds both), the backward hands dS over without touching it; otherwise (another upstream
+# gradient, or a trace) it runs the two-pass backward from the saved map gradients.
+def _fused_setup(ctx, inputs, output):
+    student, p, grad_scale = inputs[0], inputs[3], inputs[11]
+    _loss, grad_maps, d_student = output
+    ctx.levels, ctx.p, ctx.fused = len(student), p, len(d_student) > 0
+    ctx.save_for_backward(*grad_maps, *student, *d_student, grad_scale)
+    _save_loss_options(ctx, inputs)
+    # The gradient outputs are never differentiated: no zero tensors (as large as S) for them.
+    ctx.set_materialize_grads(False)
 
 
-_register_fused_autograd()
+def _fused_backward(ctx, grad_loss, _grad_of_grad_maps=None, _grad_of_d_student=None):
+    n = ctx.levels
+    if grad_loss is None:
+        return ([None] * n, [None] * n) + (None,) * 10
+    saved = ctx.saved_tensors
+    grad_maps, student = list(saved[:n]), list(saved[n : 2 * n])
+    d_student, grad_scale = list(saved[2 * n : -1]), saved[-1]
+    if wants_graph():  # create_graph=True: a backward that can be differentiated again
+        d_student = _loss_grads_through_reference(ctx, student, grad_loss)
+    elif ctx.fused and not _traced(grad_loss) and torch.equal(grad_loss, grad_scale):
+        # A retained graph may run this again: then .grad must not share dS's memory, or the
+        # next accumulation into .grad would change the saved dS.
+        keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+        if keep_graph is None or keep_graph():
+            d_student = [d.clone() for d in d_student]
+    else:
+        d_student = _ops.dct_at_loss_backward(grad_loss, grad_maps, student, ctx.p)
+    # student, teacher (a constant), the non-tensor options, grad_scale
+    return (d_student, [None] * n) + (None,) * 10
+
+
+torch.library.register_autograd("dctkd_ext::dct_at_loss_fused", _fused_backward, setup_context=_fused_setup)
+
+
+# Eager calls (what training runs) go through these autograd.Functions with the registered
+# setup / backward above: torch.library's autograd wrapper flattens the arguments with pytree,
+# refills defaults and redispatches in Python on every call, about 0.2 ms a call on a CPU, a
+# visible share of a loss that takes a few milliseconds. Traces (torch.compile, make_fx, opcheck)
+# see the registered ops.
+def _below_autograd():
+    return torch._C._AutoDispatchBelowAutograd()
+
+
+class _FusedLossEager(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rest, *student):
+        inputs = (list(student), *rest)
+        with _below_autograd():
+            output = _ops.dct_at_loss_fused(*inputs)
+        _fused_setup(ctx, inputs, output)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return (None, *_fused_backward(ctx, grad_loss)[0])
+
+
+class _Dct2dEager(torch.autograd.Function):
+    """dct2d (inverse=False) or idct2d of a on the kernels `ops`; each is the other's backward."""
+
+    @staticmethod
+    def forward(ctx, a, inverse, ops):
+        ctx.inverse, ctx.ops = inverse, ops
+        with _below_autograd():
+            return (ops.idct2d if inverse else ops.dct2d)(a)
+
+    @staticmethod
+    def backward(ctx, g):
+        op = ctx.ops.dct2d if ctx.inverse else ctx.ops.idct2d
+        if wants_graph():  # through the registered op, differentiable again
+            return op(g), None, None
+        with _below_autograd():
+            return op(g), None, None
 
 
 # -------------------------------------------------------------------------------------- backends
@@ -227,7 +265,9 @@ def dct2d(a: torch.Tensor) -> torch.Tensor:
     backend, ops = _run_on(a.device)
     if backend == "reference":
         return reference.dct2d(a)
-    return ops.dct2d(a)
+    if _traced(a):
+        return ops.dct2d(a)
+    return _Dct2dEager.apply(a, False, ops)
 
 
 def idct2d(c: torch.Tensor) -> torch.Tensor:
@@ -236,7 +276,9 @@ def idct2d(c: torch.Tensor) -> torch.Tensor:
     backend, ops = _run_on(c.device)
     if backend == "reference":
         return reference.idct2d(c)
-    return ops.idct2d(c)
+    if _traced(c):
+        return ops.idct2d(c)
+    return _Dct2dEager.apply(c, True, ops)
 
 
 def _as_levels(feats, name: str):
@@ -357,7 +399,10 @@ def dct_at_loss(
         if fused_grad and need_grad and backend == "cpu" and not torch.compiler.is_compiling():
             grad_scale = _expected_grad(student[0].shape[0], _acc_dtype(*student, *teacher), device,
                                         sample_weight, reduction)
-            per_sample, _grad_maps, _d_student = _ops.dct_at_loss_fused(*args, grad_scale)
+            if _traced(student[0]):
+                per_sample, _grad_maps, _d_student = _ops.dct_at_loss_fused(*args, grad_scale)
+            else:
+                per_sample = _FusedLossEager.apply((*args[1:], grad_scale), *student)
         else:
             per_sample, _grad_maps = ops.dct_at_loss(*args)
     if check_finite_enabled(device) and not bool(torch.isfinite(per_sample.detach()).all()):
