@@ -249,14 +249,8 @@ DCTKD_INLINE void grad_nhwc_body(const float* g, float scale, const in_t* x, in_
 
 }  // namespace
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DCTKD_SWEEP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DCTKD_SWEEP_CLONES
-#endif
-
-DCTKD_SWEEP_CLONES void map_nchw(const void* x, at::ScalarType t, double p, int64_t C, int64_t stride, int64_t n,
-                                 float scale, float* out) {
+DCTKD_TARGET_CLONES void map_nchw(const void* x, at::ScalarType t, double p, int64_t C, int64_t stride, int64_t n,
+                                  float scale, float* out) {
   const bool sq = p == 2.0;
   switch (t) {
     case at::kFloat:
@@ -275,8 +269,8 @@ DCTKD_SWEEP_CLONES void map_nchw(const void* x, at::ScalarType t, double p, int6
   }
 }
 
-DCTKD_SWEEP_CLONES void map_nhwc(const void* x, at::ScalarType t, double p, int64_t C, int64_t npos, float scale,
-                                 float* out) {
+DCTKD_TARGET_CLONES void map_nhwc(const void* x, at::ScalarType t, double p, int64_t C, int64_t npos, float scale,
+                                  float* out) {
   const bool sq = p == 2.0;
   switch (t) {
     case at::kFloat:
@@ -295,8 +289,8 @@ DCTKD_SWEEP_CLONES void map_nhwc(const void* x, at::ScalarType t, double p, int6
   }
 }
 
-DCTKD_SWEEP_CLONES void grad_nchw(const float* g, float scale, const void* x, void* dx, at::ScalarType t, int64_t C,
-                                  int64_t stride, int64_t n, bool stream) {
+DCTKD_TARGET_CLONES void grad_nchw(const float* g, float scale, const void* x, void* dx, at::ScalarType t, int64_t C,
+                                   int64_t stride, int64_t n, bool stream) {
   switch (t) {
     case at::kFloat:
       grad_nchw_body<float>(g, scale, static_cast<const float*>(x), static_cast<float*>(dx), C, stride, n, stream);
@@ -313,8 +307,8 @@ DCTKD_SWEEP_CLONES void grad_nchw(const float* g, float scale, const void* x, vo
   }
 }
 
-DCTKD_SWEEP_CLONES void grad_nhwc(const float* g, float scale, const void* x, void* dx, at::ScalarType t, int64_t C,
-                                  int64_t npos, bool stream) {
+DCTKD_TARGET_CLONES void grad_nhwc(const float* g, float scale, const void* x, void* dx, at::ScalarType t, int64_t C,
+                                   int64_t npos, bool stream) {
   switch (t) {
     case at::kFloat:
       grad_nhwc_body<float>(g, scale, static_cast<const float*>(x), static_cast<float*>(dx), C, npos, stream);

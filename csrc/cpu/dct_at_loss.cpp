@@ -21,6 +21,7 @@
 #include "attention_map_sample.h"
 #include "cpu_kernels.h"
 #include "map_transforms.h"
+#include "simd.h"
 
 namespace dctkd {
 namespace cpu {
@@ -44,12 +45,52 @@ struct NormState {
   T denom = T(1), nrm = T(0);
 };
 
+// Sums over a map in 16 interleaved partial sums, added up in a fixed order at the end: a single
+// running sum is a chain of dependent adds (the compiler may not reorder float adds), about four
+// cycles an element; this runs at the vector width. Deterministic for a given n.
+template <typename T>
+DCTKD_INLINE T sum_prod(const T* a, const T* b, int64_t n) {
+  constexpr int P = 16;
+  T part[P] = {};
+  int64_t i = 0;
+  for (; i + P <= n; i += P)
+    for (int j = 0; j < P; ++j) part[j] += b ? a[i + j] * b[i + j] : a[i + j];
+  T total = 0;
+  for (; i < n; ++i) total += b ? a[i] * b[i] : a[i];
+  for (int j = 0; j < P; ++j) total += part[j];
+  return total;
+}
+template <typename T>
+DCTKD_INLINE T sum_of(const T* a, int64_t n) {
+  return sum_prod<T>(a, nullptr, n);
+}
+
+// The first i with in[i] == v (v occurs in in[0, n)), L values compared at a time.
+template <typename T>
+DCTKD_INLINE int64_t first_equal(const T* in, int64_t n, T v) {
+  constexpr int L = 16 / sizeof(T);
+  typedef T V __attribute__((vector_size(16)));
+  V vv;
+  for (int j = 0; j < L; ++j) vv[j] = v;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    V x;
+    std::memcpy(&x, in + i, sizeof(V));
+    const auto eq = x == vv;
+    bool any = false;
+    for (int j = 0; j < L; ++j) any = any || eq[j] != 0;
+    if (any) break;
+  }
+  while (!(in[i] == v)) ++i;
+  return i;
+}
+
 // The first index of the minimum and of the maximum of in[0, n), n >= 1: the first index of each
 // wins ties, as torch.min(x, dim) / torch.max(x, dim) do, and a NaN never wins unless it is in[0]
 // (the strict comparisons of a scan from in[0]). The values come from a vector reduction, then a
 // scan finds their first occurrence: no index-dependent loads in the reduction.
 template <typename T>
-void first_min_max(const T* in, int64_t n, int64_t& imin, int64_t& imax) {
+DCTKD_INLINE void first_min_max(const T* in, int64_t n, int64_t& imin, int64_t& imax) {
   imin = imax = 0;
   T lo = in[0], hi = in[0];
   if (lo != lo) return;
@@ -78,19 +119,18 @@ void first_min_max(const T* in, int64_t n, int64_t& imin, int64_t& imax) {
     lo = in[i] < lo ? in[i] : lo;
     hi = in[i] > hi ? in[i] : hi;
   }
-  while (!(in[imin] == lo)) ++imin;
-  while (!(in[imax] == hi)) ++imax;
+  imin = first_equal(in, n, lo);
+  imax = first_equal(in, n, hi);
 }
 
 template <typename T>
-void norm_forward(const T* in, T* out, int64_t n, Norm kind, T eps, NormState<T>& st) {
+DCTKD_INLINE void norm_forward(const T* in, T* out, int64_t n, Norm kind, T eps, NormState<T>& st) {
   if (kind == Norm::None) {
     for (int64_t i = 0; i < n; ++i) out[i] = in[i];
     return;
   }
   if (kind == Norm::L2) {
-    T ss = 0;
-    for (int64_t i = 0; i < n; ++i) ss += in[i] * in[i];
+    const T ss = sum_prod(in, in, n);
     st.nrm = std::sqrt(ss);
     st.denom = st.nrm + eps;
     for (int64_t i = 0; i < n; ++i) out[i] = in[i] / st.denom;
@@ -104,16 +144,13 @@ void norm_forward(const T* in, T* out, int64_t n, Norm kind, T eps, NormState<T>
 
 // g_in from g_out; `in` / `out` are the forward's input and output.
 template <typename T>
-void norm_backward(const T* g, const T* in, const T* out, T* g_in, int64_t n, Norm kind, const NormState<T>& st) {
+DCTKD_INLINE void norm_backward(const T* g, const T* in, const T* out, T* g_in, int64_t n, Norm kind,
+                                const NormState<T>& st) {
   if (kind == Norm::None) {
     for (int64_t i = 0; i < n; ++i) g_in[i] = g[i];
     return;
   }
-  T sum_g = 0, sum_gu = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    sum_g += g[i];
-    sum_gu += g[i] * out[i];
-  }
+  const T sum_g = sum_of(g, n), sum_gu = sum_prod(g, out, n);
   const T d = st.denom;
   for (int64_t i = 0; i < n; ++i) g_in[i] = g[i] / d;
   if (kind == Norm::L2) {
@@ -141,8 +178,8 @@ struct MapTables {
 
 // c = transform(v) for an H x W map; the backward of fft_real is the same map (its bases are symmetric).
 template <typename T>
-void transform_apply(const T* v, T* c, int64_t H, int64_t W, Transform tr, bool backward, const MapTables<T>& tb,
-                     MapScratch<T>& scratch) {
+DCTKD_INLINE void transform_apply(const T* v, T* c, int64_t H, int64_t W, Transform tr, bool backward,
+                                  const MapTables<T>& tb, MapScratch<T>& scratch) {
   if (tr == Transform::Identity) {
     for (int64_t i = 0; i < H * W; ++i) c[i] = v[i];
   } else if (tr == Transform::Dct) {
@@ -168,15 +205,12 @@ struct PhiTrace {
 };
 
 template <typename T>
-void phi_forward(PhiTrace<T>& tr, int64_t H, int64_t W, const PhiConfig<T>& cfg, const MapTables<T>& tb,
-                 MapScratch<T>& scratch) {
+DCTKD_INLINE void phi_forward(PhiTrace<T>& tr, int64_t H, int64_t W, const PhiConfig<T>& cfg, const MapTables<T>& tb,
+                              MapScratch<T>& scratch) {
   const int64_t n = H * W;
   norm_forward(tr.a.data(), tr.u.data(), n, cfg.map_norm, cfg.eps, tr.n1);
   T mean = 0;
-  if (cfg.center) {
-    for (int64_t i = 0; i < n; ++i) mean += tr.u[i];
-    mean /= T(n);
-  }
+  if (cfg.center) { mean = sum_of(tr.u.data(), n) / T(n); }
   for (int64_t i = 0; i < n; ++i) tr.v[i] = tr.u[i] - mean;
   transform_apply(tr.v.data(), tr.c.data(), H, W, cfg.transform, false, tb, scratch);
   // A centred map has a DC coefficient of exactly 0 under both transforms; rounding would leave
@@ -188,8 +222,8 @@ void phi_forward(PhiTrace<T>& tr, int64_t H, int64_t W, const PhiConfig<T>& cfg,
 
 // g (length n, holding dL/dz) -> dL/da written to g_a. Uses tmp3 (length n); overwrites g.
 template <typename T>
-void phi_backward(const PhiTrace<T>& tr, T* g, T* g_a, T* tmp3, int64_t H, int64_t W, const PhiConfig<T>& cfg,
-                  const MapTables<T>& tb, MapScratch<T>& scratch) {
+DCTKD_INLINE void phi_backward(const PhiTrace<T>& tr, T* g, T* g_a, T* tmp3, int64_t H, int64_t W,
+                               const PhiConfig<T>& cfg, const MapTables<T>& tb, MapScratch<T>& scratch) {
   const int64_t n = H * W;
   norm_backward(g, tr.cabs.data(), tr.z.data(), tmp3, n, cfg.coef_norm, tr.n2);
   if (cfg.coef_abs)  // d|c|/dc = sign(c), 0 at 0 (as torch.abs)
@@ -201,9 +235,7 @@ void phi_backward(const PhiTrace<T>& tr, T* g, T* g_a, T* tmp3, int64_t H, int64
   }
   transform_apply(tmp3, g, H, W, cfg.transform, true, tb, scratch);
   if (cfg.center && !centred_dc(cfg)) {
-    T mean = 0;
-    for (int64_t i = 0; i < n; ++i) mean += g[i];
-    mean /= T(n);
+    const T mean = sum_of(g, n) / T(n);
     for (int64_t i = 0; i < n; ++i) g[i] -= mean;
   }
   norm_backward(g, tr.a.data(), tr.u.data(), g_a, n, cfg.map_norm, tr.n1);
@@ -234,6 +266,34 @@ inline sample::Block block_of(const at::Tensor& x) {
   return blk;
 }
 
+// The work of one (sample, level) between its channel sweeps: phi of both maps, the distance
+// (returned) and dL/dA_S written to gm. Its loops are short and run in L1, so it is cloned for the
+// vector widths of x86-64-v4 / v3 / the baseline like the sweeps.
+template <typename T>
+DCTKD_TARGET_CLONES T phi_item(PhiTrace<T>& ts, PhiTrace<T>& tt, T* g, T* tmp3, T* gm, int64_t H, int64_t W, T weight,
+                               const PhiConfig<T>& cfg, const MapTables<T>& tb, MapScratch<T>& scratch) {
+  const int64_t n = H * W;
+  phi_forward(ts, H, W, cfg, tb, scratch);
+  phi_forward(tt, H, W, cfg, tb, scratch);
+  for (int64_t i = 0; i < n; ++i) g[i] = ts.z[i] - tt.z[i];
+  const T ss = sum_prod(g, g, n);
+  // d dist / d z_S, scaled by the level weight. l2 at exactly zero distance: gradient 0.
+  T d, gscale;
+  if (cfg.distance == Distance::L2) {
+    d = std::sqrt(ss);
+    gscale = d > T(0) ? weight / d : T(0);
+  } else if (cfg.distance == Distance::Mse) {
+    d = ss / T(n);
+    gscale = weight * T(2) / T(n);
+  } else {
+    d = ss;
+    gscale = weight * T(2);
+  }
+  for (int64_t i = 0; i < n; ++i) g[i] *= gscale;
+  phi_backward(ts, g, gm, tmp3, H, W, cfg, tb, scratch);
+  return d;
+}
+
 // The single pass: one work item per (sample, level), samples outermost so both threads get every
 // level. Per item: the channel sweeps of T[b] then S[b] (S last, so it is still in L2 when its
 // gradient is written), phi of both maps, the distance, dL/dA_S by hand-written reverse mode, and,
@@ -257,29 +317,8 @@ void loss_single_pass(std::vector<LevelPlan<T>>& levels, T* dist, const T* grad_
       const int64_t H = lv.H, W = lv.W, n = H * W;
       sample::attention_map<T>(lv.tb, b, p, T(1) / T(lv.tb.C), tt.a.data());
       sample::attention_map<T>(lv.sb, b, p, T(1) / T(lv.sb.C), ts.a.data());
-      phi_forward(ts, H, W, cfg, lv.tables, scratch);
-      phi_forward(tt, H, W, cfg, lv.tables, scratch);
-      T ss = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        g[i] = ts.z[i] - tt.z[i];
-        ss += g[i] * g[i];
-      }
-      // d dist / d z_S, scaled by the level weight. l2 at exactly zero distance: gradient 0.
-      T d, gscale;
-      if (cfg.distance == Distance::L2) {
-        d = std::sqrt(ss);
-        gscale = d > T(0) ? lv.weight / d : T(0);
-      } else if (cfg.distance == Distance::Mse) {
-        d = ss / T(n);
-        gscale = lv.weight * T(2) / T(n);
-      } else {
-        d = ss;
-        gscale = lv.weight * T(2);
-      }
-      dist[l * B + b] = d;
-      for (int64_t i = 0; i < n; ++i) g[i] *= gscale;
       T* gm = lv.gmap.template mutable_data_ptr<T>() + b * n;
-      phi_backward(ts, g.data(), gm, tmp3.data(), H, W, cfg, lv.tables, scratch);
+      dist[l * B + b] = phi_item(ts, tt, g.data(), tmp3.data(), gm, H, W, lv.weight, cfg, lv.tables, scratch);
       if (grad_scale != nullptr) {
         // The same products in the same order as dct_at_loss_backward: (dL/dA * g_b) * (1/C), then * d|S|^p/dS.
         const T k = grad_scale[b], inv_c = T(1) / T(lv.sb.C);

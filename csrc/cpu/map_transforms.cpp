@@ -7,6 +7,7 @@
 #include <mutex>
 
 #include "../dctkd_math.h"
+#include "simd.h"
 #include "small_matmul.h"
 
 namespace dctkd {
@@ -67,7 +68,7 @@ const Table& cached(int64_t n) {
 
 // Y (M x W) = X D^T (forward) or X D (inverse), along the rows of X.
 template <typename T>
-void dct_along_rows(const T* X, T* Y, int64_t M, const DctHalves<T>& q, bool inverse, MapScratch<T>& s) {
+DCTKD_INLINE void dct_along_rows(const T* X, T* Y, int64_t M, const DctHalves<T>& q, bool inverse, MapScratch<T>& s) {
   const int64_t W = q.n, ce = q.ce, h = q.h;
   T *u = s.a.data(), *v = s.b.data(), *pe = s.c.data(), *po = s.d.data();
   if (!inverse) {
@@ -107,7 +108,7 @@ void dct_along_rows(const T* X, T* Y, int64_t M, const DctHalves<T>& q, bool inv
 
 // Z (H x N) = D Y (forward) or D^T Y (inverse), along the columns of Y.
 template <typename T>
-void dct_along_cols(const T* Y, T* Z, int64_t N, const DctHalves<T>& q, bool inverse, MapScratch<T>& s) {
+DCTKD_INLINE void dct_along_cols(const T* Y, T* Z, int64_t N, const DctHalves<T>& q, bool inverse, MapScratch<T>& s) {
   const int64_t H = q.n, ce = q.ce, h = q.h;
   T *u = s.a.data(), *v = s.b.data(), *pe = s.c.data(), *po = s.d.data();
   if (!inverse) {
@@ -160,7 +161,8 @@ MapScratch<T>::MapScratch(int64_t max_side) {
 }
 
 template <typename T>
-void dct2_map(const T* x, T* y, const DctHalves<T>& qh, const DctHalves<T>& qw, bool inverse, MapScratch<T>& s) {
+DCTKD_TARGET_CLONES void dct2_map(const T* x, T* y, const DctHalves<T>& qh, const DctHalves<T>& qw, bool inverse,
+                                  MapScratch<T>& s) {
   dct_along_rows(x, s.full.data(), qh.n, qw, inverse, s);
   dct_along_cols(s.full.data(), y, qw.n, qh, inverse, s);
 }
@@ -170,7 +172,8 @@ void dct2_map(const T* x, T* y, const DctHalves<T>& qh, const DctHalves<T>& qw, 
 // Columns: the same fold over h gives X = C_H P and Y = S_H Q at k1 <= H/2; c = X - Y there,
 // c[k1, W-k2] = X + Y, and the rows k1 > H/2 are c[k1, k2] = c[H-k1, (W-k2) mod W].
 template <typename T>
-void real_dft2_map(const T* v, T* c, const DftHalves<T>& qh, const DftHalves<T>& qw, MapScratch<T>& s) {
+DCTKD_TARGET_CLONES void real_dft2_map(const T* v, T* c, const DftHalves<T>& qh, const DftHalves<T>& qw,
+                                       MapScratch<T>& s) {
   const int64_t H = qh.n, W = qw.n, nhw = qw.nh, ldf = qw.nhp, now = qw.no, nhh = qh.nh, noh = qh.no;
   T *E = s.a.data(), *O = s.b.data(), *P = s.c.data(), *Q = s.d.data();
   for (int64_t i = 0; i < H; ++i) {
