@@ -12,6 +12,7 @@
 #include "../dctkd_math.h"
 #include "channel_sweep.h"
 #include "cpu_kernels.h"
+#include "grad_buffers.h"
 
 namespace dctkd {
 namespace cpu {
@@ -214,7 +215,7 @@ at::Tensor attention_map_backward_impl(const at::Tensor& grad_in, const at::Tens
   const at::Tensor x = cl ? x_in : x_in.contiguous();
   const at::ScalarType acc_type = acc_dtype_for(x.scalar_type());
   const at::Tensor g = grad_in.to(acc_type).contiguous();
-  at::Tensor dx = at::empty_like(x);  // keeps x's memory format
+  at::Tensor dx = cached_empty_like(x);  // keeps x's memory format
   if (dx.numel() == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_map_backward_cpu", [&] {
     using in_t = scalar_t;

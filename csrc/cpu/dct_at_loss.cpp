@@ -20,6 +20,7 @@
 #include "../dctkd_math.h"
 #include "attention_map_sample.h"
 #include "cpu_kernels.h"
+#include "grad_buffers.h"
 #include "map_transforms.h"
 #include "simd.h"
 
@@ -374,7 +375,7 @@ LossResult loss_impl(at::TensorList student, at::TensorList teacher, at::ArrayRe
       lv.sb = block_of(lv.s);
       lv.tb = block_of(lv.t);
       if (want_grad) {
-        lv.ds = at::empty_like(lv.s);  // keeps the layout the kernel reads
+        lv.ds = cached_empty_like(lv.s);  // keeps the layout the kernel reads
         lv.sb.dx = lv.ds.mutable_data_ptr();
       }
       if (lv.H * lv.W == 0) {
