@@ -297,11 +297,12 @@ DCTKD_TARGET_CLONES T phi_item(PhiTrace<T>& ts, PhiTrace<T>& tt, T* g, T* tmp3, 
 
 // The single pass: one work item per (sample, level), samples outermost so both threads get every
 // level. Per item: the channel sweeps of T[b] then S[b] (S last, so it is still in L2 when its
-// gradient is written), phi of both maps, the distance, dL/dA_S by hand-written reverse mode, and,
-// when grad_scale is given, dS[b] = grad_scale[b] * dL/dA_S[b] * (p/C) |S[b]|^(p-1) sign(S[b]).
+// gradient is written), phi of both maps, the distance (into row dist_row[l] of dist), dL/dA_S by
+// hand-written reverse mode, and, when grad_scale is given,
+// dS[b] = grad_scale[b] * dL/dA_S[b] * (p/C) |S[b]|^(p-1) sign(S[b]).
 template <typename T>
-void loss_single_pass(std::vector<LevelPlan<T>>& levels, T* dist, const T* grad_scale, int64_t B, double p,
-                      const PhiConfig<T>& cfg) {
+void loss_single_pass(std::vector<LevelPlan<T>>& levels, const std::vector<int64_t>& dist_row, T* dist,
+                      const T* grad_scale, int64_t B, double p, const PhiConfig<T>& cfg) {
   const int64_t L = static_cast<int64_t>(levels.size());
   int64_t maxn = 1, max_side = 1;
   for (const auto& lv : levels) {
@@ -319,7 +320,7 @@ void loss_single_pass(std::vector<LevelPlan<T>>& levels, T* dist, const T* grad_
       sample::attention_map<T>(lv.tb, b, p, T(1) / T(lv.tb.C), tt.a.data());
       sample::attention_map<T>(lv.sb, b, p, T(1) / T(lv.sb.C), ts.a.data());
       T* gm = lv.gmap.template mutable_data_ptr<T>() + b * n;
-      dist[l * B + b] = phi_item(ts, tt, g.data(), tmp3.data(), gm, H, W, lv.weight, cfg, lv.tables, scratch);
+      dist[dist_row[l] * B + b] = phi_item(ts, tt, g.data(), tmp3.data(), gm, H, W, lv.weight, cfg, lv.tables, scratch);
       if (grad_scale != nullptr) {
         // The same products in the same order as dct_at_loss_backward: (dL/dA * g_b) * (1/C), then * d|S|^p/dS.
         const T k = grad_scale[b], inv_c = T(1) / T(lv.sb.C);
@@ -371,7 +372,7 @@ LossResult loss_impl(at::TensorList student, at::TensorList teacher, at::ArrayRe
       lv.H = lv.s.size(2);
       lv.W = lv.s.size(3);
       lv.weight = static_cast<T>(weights[l]);
-      lv.gmap = at::zeros({B, lv.H, lv.W}, loss.options());
+      lv.gmap = at::empty({B, lv.H, lv.W}, loss.options());  // every (sample, level) item writes its map
       lv.sb = block_of(lv.s);
       lv.tb = block_of(lv.t);
       if (want_grad) {
@@ -407,11 +408,9 @@ LossResult loss_impl(at::TensorList student, at::TensorList teacher, at::ArrayRe
           levels[l].ds.zero_();
         }
       }
-      at::Tensor work_dist = at::zeros({static_cast<int64_t>(work.size()), B}, loss.options());
       const PhiConfig<T> cfg{o.map_norm, center, o.transform, coef_abs, o.coef_norm, o.distance, static_cast<T>(eps)};
-      loss_single_pass<T>(work, work_dist.mutable_data_ptr<T>(), want_grad ? grad_scale.const_data_ptr<T>() : nullptr,
+      loss_single_pass<T>(work, index, dist.mutable_data_ptr<T>(), want_grad ? grad_scale.const_data_ptr<T>() : nullptr,
                           B, p, cfg);
-      for (size_t w = 0; w < work.size(); ++w) dist[index[w]].copy_(work_dist[static_cast<int64_t>(w)]);
     } else if (want_grad) {
       for (auto& lv : levels) lv.ds.zero_();
     }
