@@ -9,6 +9,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 
 import run as bench_run  # noqa: E402
+
 from common import Case, Impl, Prepared  # noqa: E402
 
 MIB = 1 << 20
