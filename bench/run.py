@@ -79,7 +79,12 @@ def copy_bandwidth_gbps(device, timer, nbytes):
 # --------------------------------------------------------------------------------------- memory
 def peak_extra_mb(device, run):
     """Peak memory allocated while `run` executes, above what was allocated before it (MiB).
-    CUDA: the caching allocator's peak. CPU: replays the profiler's allocation events."""
+    CUDA: the caching allocator's peak. CPU: the profiler's record of every allocation and free
+    (temporaries inside one kernel included) replayed in time order. The profiler sizes a free only
+    for memory it saw allocated (a block from before it recorded is missed, or counted with the stale
+    size of an earlier block at its address), so what `run` frees must have been allocated under the
+    profiler: run_case runs one profiled step before the measured one, whose release of the previous
+    step's gradients (as optimizer.zero_grad() does) is then counted."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -91,16 +96,11 @@ def peak_extra_mb(device, run):
 
     with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
-    # Each event's own (self) allocations happen at its start, its own frees at its end; replay them
-    # in time order. Op granularity: a temporary allocated and freed inside one kernel is not seen.
-    deltas = []
-    for e in prof.events():
-        own = e.self_cpu_memory_usage if e.name != "[memory]" else e.cpu_memory_usage
-        if own:
-            deltas.append((e.time_range.start if own > 0 else e.time_range.end, own))
+    records = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+               if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
     cur = peak = 0
-    for _, d in sorted(deltas, key=lambda x: (x[0], -x[1])):
-        cur += d
+    for _, nbytes in sorted(records, key=lambda r: r[0]):  # stable: records of one instant keep their order
+        cur += nbytes
         peak = max(peak, cur)
     return peak / 2**20
 
@@ -161,6 +161,9 @@ def run_case(case: Case, timer: Timer, device, rotate: int, want_memory: bool):
             }
             mem = {}
             if want_memory:
+                if device.type == "cpu":  # one profiled step first, so the profiler sizes the release of its grads
+                    for _ in sets:
+                        peak_extra_mb(device, lambda: fwd_bwd(None))
                 p = sets[0]
                 mem["fwd"] = peak_extra_mb(device, lambda: p.fwd())
                 mem["fwd+bwd"] = peak_extra_mb(device, lambda: fwd_bwd(None))

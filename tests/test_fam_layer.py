@@ -94,6 +94,27 @@ def test_exact_with_several_weight_chunks(size, gen):
     _check_against_authors(_inputs(2, 64, 64, size, size, gen), 0.3, gen)
 
 
+@pytest.mark.parametrize("size", [(32, 32), (31, 30)])
+def test_exact_with_several_fft_chunks(size, gen):
+    # the CPU kernel transforms the batch in chunks of about 1 MiB of spectrum (csrc/cpu/fam_layer.cpp,
+    # kFftChunkBytes), spread over the threads: 16 and 24 channels in complex128 give chunks of a few
+    # images each, of different lengths for x and dy, the last one short
+    h, w = size
+    for c in (16, 24):
+        chunk = (1 << 20) // (h * (w // 2 + 1) * c * 16)  # images per chunk
+        assert 1 < chunk < 17 and 17 % chunk != 0, (c, chunk)
+    _check_against_authors(_inputs(17, 16, 24, h, w, gen), 0.2, gen)
+
+
+def test_several_fft_chunks_under_inference_mode(gen):
+    # the chunks' FFTs run on the worker threads with the caller's inference mode
+    x, w1, w0, b0, r1, r2 = [t.detach() for t in _inputs(17, 16, 24, 32, 32, gen, dtype=torch.float32)]
+    y = fam_op.fam_layer(x, w1, w0, b0, r1, r2, 0.2)
+    with torch.inference_mode():
+        yi = fam_op.fam_layer(x, w1, w0, b0, r1, r2, 0.2)
+    assert yi.is_inference() and torch.equal(yi, y)
+
+
 def test_exact_without_bias(gen):
     _check_against_authors(_inputs(2, 3, 5, 8, 8, gen, bias=False), 0.5, gen)
 

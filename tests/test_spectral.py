@@ -77,6 +77,25 @@ def test_global_filter_matches_reference(backend, dtype, layout, use_mask, gen):
         assert out.permute(0, 2, 3, 1).is_contiguous(), "channels-last input: expected a channels-last output"
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)], ids=["both", "dx", "dw"])
+def test_global_filter_backward_row_blocks_cpu(layout, need, gen):
+    # samples of 64 x 32 x 17 complex128: a CPU thread takes its weight rows in several blocks of
+    # accumulators (csrc/cpu/spectral.cpp, kGfAccBytes = 128 KiB), the last one short, in either layout
+    b, c, h, k = 3, 64, 32, 17
+    xf = crandn(b, c, h, k, dtype=torch.complex128, generator=gen).requires_grad_()
+    w = crandn(c, h, k, dtype=torch.complex128, generator=gen).requires_grad_()
+    mask = torch.rand(h, k, generator=gen, dtype=torch.float64)
+    g = crandn(b, c, h, k, dtype=torch.complex128, generator=gen)
+    dx_ref, dw_ref = torch.autograd.grad(R.global_filter(xf, w, mask), (xf, w), g)
+    xin, gin = (channels_last(xf.detach()), channels_last(g)) if layout == "channels_last" else (xf.detach(), g)
+    dx, dw = torch.ops.dctkd_ext.global_filter_backward(gin, xin, w.detach(), mask, *need)
+    if need[0]:
+        assert_rel(dx, dx_ref, 1e-13, "dxf")
+    if need[1]:
+        assert_rel(dw, dw_ref, 1e-13, "dw")
+
+
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
 @pytest.mark.parametrize("shape", [(3, 5, 6, 7, 4), (9, 17, 10, 5, 3), (1, 1, 1, 1, 1)],
                          ids=["small", "tails", "one"])

@@ -7,6 +7,7 @@
 // under h -> -h (mod H) because the weight's backward on columns 0 and W/2 mixes rows h and -h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -228,21 +229,43 @@ LayerShape check_layer(const at::Tensor& x, const at::Tensor& weights1, const at
   return {B, I, O, H, W, W / 2 + 1};
 }
 
-// (B, C, H, W) real -> its rfft2 spectrum (H, K, B, C), frequency-major and contiguous (conjugated when
-// conj). The FFT writes through a permuted view, so its own temporary lives only inside the FFT op.
-at::Tensor spectrum_freq_major(const at::Tensor& x, bool conj = false) {
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), K = x.size(3) / 2 + 1;
-  const at::ScalarType ct = x.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
-  at::Tensor out = at::empty({H, K, B, C}, x.options().dtype(ct));
-  at::Tensor view = out.permute({2, 3, 0, 1});
-  at::fft_rfft2_out(view, x, c10::nullopt, {-2, -1}, "ortho");
-  if (conj) at::conj_physical_(out);
-  return out;
+// The FFTs go a chunk of the batch at a time, the chunks spread over the threads in one parallel region
+// (each FFT single-threaded inside it). torch's CPU FFTs allocate a result the size of what they
+// transform (and c2r a complex copy of its input too) before copying into an out= tensor, so this keeps
+// those temporaries at about kFftChunkBytes per thread instead of a whole spectrum or two, and costs
+// one thread synchronisation per pass instead of several per FFT.
+constexpr int64_t kFftChunkBytes = int64_t(1) << 20;
+
+template <typename F>
+void for_batch_chunks(const at::Tensor& spectrum, F&& fft) {  // spectrum (H, K, B, C)
+  const int64_t B = spectrum.size(2);
+  const int64_t item = spectrum.size(0) * spectrum.size(1) * spectrum.size(3) * spectrum.element_size();
+  const int64_t step = std::max<int64_t>(1, kFftChunkBytes / std::max<int64_t>(item, 1));
+  const at::ThreadLocalState state;  // the caller's dispatch state (inference mode, profiler) in each thread
+  at::parallel_for(0, (B + step - 1) / step, 1, [&](int64_t c0, int64_t c1) {
+    const at::ThreadLocalStateGuard guard(state);
+    for (int64_t c = c0; c < c1; ++c) fft(c * step, std::min(step, B - c * step));
+  });
 }
 
-// (H, K, B, C) spectrum -> (B, C, H, W) real: the FFT reads the permuted view (no transposed copy).
-at::Tensor real_of_freq_major(const at::Tensor& yt, int64_t H, int64_t W) {
-  return at::fft_irfft2(yt.permute({2, 3, 0, 1}), at::IntArrayRef{H, W}, {-2, -1}, "ortho").contiguous();
+// (B, C, H, W) real -> its rfft2 spectrum into out (H, K, B, C), frequency-major (conjugated when conj).
+// The FFT writes through a permuted view.
+void spectrum_freq_major_into(const at::Tensor& out, const at::Tensor& x, bool conj = false) {
+  const at::Tensor view = out.permute({2, 3, 0, 1});
+  for_batch_chunks(out, [&](int64_t b0, int64_t n) {
+    at::Tensor dst = view.narrow(0, b0, n);
+    at::fft_rfft2_out(dst, x.narrow(0, b0, n), c10::nullopt, {-2, -1}, "ortho");
+    if (conj) dst.conj_physical_();
+  });
+}
+
+// (H, K, B, C) spectrum -> (B, C, H, W) real into y: the FFT reads the permuted view (no transposed copy).
+void real_of_freq_major_into(const at::Tensor& y, const at::Tensor& yt) {
+  const at::Tensor view = yt.permute({2, 3, 0, 1});
+  for_batch_chunks(yt, [&](int64_t b0, int64_t n) {
+    at::Tensor dst = y.narrow(0, b0, n);
+    at::fft_irfft2_out(dst, view.narrow(0, b0, n), at::IntArrayRef{y.size(2), y.size(3)}, {-2, -1}, "ortho");
+  });
 }
 
 // One batched GEMM over the frequencies of n rows of frequency-major (R, K, M, N) tensors, each taken
@@ -285,8 +308,11 @@ at::Tensor fam_layer_forward_cpu(const at::Tensor& x_in, const at::Tensor& weigh
   if (x.numel() == 0 || s.O == 0) {
     y = at::zeros({s.B, s.O, s.H, s.W}, x.options());
   } else {
-    const at::Tensor xt = spectrum_freq_major(x);  // (H, K, B, I)
-    at::Tensor yt = at::empty({s.H, s.K, s.B, s.O}, xt.options());
+    const at::TensorOptions co = x.options().dtype(x.scalar_type() == at::kDouble ? at::kComplexDouble
+                                                                                   : at::kComplexFloat);
+    at::Tensor xt = at::empty({s.H, s.K, s.B, s.I}, co);
+    spectrum_freq_major_into(xt, x);
+    at::Tensor yt = at::empty({s.H, s.K, s.B, s.O}, co);
     const at::Tensor w1 = resolved(weights1).contiguous(), w0 = w0_weight.reshape({s.O, s.I}).contiguous();
     dispatch_real(x.scalar_type(), "fam_layer_forward", [&](auto tag) {
       using T = decltype(tag);
@@ -302,7 +328,9 @@ at::Tensor fam_layer_forward_cpu(const at::Tensor& x_in, const at::Tensor& weigh
         bmm_rows(yt, c.hi0, xt, c.hi0, 'n', buf, nlo, 'n', nhi);
       }
     });
-    y = real_of_freq_major(yt, s.H, s.W);
+    xt.reset();  // not needed by the inverse FFT
+    y = at::empty({s.B, s.O, s.H, s.W}, x.options());
+    real_of_freq_major_into(y, yt);
   }
   if (w0_bias.has_value() && w0_bias->defined()) y.add_((rate2 * *w0_bias).view({1, s.O, 1, 1}));
   return y;
@@ -329,11 +357,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gsum;  // sum over b, h, w of grad per output channel: the bias' share of db and drate2
   at::Tensor wsum = need_wsum ? at::zeros({s.I, s.O}, ro.dtype(at::kDouble)) : at::Tensor();
   if ((need_x || need_g) && grad.numel() > 0 && x.numel() > 0) {
-    const at::Tensor gt = spectrum_freq_major(grad);                       // (H, K, B, O)
+    at::Tensor gt = at::empty({s.H, s.K, s.B, s.O}, co);
+    spectrum_freq_major_into(gt, grad);
     // the DC term of the orthonormal spectrum is the sum over (h, w) divided by sqrt(H W)
     if (need_gsum) gsum = at::real(gt.select(0, 0).select(0, 0)).sum(0).mul_(std::sqrt(double(s.H * s.W)));
-    const at::Tensor xct = need_g ? spectrum_freq_major(x, true) : at::Tensor();  // conj, (H, K, B, I)
-    at::Tensor dxt = need_x ? at::empty({s.H, s.K, s.B, s.I}, co) : at::Tensor();
+    // One (H, K, B, I) spectrum buffer serves twice: first for conj(X), then for dX, whose inverse FFT runs
+    // after G's spectrum is released.
+    at::Tensor spec = at::empty({s.H, s.K, s.B, s.I}, co);
     if (need_w1) dw1 = at::empty({s.I, s.O, s.H, s.W}, co);
     const at::Tensor w1 = resolved(weights1).contiguous(), w0 = w0_weight.reshape({s.O, s.I}).contiguous();
     const int64_t items = s.I * ((s.O + kOB - 1) / kOB);
@@ -342,22 +372,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       using T = decltype(tag);
       const T r1 = rate1.item<T>(), r2 = rate2.item<T>();
       const int64_t rh = fam_radius(s.H, cuton), rw = fam_radius(s.W, cuton);
-      const at::Tensor mult = multiplicity(s.W, ro);
-      std::vector<int64_t> row_of(s.H, -1);
       const std::vector<RowChunk> chunks = row_chunks(s.H, s.K * s.I * s.O * 2 * int64_t(sizeof(T)));
       at::Tensor buf = chunk_buffer(chunks, s, co);
-      for (const RowChunk& c : chunks) {
-        const std::vector<int64_t> rows = c.list();
-        const int64_t nlo = c.lo1 - c.lo0, nhi = c.hi1 - c.hi0;
-        if (need_x) {  // dX = G Wc^H, with conj(Wc) formed in the buffer
-          fold_rows<T>(real_ptr<T>(w1), real_ptr<T>(w0), r1, r2, s.I, s.O, s.H, s.W, rh, rw, rows, true,
-                       real_ptr<T>(buf));
-          bmm_rows(dxt, c.lo0, gt, c.lo0, 'n', buf, 0, 't', nlo);
-          bmm_rows(dxt, c.hi0, gt, c.hi0, 'n', buf, nlo, 't', nhi);
-        }
-        if (need_g) {  // g = X^H G (X kept conjugated), then the weights' gradients from it
-          bmm_rows(buf, 0, xct, c.lo0, 't', gt, c.lo0, 'n', nlo);
-          bmm_rows(buf, nlo, xct, c.hi0, 't', gt, c.hi0, 'n', nhi);
+      if (need_g) {  // g = X^H G (X kept conjugated), then the weights' gradients from it
+        spectrum_freq_major_into(spec, x, true);
+        const at::Tensor mult = multiplicity(s.W, ro);
+        std::vector<int64_t> row_of(s.H, -1);
+        for (const RowChunk& c : chunks) {
+          const std::vector<int64_t> rows = c.list();
+          const int64_t nlo = c.lo1 - c.lo0, nhi = c.hi1 - c.hi0;
+          bmm_rows(buf, 0, spec, c.lo0, 't', gt, c.lo0, 'n', nlo);
+          bmm_rows(buf, nlo, spec, c.hi0, 't', gt, c.hi0, 'n', nhi);
           for (int64_t r = 0; r < int64_t(rows.size()); ++r) row_of[rows[r]] = r;
           fold_rows_backward<T>(real_ptr<T>(buf), real_ptr<T>(w1), real_ptr<T>(mult), r1, s.I, s.O, s.H, s.W, rh, rw,
                                 rows, row_of, need_w1 ? real_ptr<T>(dw1) : nullptr,
@@ -366,8 +391,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           for (int64_t h : rows) row_of[h] = -1;
         }
       }
+      if (need_x) {  // dX = G Wc^H, with conj(Wc) formed in the buffer
+        for (const RowChunk& c : chunks) {
+          fold_rows<T>(real_ptr<T>(w1), real_ptr<T>(w0), r1, r2, s.I, s.O, s.H, s.W, rh, rw, c.list(), true,
+                       real_ptr<T>(buf));
+          const int64_t nlo = c.lo1 - c.lo0, nhi = c.hi1 - c.hi0;
+          bmm_rows(spec, c.lo0, gt, c.lo0, 'n', buf, 0, 't', nlo);
+          bmm_rows(spec, c.hi0, gt, c.hi0, 'n', buf, nlo, 't', nhi);
+        }
+        gt.reset();  // neither is needed by the inverse FFT
+        buf.reset();
+        dx = at::empty(x.sizes(), ro);
+        real_of_freq_major_into(dx, spec);
+      }
     });
-    if (need_x) dx = real_of_freq_major(dxt, s.H, s.W);
     if (need_r1) dr1 = r1part.sum().reshape({1}).to(x.scalar_type());
   } else {
     if (need_x) dx = at::zeros(x.sizes(), ro);

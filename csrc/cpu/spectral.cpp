@@ -11,6 +11,7 @@
 
 #include "../spectral_common.h"
 #include "../spectral_math.h"
+#include "simd.h"
 
 namespace dctkd {
 namespace cpu {
@@ -49,46 +50,91 @@ void gf_forward(const T* x, const T* w, const T* mask, T* y, int64_t B, int64_t 
   });
 }
 
+// One row of gf_backward: dxr = g * conj(w) * m and ac += g * conj(x), either one or both (one pass over
+// g). Compiled for AVX2 as well as the baseline, picked at load time: with SSE only, the shuffles of the
+// interleaved complex products, not memory, bound this loop.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define DCTKD_GF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DCTKD_GF_CLONES
+#endif
+
+template <typename T>
+DCTKD_INLINE void gf_backward_row_impl(const T* __restrict__ gr, const T* __restrict__ xr, const T* __restrict__ wr,
+                                       const T* mrow, T mr, T* __restrict__ dxr, T* __restrict__ ac, int64_t L) {
+  if (dxr != nullptr && ac != nullptr) {
+    for (int64_t j = 0; j < L; ++j) {
+      const T m = mrow != nullptr ? mrow[j] * mr : mr;
+      const T a = gr[2 * j], bb = gr[2 * j + 1], c = wr[2 * j], d = wr[2 * j + 1];
+      const T xc = xr[2 * j], xd = xr[2 * j + 1];
+      dxr[2 * j] = (a * c + bb * d) * m;  // g * conj(w)
+      dxr[2 * j + 1] = (bb * c - a * d) * m;
+      ac[2 * j] += a * xc + bb * xd;  // g * conj(x)
+      ac[2 * j + 1] += bb * xc - a * xd;
+    }
+  } else if (dxr != nullptr) {
+    for (int64_t j = 0; j < L; ++j) {
+      const T m = mrow != nullptr ? mrow[j] * mr : mr;
+      const T a = gr[2 * j], bb = gr[2 * j + 1], c = wr[2 * j], d = wr[2 * j + 1];
+      dxr[2 * j] = (a * c + bb * d) * m;
+      dxr[2 * j + 1] = (bb * c - a * d) * m;
+    }
+  } else {
+    for (int64_t j = 0; j < L; ++j) {
+      const T a = gr[2 * j], bb = gr[2 * j + 1], xc = xr[2 * j], xd = xr[2 * j + 1];
+      ac[2 * j] += a * xc + bb * xd;
+      ac[2 * j + 1] += bb * xc - a * xd;
+    }
+  }
+}
+
+DCTKD_GF_CLONES void gf_backward_row(const float* gr, const float* xr, const float* wr, const float* mrow, float mr,
+                                     float* dxr, float* ac, int64_t L) {
+  gf_backward_row_impl(gr, xr, wr, mrow, mr, dxr, ac, L);
+}
+DCTKD_GF_CLONES void gf_backward_row(const double* gr, const double* xr, const double* wr, const double* mrow,
+                                     double mr, double* dxr, double* ac, int64_t L) {
+  gf_backward_row_impl(gr, xr, wr, mrow, mr, dxr, ac, L);
+}
+
 // dx = g * conj(w) * m (when dx != nullptr); dw = m * sum_b g * conj(x) (when dw != nullptr).
-// Parallel over weight rows, so each dw element is reduced by one thread in a fixed order.
+// Parallel over weight rows, so each dw element is reduced by one thread in a fixed order (b = 0, 1, ...).
+// A thread takes its rows a block at a time (kGfAccBytes of accumulators) and walks the samples b
+// outermost, so it reads the block's rows of each sample as one contiguous run rather than one row per
+// jump of a whole sample (which the hardware prefetchers follow poorly).
+constexpr int64_t kGfAccBytes = int64_t(128) << 10;
+
 template <typename T>
 void gf_backward(const T* g, const T* x, const T* w, const T* mask, T* dx, T* dw, int64_t B, int64_t R, int64_t L,
                  bool mask_per_row) {
+  const int64_t block = std::max<int64_t>(1, kGfAccBytes / std::max<int64_t>(2 * L * int64_t(sizeof(T)), 1));
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(dw != nullptr ? 2 * L : 0);
-    for (int64_t r = begin; r < end; ++r) {
-      const T* __restrict__ wr = w + 2 * r * L;
-      const T mr = (mask != nullptr && mask_per_row) ? mask[r] : T(1);
-      const T* mrow = (mask != nullptr && !mask_per_row) ? mask : nullptr;
+    std::vector<T> acc(dw != nullptr ? 2 * L * std::min(block, end - begin) : 0);
+    const T* mrow = (mask != nullptr && !mask_per_row) ? mask : nullptr;
+    for (int64_t r0 = begin; r0 < end; r0 += block) {
+      const int64_t r1 = std::min(end, r0 + block);
       if (dw != nullptr) std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t b = 0; b < B; ++b) {
-        const int64_t off = 2 * (b * R + r) * L;
-        const T* __restrict__ gr = g + off;
-        const T* __restrict__ xr = x + off;
-        if (dx != nullptr) {
-          T* __restrict__ dxr = dx + off;
-          for (int64_t j = 0; j < L; ++j) {
-            const T m = mrow != nullptr ? mrow[j] * mr : mr;
-            const T a = gr[2 * j], bb = gr[2 * j + 1], c = wr[2 * j], d = wr[2 * j + 1];
-            dxr[2 * j] = (a * c + bb * d) * m;  // g * conj(w)
-            dxr[2 * j + 1] = (bb * c - a * d) * m;
-          }
-        }
-        if (dw != nullptr) {
-          T* __restrict__ ac = acc.data();
-          for (int64_t j = 0; j < L; ++j) {
-            const T a = gr[2 * j], bb = gr[2 * j + 1], c = xr[2 * j], d = xr[2 * j + 1];
-            ac[2 * j] += a * c + bb * d;  // g * conj(x)
-            ac[2 * j + 1] += bb * c - a * d;
-          }
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* __restrict__ wr = w + 2 * r * L;
+          const T mr = (mask != nullptr && mask_per_row) ? mask[r] : T(1);
+          const int64_t off = 2 * (b * R + r) * L;
+          const T* __restrict__ gr = g + off;
+          const T* __restrict__ xr = x + off;
+          gf_backward_row(gr, xr, wr, mrow, mr, dx != nullptr ? dx + off : nullptr,
+                          dw != nullptr ? acc.data() + 2 * (r - r0) * L : nullptr, L);
         }
       }
       if (dw != nullptr) {
-        T* dwr = dw + 2 * r * L;
-        for (int64_t j = 0; j < L; ++j) {
-          const T m = mrow != nullptr ? mrow[j] * mr : mr;
-          dwr[2 * j] = acc[2 * j] * m;
-          dwr[2 * j + 1] = acc[2 * j + 1] * m;
+        for (int64_t r = r0; r < r1; ++r) {
+          const T mr = (mask != nullptr && mask_per_row) ? mask[r] : T(1);
+          const T* ac = acc.data() + 2 * (r - r0) * L;
+          T* dwr = dw + 2 * r * L;
+          for (int64_t j = 0; j < L; ++j) {
+            const T m = mrow != nullptr ? mrow[j] * mr : mr;
+            dwr[2 * j] = ac[2 * j] * m;
+            dwr[2 * j + 1] = ac[2 * j + 1] * m;
+          }
         }
       }
     }
