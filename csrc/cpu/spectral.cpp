@@ -51,13 +51,8 @@ void gf_forward(const T* x, const T* w, const T* mask, T* y, int64_t B, int64_t 
 }
 
 // One row of gf_backward: dxr = g * conj(w) * m and ac += g * conj(x), either one or both (one pass over
-// g). Compiled for AVX2 as well as the baseline, picked at load time: with SSE only, the shuffles of the
-// interleaved complex products, not memory, bound this loop.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define DCTKD_GF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define DCTKD_GF_CLONES
-#endif
+// g). Cloned for AVX-512 and AVX2 as well as the baseline (simd.h), picked at load time: with SSE only,
+// the shuffles of the interleaved complex products, not memory, bound this loop.
 
 template <typename T>
 DCTKD_INLINE void gf_backward_row_impl(const T* __restrict__ gr, const T* __restrict__ xr, const T* __restrict__ wr,
@@ -88,12 +83,12 @@ DCTKD_INLINE void gf_backward_row_impl(const T* __restrict__ gr, const T* __rest
   }
 }
 
-DCTKD_GF_CLONES void gf_backward_row(const float* gr, const float* xr, const float* wr, const float* mrow, float mr,
-                                     float* dxr, float* ac, int64_t L) {
+DCTKD_TARGET_CLONES void gf_backward_row(const float* gr, const float* xr, const float* wr, const float* mrow, float mr,
+                                         float* dxr, float* ac, int64_t L) {
   gf_backward_row_impl(gr, xr, wr, mrow, mr, dxr, ac, L);
 }
-DCTKD_GF_CLONES void gf_backward_row(const double* gr, const double* xr, const double* wr, const double* mrow,
-                                     double mr, double* dxr, double* ac, int64_t L) {
+DCTKD_TARGET_CLONES void gf_backward_row(const double* gr, const double* xr, const double* wr, const double* mrow,
+                                         double mr, double* dxr, double* ac, int64_t L) {
   gf_backward_row_impl(gr, xr, wr, mrow, mr, dxr, ac, L);
 }
 
