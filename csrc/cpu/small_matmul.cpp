@@ -56,12 +56,20 @@ struct Strides {
   int64_t lda, ldb, ldc;
 };
 
-// Rows [0, M) for the column block [j, j + NV*lanes).
+// Rows [0, M) for the column block [j, j + NV*lanes): tiles of 8 rows, then 4, then single rows.
+// Eight independent accumulators keep both FMA pipes busy through their latency; two vectors a row
+// take 16 registers, which only AVX-512 has to spare (AVX2 then stays at 4 rows).
 template <typename T, int VB, int NV>
 DCTKD_INLINE void column_block(const T* A, const T* B, T* C, int64_t M, int64_t K, Strides s, int64_t j) {
-  constexpr int MR = 4;
+  constexpr int MR = (NV == 1 || VB == 64) ? 8 : 4;
   int64_t i = 0;
   for (; i + MR <= M; i += MR) tile<T, VB, MR, NV>(A + i * s.lda, s.lda, B + j, s.ldb, C + i * s.ldc + j, s.ldc, K);
+  if constexpr (MR == 8) {
+    if (i + 4 <= M) {
+      tile<T, VB, 4, NV>(A + i * s.lda, s.lda, B + j, s.ldb, C + i * s.ldc + j, s.ldc, K);
+      i += 4;
+    }
+  }
   for (; i < M; ++i) tile<T, VB, 1, NV>(A + i * s.lda, s.lda, B + j, s.ldb, C + i * s.ldc + j, s.ldc, K);
 }
 
