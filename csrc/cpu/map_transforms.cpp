@@ -70,7 +70,7 @@ const Table& cached(int64_t n) {
 template <typename T>
 DCTKD_INLINE void dct_along_rows(const T* X, T* Y, int64_t M, const DctHalves<T>& q, bool inverse, MapScratch<T>& s) {
   const int64_t W = q.n, ce = q.ce, h = q.h;
-  T *u = s.a.data(), *v = s.b.data(), *pe = s.c.data(), *po = s.d.data();
+  T *u = s.a, *v = s.b, *pe = s.c, *po = s.d;
   if (!inverse) {
     for (int64_t i = 0; i < M; ++i) {
       const T* x = X + i * W;
@@ -110,7 +110,7 @@ DCTKD_INLINE void dct_along_rows(const T* X, T* Y, int64_t M, const DctHalves<T>
 template <typename T>
 DCTKD_INLINE void dct_along_cols(const T* Y, T* Z, int64_t N, const DctHalves<T>& q, bool inverse, MapScratch<T>& s) {
   const int64_t H = q.n, ce = q.ce, h = q.h;
-  T *u = s.a.data(), *v = s.b.data(), *pe = s.c.data(), *po = s.d.data();
+  T *u = s.a, *v = s.b, *pe = s.c, *po = s.d;
   if (!inverse) {
     for (int64_t m = 0; m < h; ++m) {
       const T* top = Y + m * N;
@@ -155,16 +155,19 @@ const DftHalves<T>& dft_halves(int64_t n) {
 
 template <typename T>
 MapScratch<T>::MapScratch(int64_t max_side) {
+  // One uninitialised block: every transform writes its scratch before reading it.
   const int64_t half = max_side * round_up8(max_side / 2 + 1);
-  full.resize(max_side * max_side);
-  for (auto* v : {&a, &b, &c, &d, &e, &f}) v->resize(half);
+  store.reset(new T[max_side * max_side + 6 * half]);
+  full = store.get();
+  T** parts[] = {&a, &b, &c, &d, &e, &f};
+  for (int i = 0; i < 6; ++i) *parts[i] = full + max_side * max_side + i * half;
 }
 
 template <typename T>
 DCTKD_TARGET_CLONES void dct2_map(const T* x, T* y, const DctHalves<T>& qh, const DctHalves<T>& qw, bool inverse,
                                   MapScratch<T>& s) {
-  dct_along_rows(x, s.full.data(), qh.n, qw, inverse, s);
-  dct_along_cols(s.full.data(), y, qw.n, qh, inverse, s);
+  dct_along_rows(x, s.full, qh.n, qw, inverse, s);
+  dct_along_cols(s.full, y, qw.n, qh, inverse, s);
 }
 
 // Rows: P = v C_W and Q = v S_W at the nh_W frequencies k2 <= W/2 (the rest follow from
@@ -175,7 +178,7 @@ template <typename T>
 DCTKD_TARGET_CLONES void real_dft2_map(const T* v, T* c, const DftHalves<T>& qh, const DftHalves<T>& qw,
                                        MapScratch<T>& s) {
   const int64_t H = qh.n, W = qw.n, nhw = qw.nh, ldf = qw.nhp, now = qw.no, nhh = qh.nh, noh = qh.no;
-  T *E = s.a.data(), *O = s.b.data(), *P = s.c.data(), *Q = s.d.data();
+  T *E = s.a, *O = s.b, *P = s.c, *Q = s.d;
   for (int64_t i = 0; i < H; ++i) {
     const T* x = v + i * W;
     T* e = E + i * nhw;
@@ -191,7 +194,7 @@ DCTKD_TARGET_CLONES void real_dft2_map(const T* v, T* c, const DftHalves<T>& qh,
   matmul(E, nhw, qw.cos_b.data(), ldf, P, ldf, H, nhw, ldf);
   if (now > 0) matmul(O, now, qw.sin_t.data(), ldf, Q, ldf, H, now, ldf);
   // Fold the rows of P and Q the same way (E and O are free again).
-  T *Pe = E, *Qo = O, *X = s.e.data(), *Y = s.f.data();
+  T *Pe = E, *Qo = O, *X = s.e, *Y = s.f;
   std::copy(P, P + ldf, Pe);
   for (int64_t m = 1; m <= noh; ++m)
     for (int64_t j = 0; j < ldf; ++j) {

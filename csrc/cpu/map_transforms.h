@@ -10,6 +10,7 @@
 // Used by dct2d / idct2d (dct.cpp) and by phi of the DCT-KD loss (dct_at_loss.cpp).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace dctkd {
@@ -45,7 +46,8 @@ const DftHalves<T>& dft_halves(int64_t n);
 // Per-thread scratch of the transforms of maps up to max_side x max_side.
 template <typename T>
 struct MapScratch {
-  std::vector<T> full, a, b, c, d, e, f;
+  std::unique_ptr<T[]> store;
+  T *full, *a, *b, *c, *d, *e, *f;
   explicit MapScratch(int64_t max_side);
 };
 
