@@ -308,8 +308,8 @@ at::Tensor fam_layer_forward_cpu(const at::Tensor& x_in, const at::Tensor& weigh
   if (x.numel() == 0 || s.O == 0) {
     y = at::zeros({s.B, s.O, s.H, s.W}, x.options());
   } else {
-    const at::TensorOptions co = x.options().dtype(x.scalar_type() == at::kDouble ? at::kComplexDouble
-                                                                                   : at::kComplexFloat);
+    const at::TensorOptions co =
+        x.options().dtype(x.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat);
     at::Tensor xt = at::empty({s.H, s.K, s.B, s.I}, co);
     spectrum_freq_major_into(xt, x);
     at::Tensor yt = at::empty({s.H, s.K, s.B, s.O}, co);
