@@ -205,7 +205,7 @@ LayerShape check_layer(const at::Tensor& x, const at::Tensor& weights1, const at
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "x: expected a float32 or float64 tensor, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 4, "x: expected a 4-D (B, I, H, W) tensor, got shape ", x.sizes());
-  const at::ScalarType ct = x.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
+  const at::ScalarType ct = c10::toComplexType(x.scalar_type());
   TORCH_CHECK(weights1.scalar_type() == ct, "weights1: expected ", ct, " to match x, got ", weights1.scalar_type());
   const int64_t B = x.size(0), I = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(weights1.dim() == 4 && weights1.size(0) == I && weights1.size(2) == H && weights1.size(3) == W,
@@ -308,8 +308,7 @@ at::Tensor fam_layer_forward_cpu(const at::Tensor& x_in, const at::Tensor& weigh
   if (x.numel() == 0 || s.O == 0) {
     y = at::zeros({s.B, s.O, s.H, s.W}, x.options());
   } else {
-    const at::TensorOptions co =
-        x.options().dtype(x.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat);
+    const at::TensorOptions co = x.options().dtype(c10::toComplexType(x.scalar_type()));
     at::Tensor xt = at::empty({s.H, s.K, s.B, s.I}, co);
     spectrum_freq_major_into(xt, x);
     at::Tensor yt = at::empty({s.H, s.K, s.B, s.O}, co);
@@ -350,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool need_wsum = need_w0 || need_r2, need_g = need_w1 || need_wsum || need_r1;
   const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
   const at::TensorOptions ro = x.options();
-  const at::TensorOptions co = ro.dtype(x.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat);
+  const at::TensorOptions co = ro.dtype(c10::toComplexType(x.scalar_type()));
   auto empty0 = [&]() { return at::empty({0}, ro); };
   at::Tensor dx = empty0(), dw1 = at::empty({0}, co), dw0 = empty0(), db = empty0(), dr1 = empty0(), dr2 = empty0();
   const bool need_gsum = need_b || (need_r2 && has_bias);

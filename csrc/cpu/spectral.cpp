@@ -53,7 +53,6 @@ void gf_forward(const T* x, const T* w, const T* mask, T* y, int64_t B, int64_t 
 // One row of gf_backward: dxr = g * conj(w) * m and ac += g * conj(x), either one or both (one pass over
 // g). Cloned for AVX-512 and AVX2 as well as the baseline (simd.h), picked at load time: with SSE only,
 // the shuffles of the interleaved complex products, not memory, bound this loop.
-
 template <typename T>
 DCTKD_INLINE void gf_backward_row_impl(const T* __restrict__ gr, const T* __restrict__ xr, const T* __restrict__ wr,
                                        const T* mrow, T mr, T* __restrict__ dxr, T* __restrict__ ac, int64_t L) {
