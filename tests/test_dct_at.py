@@ -68,7 +68,9 @@ def test_attention_map_strided_input(gen):
 
 # ---------------------------------------------------------------------------------------- DCT
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("hw", SHAPES + [(2, 3), (28, 28), (16, 8)])
+# besides SHAPES: sides whose even / odd halves (ceil(n/2), floor(n/2)) sit on either side of a
+# whole vector (8, 9, 16, 17) and single rows / columns
+@pytest.mark.parametrize("hw", SHAPES + [(2, 3), (28, 28), (16, 8), (17, 33), (16, 15), (9, 1), (1, 18), (32, 34)])
 def test_dct2d_matches_scipy_oracle(device, hw, gen):
     a = torch.randn(2, 3, *hw, generator=gen, dtype=torch.float64)
     oracle = scipy.fft.dctn(a.numpy(), type=2, norm="ortho", axes=(-2, -1))

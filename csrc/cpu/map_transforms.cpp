@@ -13,26 +13,34 @@
 namespace dctkd {
 namespace cpu {
 
+namespace {
+int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
+}  // namespace
+
 template <typename T>
 DctHalves<T>::DctHalves(int64_t n_)
-    : n(n_), ce((n_ + 1) / 2), h(n_ / 2), de(ce * ce), det(ce * ce), dodd(h * h), dodt(h * h) {
+    : n(n_),
+      ce((n_ + 1) / 2),
+      h(n_ / 2),
+      cep(round_up8(ce)),
+      hp(round_up8(h)),
+      de(ce * cep, T(0)),
+      det(ce * cep, T(0)),
+      dodd(h * hp, T(0)),
+      dodt(h * hp, T(0)) {
   for (int64_t k = 0; k < ce; ++k)
     for (int64_t m = 0; m < ce; ++m) {
       const T v = static_cast<T>(dct_basis(2 * k, m, n));
-      de[k * ce + m] = v;
-      det[m * ce + k] = v;
+      de[k * cep + m] = v;
+      det[m * cep + k] = v;
     }
   for (int64_t k = 0; k < h; ++k)
     for (int64_t m = 0; m < h; ++m) {
       const T v = static_cast<T>(dct_basis(2 * k + 1, m, n));
-      dodd[k * h + m] = v;
-      dodt[m * h + k] = v;
+      dodd[k * hp + m] = v;
+      dodt[m * hp + k] = v;
     }
 }
-
-namespace {
-int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
-}  // namespace
 
 template <typename T>
 DftHalves<T>::DftHalves(int64_t n_)
@@ -66,80 +74,86 @@ const Table& cached(int64_t n) {
   return *slot;
 }
 
-// Y (M x W) = X D^T (forward) or X D (inverse), along the rows of X.
+// The DCT of a map works on a "split" layout: each row holds its even-frequency half (cep wide)
+// and then its odd-frequency half (hp wide), and the rows are in the same even-then-odd order, so
+// every product runs on whole vectors and only the final (or first) step interleaves.
+
+// out[2k] = src[k], out[2k+1] = src[cep + k]: one split row back to frequency order.
 template <typename T>
-DCTKD_INLINE void dct_along_rows(const T* X, T* Y, int64_t M, const DctHalves<T>& q, bool inverse, MapScratch<T>& s) {
-  const int64_t W = q.n, ce = q.ce, h = q.h;
-  T *u = s.a, *v = s.b, *pe = s.c, *po = s.d;
-  if (!inverse) {
-    for (int64_t i = 0; i < M; ++i) {
-      const T* x = X + i * W;
-      for (int64_t m = 0; m < h; ++m) {
-        u[i * ce + m] = x[m] + x[W - 1 - m];
-        v[i * h + m] = x[m] - x[W - 1 - m];
-      }
-      if (ce > h) u[i * ce + h] = x[h];
-    }
-    matmul(u, q.det.data(), pe, M, ce, ce);  // even outputs
-    if (h > 0) matmul(v, q.dodt.data(), po, M, h, h);  // odd outputs
-    for (int64_t i = 0; i < M; ++i) {
-      T* y = Y + i * W;
-      for (int64_t k = 0; k < ce; ++k) y[2 * k] = pe[i * ce + k];
-      for (int64_t k = 0; k < h; ++k) y[2 * k + 1] = po[i * h + k];
-    }
-  } else {
-    for (int64_t i = 0; i < M; ++i) {
-      const T* x = X + i * W;
-      for (int64_t k = 0; k < ce; ++k) u[i * ce + k] = x[2 * k];
-      for (int64_t k = 0; k < h; ++k) v[i * h + k] = x[2 * k + 1];
-    }
-    matmul(u, q.de.data(), pe, M, ce, ce);
-    if (h > 0) matmul(v, q.dodd.data(), po, M, h, h);
-    for (int64_t i = 0; i < M; ++i) {
-      T* y = Y + i * W;
-      for (int64_t m = 0; m < h; ++m) {
-        y[m] = pe[i * ce + m] + po[i * h + m];
-        y[W - 1 - m] = pe[i * ce + m] - po[i * h + m];
-      }
-      if (ce > h) y[h] = pe[i * ce + h];
-    }
+DCTKD_INLINE void zip_row(const T* src, T* out, const DctHalves<T>& q) {
+  const T* odd = src + q.cep;
+  for (int64_t k = 0; k < q.h; ++k) {
+    out[2 * k] = src[k];
+    out[2 * k + 1] = odd[k];
   }
+  if (q.ce > q.h) out[2 * q.h] = src[q.h];
 }
 
-// Z (H x N) = D Y (forward) or D^T Y (inverse), along the columns of Y.
+// The inverse of zip_row; the padding columns are zeroed (they enter the next product's padding).
 template <typename T>
-DCTKD_INLINE void dct_along_cols(const T* Y, T* Z, int64_t N, const DctHalves<T>& q, bool inverse, MapScratch<T>& s) {
-  const int64_t H = q.n, ce = q.ce, h = q.h;
-  T *u = s.a, *v = s.b, *pe = s.c, *po = s.d;
-  if (!inverse) {
-    for (int64_t m = 0; m < h; ++m) {
-      const T* top = Y + m * N;
-      const T* bot = Y + (H - 1 - m) * N;
-      for (int64_t j = 0; j < N; ++j) {
-        u[m * N + j] = top[j] + bot[j];
-        v[m * N + j] = top[j] - bot[j];
-      }
-    }
-    if (ce > h) std::copy(Y + h * N, Y + (h + 1) * N, u + h * N);
-    matmul(q.de.data(), u, pe, ce, ce, N);
-    if (h > 0) matmul(q.dodd.data(), v, po, h, h, N);
-    for (int64_t k = 0; k < ce; ++k) std::copy(pe + k * N, pe + (k + 1) * N, Z + 2 * k * N);
-    for (int64_t k = 0; k < h; ++k) std::copy(po + k * N, po + (k + 1) * N, Z + (2 * k + 1) * N);
-  } else {
-    for (int64_t k = 0; k < ce; ++k) std::copy(Y + 2 * k * N, Y + (2 * k + 1) * N, u + k * N);
-    for (int64_t k = 0; k < h; ++k) std::copy(Y + (2 * k + 1) * N, Y + (2 * k + 2) * N, v + k * N);
-    matmul(q.det.data(), u, pe, ce, ce, N);
-    if (h > 0) matmul(q.dodt.data(), v, po, h, h, N);
-    for (int64_t m = 0; m < h; ++m) {
-      T* top = Z + m * N;
-      T* bot = Z + (H - 1 - m) * N;
-      for (int64_t j = 0; j < N; ++j) {
-        top[j] = pe[m * N + j] + po[m * N + j];
-        bot[j] = pe[m * N + j] - po[m * N + j];
-      }
-    }
-    if (ce > h) std::copy(pe + h * N, pe + (h + 1) * N, Z + h * N);
+DCTKD_INLINE void unzip_row(const T* in, T* dst, const DctHalves<T>& q) {
+  T* odd = dst + q.cep;
+  for (int64_t k = 0; k < q.h; ++k) {
+    dst[k] = in[2 * k];
+    odd[k] = in[2 * k + 1];
   }
+  if (q.ce > q.h) dst[q.h] = in[2 * q.h];
+  std::fill(dst + q.ce, odd, T(0));
+  std::fill(odd + q.h, odd + q.hp, T(0));
+}
+
+// e[m] = x[m] + x[n-1-m], o[m] = x[m] - x[n-1-m] (m < h), e[h] = x[h] for odd n: the first
+// butterfly, along a row (stride 1) of length n = q.n.
+template <typename T>
+DCTKD_INLINE void fold_row(const T* x, T* e, T* o, const DctHalves<T>& q) {
+  const int64_t n = q.n;
+  for (int64_t m = 0; m < q.h; ++m) {
+    e[m] = x[m] + x[n - 1 - m];
+    o[m] = x[m] - x[n - 1 - m];
+  }
+  if (q.ce > q.h) e[q.h] = x[q.h];
+}
+
+// Its adjoint: x[m] = e[m] + o[m], x[n-1-m] = e[m] - o[m].
+template <typename T>
+DCTKD_INLINE void unfold_row(const T* e, const T* o, T* x, const DctHalves<T>& q) {
+  const int64_t n = q.n;
+  for (int64_t m = 0; m < q.h; ++m) {
+    x[m] = e[m] + o[m];
+    x[n - 1 - m] = e[m] - o[m];
+  }
+  if (q.ce > q.h) x[q.h] = e[q.h];
+}
+
+// The same two butterflies across the rows (length ld each) of an n-row block.
+template <typename T>
+DCTKD_INLINE void fold_rows(const T* Y, T* E, T* O, int64_t ld, const DctHalves<T>& q) {
+  for (int64_t m = 0; m < q.h; ++m) {
+    const T* top = Y + m * ld;
+    const T* bot = Y + (q.n - 1 - m) * ld;
+    T* e = E + m * ld;
+    T* o = O + m * ld;
+    for (int64_t j = 0; j < ld; ++j) {
+      e[j] = top[j] + bot[j];
+      o[j] = top[j] - bot[j];
+    }
+  }
+  if (q.ce > q.h) std::copy(Y + q.h * ld, Y + (q.h + 1) * ld, E + q.h * ld);
+}
+
+template <typename T>
+DCTKD_INLINE void unfold_rows(const T* E, const T* O, T* Y, int64_t ld, const DctHalves<T>& q) {
+  for (int64_t m = 0; m < q.h; ++m) {
+    const T* e = E + m * ld;
+    const T* o = O + m * ld;
+    T* top = Y + m * ld;
+    T* bot = Y + (q.n - 1 - m) * ld;
+    for (int64_t j = 0; j < ld; ++j) {
+      top[j] = e[j] + o[j];
+      bot[j] = e[j] - o[j];
+    }
+  }
+  if (q.ce > q.h) std::copy(E + q.h * ld, E + (q.h + 1) * ld, Y + q.h * ld);
 }
 
 }  // namespace
@@ -156,18 +170,45 @@ const DftHalves<T>& dft_halves(int64_t n) {
 template <typename T>
 MapScratch<T>::MapScratch(int64_t max_side) {
   // One uninitialised block: every transform writes its scratch before reading it.
-  const int64_t half = max_side * round_up8(max_side / 2 + 1);
-  store.reset(new T[max_side * max_side + 6 * half]);
+  // Parts of max_side rows of a half-spectrum padded to whole vectors; full holds two parts (the
+  // DCT's split layout, or one whole map), and a + b, c + d are contiguous.
+  const int64_t part = max_side * round_up8(max_side / 2 + 1);
+  store.reset(new T[8 * part]);
   full = store.get();
   T** parts[] = {&a, &b, &c, &d, &e, &f};
-  for (int i = 0; i < 6; ++i) *parts[i] = full + max_side * max_side + i * half;
+  for (int i = 0; i < 6; ++i) *parts[i] = full + (2 + i) * part;
 }
 
+// Forward: fold each row, multiply by the halves of D_W^T into the split layout (H x ld), fold
+// across rows, multiply by the halves of D_H (even rows first), zip each row back. The inverse runs
+// the same steps transposed, in reverse order.
 template <typename T>
 DCTKD_TARGET_CLONES void dct2_map(const T* x, T* y, const DctHalves<T>& qh, const DctHalves<T>& qw, bool inverse,
                                   MapScratch<T>& s) {
-  dct_along_rows(x, s.full, qh.n, qw, inverse, s);
-  dct_along_cols(s.full, y, qw.n, qh, inverse, s);
+  const int64_t H = qh.n, W = qw.n, ld = qw.cep + qw.hp;
+  T* split = s.full;  // H x ld
+  T* even = s.a;      // up to 2 parts: ce_H x ld, or H x cep_W
+  T* odd = s.c;       // up to 2 parts: h_H x ld, or H x hp_W
+  T* split_odd = split + qh.ce * ld;  // the odd rows of the split layout, in frequency order
+  if (!inverse) {
+    for (int64_t i = 0; i < H; ++i) fold_row(x + i * W, even + i * qw.cep, odd + i * qw.hp, qw);
+    matmul(even, qw.cep, qw.det.data(), qw.cep, split, ld, H, qw.ce, qw.cep);
+    if (qw.h > 0) matmul(odd, qw.hp, qw.dodt.data(), qw.hp, split + qw.cep, ld, H, qw.h, qw.hp);
+    fold_rows(split, even, odd, ld, qh);
+    matmul(qh.de.data(), qh.cep, even, ld, split, ld, qh.ce, qh.ce, ld);
+    if (qh.h > 0) matmul(qh.dodd.data(), qh.hp, odd, ld, split_odd, ld, qh.h, qh.h, ld);
+    for (int64_t k = 0; k < qh.ce; ++k) zip_row(split + k * ld, y + 2 * k * W, qw);
+    for (int64_t k = 0; k < qh.h; ++k) zip_row(split_odd + k * ld, y + (2 * k + 1) * W, qw);
+  } else {
+    for (int64_t k = 0; k < qh.ce; ++k) unzip_row(x + 2 * k * W, split + k * ld, qw);
+    for (int64_t k = 0; k < qh.h; ++k) unzip_row(x + (2 * k + 1) * W, split_odd + k * ld, qw);
+    matmul(qh.det.data(), qh.cep, split, ld, even, ld, qh.ce, qh.ce, ld);
+    if (qh.h > 0) matmul(qh.dodt.data(), qh.hp, split_odd, ld, odd, ld, qh.h, qh.h, ld);
+    unfold_rows(even, odd, split, ld, qh);
+    matmul(split, ld, qw.de.data(), qw.cep, even, qw.cep, H, qw.ce, qw.cep);
+    if (qw.h > 0) matmul(split + qw.cep, ld, qw.dodd.data(), qw.hp, odd, qw.hp, H, qw.h, qw.hp);
+    for (int64_t i = 0; i < H; ++i) unfold_row(even + i * qw.cep, odd + i * qw.hp, y + i * W, qw);
+  }
 }
 
 // Rows: P = v C_W and Q = v S_W at the nh_W frequencies k2 <= W/2 (the rest follow from

@@ -16,11 +16,12 @@
 namespace dctkd {
 namespace cpu {
 
-// The even / odd halves of the DCT-II matrix of size n. With ce = ceil(n/2), h = floor(n/2):
-// de (ce x ce) = D[even k, m < ce], dodd (h x h) = D[odd k, m < h], and their transposes.
+// The even / odd halves of the DCT-II matrix of size n. With ce = ceil(n/2), h = floor(n/2) and
+// cep, hp those rounded up to 8 (row lengths of whole vectors; the padding columns are 0):
+// de (ce x cep) = D[even k, m < ce], dodd (h x hp) = D[odd k, m < h], det and dodt their transposes.
 template <typename T>
 struct DctHalves {
-  int64_t n, ce, h;
+  int64_t n, ce, h, cep, hp;
   std::vector<T> de, det, dodd, dodt;
   explicit DctHalves(int64_t n_);
 };
