@@ -13,6 +13,9 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "../spectral_common.h"
@@ -294,13 +297,63 @@ void for_batch_chunks(const at::Tensor& spectrum, F&& fft) {  // spectrum (H, K,
   });
 }
 
-// (B, C, H, W) real -> its rfft2 spectrum into out (H, K, B, C), frequency-major (conjugated when conj).
-// The FFT writes through a permuted view.
+// Maps this small are transformed by one real GEMM per batch chunk against the dense DFT matrices:
+// torch's CPU FFTs of maps up to 14 x 14 cost more per map than the GEMM's H W x 2 H K multiply-adds
+// (about 5x more at 8 x 8; at 16 x 16 the FFT is ahead).
+constexpr int64_t kDenseDftMaxMacs = 45000;
+
+bool dense_dft(int64_t H, int64_t W) { return H * W * 2 * H * (W / 2 + 1) <= kDenseDftMaxMacs; }
+
+// The real matrices of the orthonormal rfft2 of an H x W map and of its inverse, with
+// t = 2 pi (h p / H + k q / W) between map pixel (p, q) and half-spectrum entry (h, k):
+//   fwd (H W x 2 H K)  [cos t, -sin t] / sqrt(H W)   (columns: re, im of (h, k))
+//   inv (2 H K x H W)  c_k [cos t; -sin t] / sqrt(H W)
+// torch's irfft2 transforms over H and then takes c2r over W, which reads only the real part of
+// columns 0 and W/2 (c_k = 1 there, 2 elsewhere); inv drops those imaginary parts the same way.
+struct DenseDft {
+  at::Tensor fwd, inv;
+};
+
+const DenseDft& dense_dft_bases(int64_t H, int64_t W, at::ScalarType type) {
+  static std::mutex mu;
+  static auto* cache = new std::map<std::tuple<int64_t, int64_t, at::ScalarType>, DenseDft>();  // never freed
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(H, W, type);
+  auto it = cache->find(key);
+  if (it != cache->end()) return it->second;
+  const int64_t K = W / 2 + 1, HW = H * W, F = 2 * H * K;
+  at::Tensor fwd = at::empty({HW, F}, at::kDouble), inv = at::empty({F, HW}, at::kDouble);
+  double *f = fwd.data_ptr<double>(), *g = inv.data_ptr<double>();
+  const double scale = 1.0 / std::sqrt(double(HW)), two_pi = 2.0 * M_PI;
+  for (int64_t p = 0; p < H; ++p)
+    for (int64_t q = 0; q < W; ++q)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t k = 0; k < K; ++k) {
+          const double t = two_pi * (double(h * p % H) / double(H) + double(k * q % W) / double(W));
+          const double c = std::cos(t) * scale, sn = -std::sin(t) * scale, m = column_multiplicity<double>(k, W);
+          const int64_t pix = p * W + q, fr = 2 * (h * K + k);
+          f[pix * F + fr] = c;
+          f[pix * F + fr + 1] = sn;
+          g[fr * HW + pix] = m * c;
+          g[(fr + 1) * HW + pix] = m * sn;
+        }
+  return cache->emplace(key, DenseDft{fwd.to(type), inv.to(type)}).first->second;
+}
+
+// (B, C, H, W) real -> its rfft2 spectrum into out (H, K, B, C), frequency-major (conjugated when conj),
+// through a permuted view.
 void spectrum_freq_major_into(const at::Tensor& out, const at::Tensor& x, bool conj = false) {
   const at::Tensor view = out.permute({2, 3, 0, 1});
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
+  const DenseDft* dft = dense_dft(H, W) ? &dense_dft_bases(H, W, x.scalar_type()) : nullptr;
   for_batch_chunks(out, [&](int64_t b0, int64_t n) {
     at::Tensor dst = view.narrow(0, b0, n);
-    at::fft_rfft2_out(dst, x.narrow(0, b0, n), c10::nullopt, {-2, -1}, "ortho");
+    if (dft != nullptr) {
+      const at::Tensor re_im = at::mm(x.narrow(0, b0, n).reshape({n * C, H * W}), dft->fwd);
+      dst.copy_(at::view_as_complex(re_im.view({n, C, H, W / 2 + 1, 2})));
+    } else {
+      at::fft_rfft2_out(dst, x.narrow(0, b0, n), c10::nullopt, {-2, -1}, "ortho");
+    }
     if (conj) dst.conj_physical_();
   });
 }
@@ -309,10 +362,17 @@ void spectrum_freq_major_into(const at::Tensor& out, const at::Tensor& x, bool c
 // inverse FFT of contiguous maps takes about 2/3 of the time it takes on the permuted view, copy included.
 void real_of_freq_major_into(const at::Tensor& y, const at::Tensor& yt) {
   const at::Tensor view = yt.permute({2, 3, 0, 1});
+  const int64_t C = y.size(1), H = y.size(2), W = y.size(3);
+  const DenseDft* dft = dense_dft(H, W) ? &dense_dft_bases(H, W, y.scalar_type()) : nullptr;
   for_batch_chunks(yt, [&](int64_t b0, int64_t n) {
     at::Tensor dst = y.narrow(0, b0, n);
     const at::Tensor maps = view.narrow(0, b0, n).contiguous();
-    at::fft_irfft2_out(dst, maps, at::IntArrayRef{y.size(2), y.size(3)}, {-2, -1}, "ortho");
+    if (dft != nullptr) {
+      at::Tensor dst_rows = dst.view({n * C, H * W});
+      at::mm_out(dst_rows, at::view_as_real(maps).view({n * C, 2 * H * (W / 2 + 1)}), dft->inv);
+    } else {
+      at::fft_irfft2_out(dst, maps, at::IntArrayRef{H, W}, {-2, -1}, "ortho");
+    }
   });
 }
 
