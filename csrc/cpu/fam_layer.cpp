@@ -32,7 +32,7 @@ using namespace dctkd::spectral;
 constexpr int64_t kChunkBytes = int64_t(1) << 20;  // the combined weight formed at a time, at least one row pair
 constexpr int64_t kOB = 16;                        // output channels per work item of the weight kernels
 
-// The frequency stride (complex elements) of the chunk buffer (R, K, I, O): I*O plus two cache lines.
+// The frequency stride (complex elements) of the chunk buffer (R, K, I, O): I*O plus 16 (2 or 4 cache lines).
 // The weight kernels walk the frequencies at fixed (i, o); I*O is often a power of 2, and a walk at such
 // a stride lands every access in one cache set, so each would miss.
 int64_t freq_stride(int64_t I, int64_t O) { return I * O + 16; }
