@@ -28,7 +28,8 @@ void map_nhwc(const void* x, at::ScalarType t, double p, int64_t C, int64_t npos
 
 // NCHW, p = 2: dx[c * stride + i] = (g[i] * scale) * (2 x[c * stride + i]) for c < C, i < n,
 // rounded to x's type as static_cast does. stream: write dx with non-temporal stores (for a
-// gradient too large to stay in cache; the values are the same either way).
+// gradient too large to stay in cache, where its rows start on cache lines; the values are the same
+// either way).
 void grad_nchw(const float* g, float scale, const void* x, void* dx, at::ScalarType t, int64_t C, int64_t stride,
                int64_t n, bool stream);
 // channels_last, p = 2: dx[pos * C + c] = (g[pos] * scale) * (2 x[pos * C + c]) for pos < npos.
