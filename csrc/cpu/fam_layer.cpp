@@ -302,8 +302,6 @@ void for_batch_chunks(const at::Tensor& spectrum, F&& fft) {  // spectrum (H, K,
 // (about 5x more at 8 x 8; at 16 x 16 the FFT is ahead).
 constexpr int64_t kDenseDftMaxMacs = 45000;
 
-bool dense_dft(int64_t H, int64_t W) { return H * W * 2 * H * (W / 2 + 1) <= kDenseDftMaxMacs; }
-
 // The real matrices of the orthonormal rfft2 of an H x W map and of its inverse, with
 // t = 2 pi (h p / H + k q / W) between map pixel (p, q) and half-spectrum entry (h, k):
 //   fwd (H W x 2 H K)  [cos t, -sin t] / sqrt(H W)   (columns: re, im of (h, k))
@@ -314,13 +312,16 @@ struct DenseDft {
   at::Tensor fwd, inv;
 };
 
-const DenseDft& dense_dft_bases(int64_t H, int64_t W, at::ScalarType type) {
+// The matrices of an H x W map in `type`, built once per size and kept; null where the map is too large
+// for them (kDenseDftMaxMacs) and torch.fft transforms it.
+const DenseDft* dense_dft_bases(int64_t H, int64_t W, at::ScalarType type) {
+  if (H * W * 2 * H * (W / 2 + 1) > kDenseDftMaxMacs) return nullptr;
   static std::mutex mu;
   static auto* cache = new std::map<std::tuple<int64_t, int64_t, at::ScalarType>, DenseDft>();  // never freed
   std::lock_guard<std::mutex> lock(mu);
   const auto key = std::make_tuple(H, W, type);
   auto it = cache->find(key);
-  if (it != cache->end()) return it->second;
+  if (it != cache->end()) return &it->second;
   const int64_t K = W / 2 + 1, HW = H * W, F = 2 * H * K;
   at::Tensor fwd = at::empty({HW, F}, at::kDouble), inv = at::empty({F, HW}, at::kDouble);
   double *f = fwd.data_ptr<double>(), *g = inv.data_ptr<double>();
@@ -337,7 +338,7 @@ const DenseDft& dense_dft_bases(int64_t H, int64_t W, at::ScalarType type) {
           g[fr * HW + pix] = m * c;
           g[(fr + 1) * HW + pix] = m * sn;
         }
-  return cache->emplace(key, DenseDft{fwd.to(type), inv.to(type)}).first->second;
+  return &cache->emplace(key, DenseDft{fwd.to(type), inv.to(type)}).first->second;
 }
 
 // (B, C, H, W) real -> its rfft2 spectrum into out (H, K, B, C), frequency-major (conjugated when conj),
@@ -345,16 +346,17 @@ const DenseDft& dense_dft_bases(int64_t H, int64_t W, at::ScalarType type) {
 void spectrum_freq_major_into(const at::Tensor& out, const at::Tensor& x, bool conj = false) {
   const at::Tensor view = out.permute({2, 3, 0, 1});
   const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
-  const DenseDft* dft = dense_dft(H, W) ? &dense_dft_bases(H, W, x.scalar_type()) : nullptr;
+  const DenseDft* dft = dense_dft_bases(H, W, x.scalar_type());
   for_batch_chunks(out, [&](int64_t b0, int64_t n) {
     at::Tensor dst = view.narrow(0, b0, n);
     if (dft != nullptr) {
       const at::Tensor re_im = at::mm(x.narrow(0, b0, n).reshape({n * C, H * W}), dft->fwd);
-      dst.copy_(at::view_as_complex(re_im.view({n, C, H, W / 2 + 1, 2})));
+      const at::Tensor spec = at::view_as_complex(re_im.view({n, C, H, W / 2 + 1, 2}));
+      dst.copy_(conj ? spec.conj() : spec);  // the copy conjugates as it goes
     } else {
       at::fft_rfft2_out(dst, x.narrow(0, b0, n), c10::nullopt, {-2, -1}, "ortho");
+      if (conj) dst.conj_physical_();
     }
-    if (conj) dst.conj_physical_();
   });
 }
 
@@ -363,7 +365,7 @@ void spectrum_freq_major_into(const at::Tensor& out, const at::Tensor& x, bool c
 void real_of_freq_major_into(const at::Tensor& y, const at::Tensor& yt) {
   const at::Tensor view = yt.permute({2, 3, 0, 1});
   const int64_t C = y.size(1), H = y.size(2), W = y.size(3);
-  const DenseDft* dft = dense_dft(H, W) ? &dense_dft_bases(H, W, y.scalar_type()) : nullptr;
+  const DenseDft* dft = dense_dft_bases(H, W, y.scalar_type());
   for_batch_chunks(yt, [&](int64_t b0, int64_t n) {
     at::Tensor dst = y.narrow(0, b0, n);
     const at::Tensor maps = view.narrow(0, b0, n).contiguous();
