@@ -141,20 +141,95 @@ def test_gradient_storage_is_handed_over_without_a_copy(gen):
         assert x.grad.data_ptr() == d.data_ptr()
 
 
-@pytest.mark.parametrize("upstream", ["scaled", "random", "sample_weight_times_scale"])
-def test_other_upstream_gradients_take_the_pass_over_s(upstream, counting_ops, gen):
-    s, t = levels(gen, torch.float32)
-    sw = torch.rand(3, generator=gen) if upstream == "sample_weight_times_scale" else None
-    kw = dict(preset="dct", sample_weight=sw, reduction="none" if upstream == "random" else "mean")
-    loss = dctkd_ext.dct_at_loss(s, t, **kw)
-    g = torch.randn(3, generator=gen) if upstream == "random" else torch.tensor(2.5)
-    loss.backward(g)
-    assert "dct_at_loss_backward" in counting_ops.names()
+@pytest.fixture(autouse=True)
+def fresh_upstream_memory(monkeypatch):
+    """Each test starts with no upstream gradient remembered (the forward's first guess is 1)."""
+    monkeypatch.setattr(dct_at_ops, "_UPSTREAM_SEEN", {})
+
+
+def reference_grads_for(s, t, upstream, **kw):
     sr = [x.detach().double().requires_grad_() for x in s]
     lr = ref.dct_at_loss(sr, [x.double() for x in t], **kw)
-    gr = torch.autograd.grad(lr, sr, g.double())
-    for x, want in zip(s, gr):
+    return torch.autograd.grad(lr, sr, upstream.double())
+
+
+@pytest.mark.parametrize("upstream", ["scaled", "random", "sample_weight_times_scale"])
+def test_other_upstream_gradients_scale_the_written_gradient(upstream, counting_ops, gen):
+    s, t = levels(gen, torch.float32)
+    sw = torch.rand(3, generator=gen) + 0.1 if upstream == "sample_weight_times_scale" else None
+    kw = dict(preset="dct", sample_weight=sw, reduction="none" if upstream == "random" else "mean")
+    loss = dctkd_ext.dct_at_loss(s, t, **kw)
+    d_student = OPS.dct_at_loss_fused(*counting_ops.calls[0][1])[2]  # what the forward wrote
+    g = torch.randn(3, generator=gen) if upstream == "random" else torch.tensor(2.5)
+    loss.backward(g)
+    assert "dct_at_loss_backward" not in counting_ops.names()  # scaled, not a second pass over S
+    for x, d in zip(s, d_student):
+        assert not torch.equal(x.grad, d)
+    for x, want in zip(s, reference_grads_for(s, t, g, **kw)):
         assert_close(x.grad, want, torch.float32, "gradient", factor=GRAD_FACTOR)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("with_sample_weight", [False, True])
+def test_a_constant_loss_weight_is_written_in_the_forward_from_the_second_step(reduction, with_sample_weight,
+                                                                              counting_ops, gen):
+    """`(w * loss).backward()` step after step: the first backward scales; from then on the forward
+    writes dS for w and the backward hands it over untouched."""
+    w = torch.tensor(0.37)
+    for step in range(3):
+        s, t = levels(gen, torch.float32)
+        sw = (torch.rand(3, generator=gen) > 0.3).float() if with_sample_weight else None
+        counting_ops.calls.clear()
+        loss = dctkd_ext.dct_at_loss(s, t, preset="paper", sample_weight=sw, reduction=reduction)
+        d_student = OPS.dct_at_loss_fused(*counting_ops.calls[0][1])[2]
+        (w * loss).backward()
+        assert "dct_at_loss_backward" not in counting_ops.names()
+        for x, d in zip(s, d_student):
+            assert torch.equal(x.grad, d) == (step > 0), f"step {step}"
+        kw = dict(preset="paper", sample_weight=sw, reduction=reduction)
+        for x, want in zip(s, reference_grads_for(s, t, w, **kw)):
+            assert_close(x.grad, want, torch.float32, "gradient", factor=GRAD_FACTOR)
+
+
+def test_upstream_guess_is_kept_per_call_signature(gen):
+    """Two losses of different shapes in one step keep their own weights (no thrashing)."""
+    for step in range(2):
+        s, t = levels(gen, torch.float32)
+        loss_a = dctkd_ext.dct_at_loss(s, t, preset="dct")
+        loss_b = dctkd_ext.dct_at_loss(s[:2], t[:2], preset="dct")
+        (3.0 * loss_a + 0.25 * loss_b).backward()
+    assert sorted(dct_at_ops._UPSTREAM_SEEN.values()) == [0.25, 3.0]
+
+
+@pytest.mark.parametrize("case", ["half_precision_non_power_of_two", "zero_then_nonzero", "zero_sample_weight"])
+def test_upstream_gradients_that_cannot_be_scaled_exactly_take_the_pass_over_s(case, counting_ops, gen):
+    dtype = torch.bfloat16 if case == "half_precision_non_power_of_two" else torch.float32
+    kw = dict(preset="dct")
+    if case == "zero_then_nonzero":  # the forward wrote dS for 0: nothing to scale
+        s, t = levels(gen, dtype)
+        (0.0 * dctkd_ext.dct_at_loss(s, t, **kw)).backward()
+        counting_ops.calls.clear()
+    s, t = levels(gen, dtype)
+    if case == "zero_sample_weight":  # samples written as zero, asked for a non-zero gradient
+        kw.update(sample_weight=torch.tensor([1.0, 0.0, 1.0]), reduction="none")
+        g = torch.randn(3, generator=gen)
+    else:
+        g = torch.tensor(0.3)
+    loss = dctkd_ext.dct_at_loss(s, t, **kw)
+    loss.backward(g)
+    assert "dct_at_loss_backward" in counting_ops.names()
+    for x, want in zip(s, reference_grads_for(s, t, g, **kw)):
+        assert_close(x.grad, want, dtype, "gradient", factor=GRAD_FACTOR)
+
+
+def test_half_precision_gradient_scaled_by_a_power_of_two(counting_ops, gen):
+    s, t = levels(gen, torch.bfloat16)
+    loss = dctkd_ext.dct_at_loss(s, t, preset="dct")
+    d_student = [d.clone() for d in OPS.dct_at_loss_fused(*counting_ops.calls[0][1])[2]]
+    loss.backward(torch.tensor(0.25))
+    assert "dct_at_loss_backward" not in counting_ops.names()
+    for x, d in zip(s, d_student):
+        assert torch.equal(x.grad, d * 0.25)
 
 
 def test_retain_graph_backward_twice_and_more(gen):

@@ -119,16 +119,31 @@ def test_feature_methods_call_dct_at_loss_with_their_preset_and_weights(name, pr
     s, t = feats(grad=True), feats(seed=1, grad=True)  # a teacher that requires grad: the method detaches it
     terms = m.distill_terms(y, s_logits, s, None, t_logits, t, epoch=1)
     (s_in, t_in, kw) = rec.calls[0]
-    assert kw["preset"] == preset and kw["weights"] == [1.0, 2.0] and kw["sample_weight"] is None
+    fw = 1000.0 if name == "at" else 1.0  # the feature weight goes into the op's level weights
+    assert kw["preset"] == preset and kw["weights"] == [fw, 2 * fw] and kw["sample_weight"] is None
     assert kw["eps"] == 1e-6
     assert all(a is b for a, b in zip(s_in, s))  # same sizes: passed through
     assert not any(x.requires_grad for x in t_in)  # the teacher is a constant
     assert set(terms) == ({term, "kd"} if name == "dct+kd" else {term})
     ce = torch.tensor(2.0)
     total = m.total(ce, terms, epoch=1)
-    expect = {"at": 2.0 + 1000 * 0.5, "dct": 2.0 + 0.5, "dct-paper": 2.0 + 0.5,
+    # the recorder's 0.5 stands for the weighted loss: the total adds it as it is
+    expect = {"at": 2.0 + 0.5, "dct": 2.0 + 0.5, "dct-paper": 2.0 + 0.5,
               "dct+kd": 0.1 * 2.0 + 0.5 + float(Mth.kd_loss(s_logits, t_logits, 4.0))}[name]
     assert float(total.detach()) == pytest.approx(expect, rel=1e-6)
+    assert float(m.unweighted(terms, 1)[term]) == pytest.approx(0.5 / fw, rel=1e-6)
+
+
+def test_feature_weight_and_warmup_reach_the_op_so_its_upstream_gradient_is_one():
+    m = Mth.Method(Mth.MethodConfig.make("dct", feat_weight=3.0, level_weights=[1.0, 0.5], guide=False))
+    m.cfg.feat_warmup = 4
+    s, t = feats(grad=True), feats(seed=1)
+    terms = m.distill_terms(torch.zeros(4, dtype=torch.long), torch.randn(4, 5), s, None, torch.randn(4, 5), t, 2)
+    unweighted = m.ext.dct_at_loss(s, t, preset="dct", weights=[1.0, 0.5])
+    assert float(terms["dct"]) == pytest.approx(3.0 * 0.5 * float(unweighted), rel=1e-6)
+    total = m.total(torch.tensor(0.0, requires_grad=True), terms, 2)
+    (g,) = torch.autograd.grad(total, terms["dct"])
+    assert float(g) == 1.0
 
 
 def test_teacher_prediction_guide_masks_samples():
@@ -164,7 +179,8 @@ def test_at_is_mdistillers_attention_transfer_and_trains_only_the_student():
         return F.normalize(f.pow(2).mean(1).view(f.size(0), -1))
 
     ref = sum((at(a) - at(b)).pow(2).mean() for a, b in zip(s, t))  # mdistiller's single_stage_at_loss summed
-    assert float(terms["at"].detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    assert float(m.unweighted(terms, 1)["at"]) == pytest.approx(float(ref.detach()), rel=1e-5)
+    assert float(terms["at"].detach()) == pytest.approx(1000 * float(ref.detach()), rel=1e-5)  # weight inside
     m.total(torch.tensor(0.0), terms, 1).backward()
     assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in s)
     assert all(x.grad is None for x in t)

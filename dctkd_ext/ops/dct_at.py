@@ -2,6 +2,7 @@
 fake kernels, autograd, backend choice. The kernels are torch.ops.dctkd_ext.* (CPU/CUDA, from csrc/)
 and dctkd_ext/triton/; the reference is dctkd_ext/reference.py."""
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -197,17 +198,126 @@ def _below_autograd():
 
 
 class _FusedLossEager(torch.autograd.Function):
+    """The eager fused loss up to its reduced value: op, sample weights, reduction (docs/DESIGN.md §3.3,
+    "the upstream gradient"). The forward wrote dS for the upstream gradient `guess` of the returned
+    loss; the backward sees the real one and hands dS over (equal), scales it (another scalar, or a
+    per-sample factor with reduction="none"), or runs the pass over S (where scaling cannot be exact)."""
+
     @staticmethod
-    def forward(ctx, rest, *student):
+    def forward(ctx, rest, tail, *student):
+        sample_weight, reduction, key, guess, check_finite = tail
         inputs = (list(student), *rest)
         with _below_autograd():
             output = _ops.dct_at_loss_fused(*inputs)
         _fused_setup(ctx, inputs, output)
-        return output[0]
+        ctx.sample_weight, ctx.reduction, ctx.key, ctx.guess = sample_weight, reduction, key, guess
+        per_sample = output[0]
+        if check_finite:
+            _check_loss_finite(per_sample, student, inputs[1])
+        return _weight_and_reduce(per_sample, sample_weight, reduction)
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        return (None, *_fused_backward(ctx, grad_loss)[0])
+    def backward(ctx, grad_out):
+        n = ctx.levels
+        if grad_out is None:
+            return (None, None) + (None,) * n
+        saved = ctx.saved_tensors
+        grad_maps, student = list(saved[:n]), list(saved[n : 2 * n])
+        d_student, grad_scale = list(saved[2 * n : -1]), saved[-1]
+        sw, b = ctx.sample_weight, student[0].shape[0]
+        if ctx.reduction == "none":
+            upstream = grad_out if sw is None else grad_out * sw.to(grad_out.dtype)
+            ratio = None
+            if torch.equal(upstream, grad_scale):
+                ratio = 1.0
+            elif bool((grad_scale != 0).all()):
+                ratio = (upstream / grad_scale).view(b, 1, 1, 1)
+        else:
+            u = float(grad_out)
+            _remember_upstream(ctx.key, u)
+            upstream = _expected_grad(b, grad_scale.dtype, grad_scale.device, sw, ctx.reduction, u)
+            ratio = None
+            if u == ctx.guess:
+                ratio = 1.0
+            elif ctx.guess != 0.0 and math.isfinite(u / ctx.guess):
+                ratio = u / ctx.guess
+        if wants_graph():  # create_graph=True: a backward that can be differentiated again
+            d_student = _loss_grads_through_reference(ctx, student, upstream)
+        elif ratio is None or not (_is_one(ratio) or _exact_scaling(ratio, d_student)):
+            d_student = _ops.dct_at_loss_backward(upstream, grad_maps, student, ctx.p)
+        else:
+            # A retained graph may run this again: then .grad must not share dS's memory (the next
+            # accumulation into .grad would change the saved dS), and dS must not be scaled in place.
+            keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+            shared = keep_graph is None or keep_graph()
+            if _is_one(ratio):
+                d_student = [d.clone() for d in d_student] if shared else d_student
+            elif shared:
+                d_student = [d * _as_factor(ratio, d) for d in d_student]
+            else:
+                d_student = [d.mul_(_as_factor(ratio, d)) for d in d_student]
+        return (None, None, *d_student)
+
+
+def _is_one(ratio) -> bool:
+    return isinstance(ratio, float) and ratio == 1.0
+
+
+def _as_factor(ratio, d: torch.Tensor):
+    return ratio if isinstance(ratio, float) else ratio.to(d.dtype)
+
+
+def _exact_scaling(ratio, d_student) -> bool:
+    """Whether scaling the written dS by `ratio` is as exact as writing it again: always for float32
+    / float64 gradients (one more rounding, at their precision), for half-precision gradients only by
+    a power of two."""
+    if all(d.dtype in (torch.float32, torch.float64) for d in d_student):
+        return True
+    if isinstance(ratio, float):
+        return math.frexp(ratio)[0] in (0.5, -0.5)
+    return False
+
+
+# The last scalar upstream gradient seen per call signature (shapes, dtypes, options, weights,
+# reduction): the next forward writes dS for it, so a constant loss weight applied outside the op
+# (`ce + w * loss`) or a GradScaler's scale costs nothing after the first step. Bounded, CPU only.
+_UPSTREAM_SEEN: "dict[tuple, float]" = {}
+_UPSTREAM_SEEN_MAX = 64
+
+
+def _remember_upstream(key, u: float) -> None:
+    if not math.isfinite(u):
+        return
+    _UPSTREAM_SEEN.pop(key, None)
+    _UPSTREAM_SEEN[key] = u
+    while len(_UPSTREAM_SEEN) > _UPSTREAM_SEEN_MAX:
+        _UPSTREAM_SEEN.pop(next(iter(_UPSTREAM_SEEN)))
+
+
+def _upstream_key(student, teacher, weights, opts, sample_weight, reduction) -> tuple:
+    return (
+        tuple(tuple(s.shape) for s in student), tuple(s.dtype for s in student), tuple(t.dtype for t in teacher),
+        tuple(float(w) for w in weights), tuple(sorted(opts.items())), sample_weight is None, reduction,
+    )
+
+
+def _weight_and_reduce(per_sample, sample_weight, reduction):
+    if sample_weight is not None:
+        per_sample = per_sample * sample_weight.to(per_sample.dtype)
+    if reduction == "mean":
+        # an empty batch (e.g. a filtered last batch) adds nothing: 0, not the NaN of an empty mean
+        return per_sample.mean() if per_sample.numel() else per_sample.sum()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
+
+
+def _check_loss_finite(per_sample, student, teacher) -> None:
+    if not bool(torch.isfinite(per_sample.detach()).all()):
+        report_non_finite(
+            [(f"student_feats[{l}]", s) for l, s in enumerate(student)]
+            + [(f"teacher_feats[{l}]", t) for l, t in enumerate(teacher)]
+        )
 
 
 class _Dct2dEager(torch.autograd.Function):
@@ -340,11 +450,12 @@ def _check_loss_inputs(student, teacher, weights, sample_weight, reduction):
     return student, teacher, weights, device
 
 
-def _expected_grad(b, dtype, device, sample_weight, reduction) -> torch.Tensor:
-    """The gradient of the per-sample losses that `loss.backward()` delivers through the sample
-    weights and the reduction below, computed with the same operations autograd uses (mean: 1/B
-    per sample, then times the sample weight), so that the backward can test it for equality."""
-    g = torch.ones(b, dtype=dtype, device=device)
+def _expected_grad(b, dtype, device, sample_weight, reduction, upstream: float = 1.0) -> torch.Tensor:
+    """The gradient of the per-sample losses that `loss.backward(upstream)` delivers through the
+    sample weights and the reduction below, computed with the same operations autograd uses (mean:
+    upstream / B per sample, then times the sample weight), so that the backward can test it for
+    equality."""
+    g = torch.full((b,), upstream, dtype=dtype, device=device)
     if reduction == "mean":
         g = g / b
     if sample_weight is not None:
@@ -372,10 +483,14 @@ def dct_at_loss(
     weights: per-level weights (default 1). sample_weight: (B,) multiplier of the per-sample losses
     (e.g. (teacher_logits.argmax(1) == labels).float()). reduction: "mean" | "sum" | "none" -> (B,).
     fused_grad: on the CPU, when a student level needs a gradient, write the student's gradient in
-    the forward's single pass over the features (T + 2S bytes instead of T + 3S); the backward then
-    costs nothing when it receives the gradient of `loss.backward()` on this loss as returned (put a
-    loss weight in `weights` to keep it so), and falls back to a pass over S otherwise. The gradient
-    is held from the forward to the backward (memory of the student's features); fused_grad=False
+    the forward's single pass over the features (T + 2S bytes instead of T + 3S). The forward writes
+    it for the upstream gradient the last call with the same shapes and options received (1 at first),
+    so `loss.backward()`, `(ce + w * loss).backward()` with a constant w, or a GradScaler's scaled loss
+    cost nothing in the backward from the second step on; another scalar (or, with reduction="none",
+    per-sample) upstream gradient scales the written gradient in place (half-precision gradients by
+    a power of two only, else a pass over S). Weights inside the op (`weights`) keep the upstream at 1
+    from the first step. The gradient is held from the forward to the backward (memory of the
+    student's features); fused_grad=False
     keeps the two-pass form (map gradients only, a pass over S in the backward). Other backends
     always use the two-pass form.
     """
@@ -397,24 +512,22 @@ def dct_at_loss(
         # Under torch.compile the backward cannot look at the upstream gradient: the two-pass form
         # moves the same bytes there without holding dS.
         if fused_grad and need_grad and backend == "cpu" and not torch.compiler.is_compiling():
-            grad_scale = _expected_grad(student[0].shape[0], _acc_dtype(*student, *teacher), device,
-                                        sample_weight, reduction)
             if _traced(student[0]):
+                grad_scale = _expected_grad(student[0].shape[0], _acc_dtype(*student, *teacher), device,
+                                            sample_weight, reduction)
                 per_sample, _grad_maps, _d_student = _ops.dct_at_loss_fused(*args, grad_scale)
-            else:
-                per_sample = _FusedLossEager.apply((*args[1:], grad_scale), *student)
+            elif sample_weight is None or not sample_weight.requires_grad:
+                # the upstream gradient of the returned loss is guessed from the last call like this one
+                key = _upstream_key(student, teacher, weights, opts, sample_weight, reduction)
+                guess = _UPSTREAM_SEEN.get(key, 1.0)
+                grad_scale = _expected_grad(student[0].shape[0], _acc_dtype(*student, *teacher), device,
+                                            sample_weight, reduction, guess)
+                tail = (sample_weight, reduction, key, guess, check_finite_enabled(device))
+                return _FusedLossEager.apply((*args[1:], grad_scale), tail, *student)
+            else:  # a differentiable sample weight: weighted and reduced by autograd below
+                per_sample = ops.dct_at_loss(*args)[0]
         else:
             per_sample, _grad_maps = ops.dct_at_loss(*args)
-    if check_finite_enabled(device) and not bool(torch.isfinite(per_sample.detach()).all()):
-        report_non_finite(
-            [(f"student_feats[{l}]", s) for l, s in enumerate(student)]
-            + [(f"teacher_feats[{l}]", t) for l, t in enumerate(teacher)]
-        )
-    if sample_weight is not None:
-        per_sample = per_sample * sample_weight.to(per_sample.dtype)
-    if reduction == "mean":
-        # an empty batch (e.g. a filtered last batch) adds nothing: 0, not the NaN of an empty mean
-        return per_sample.mean() if per_sample.numel() else per_sample.sum()
-    if reduction == "sum":
-        return per_sample.sum()
-    return per_sample
+    if check_finite_enabled(device):
+        _check_loss_finite(per_sample, student, teacher)
+    return _weight_and_reduce(per_sample, sample_weight, reduction)

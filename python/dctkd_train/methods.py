@@ -290,7 +290,8 @@ class Method:
         return 1.0
 
     def distill_terms(self, labels, s_logits, s_feats, head_out, t_logits, t_feats, epoch: int) -> dict[str, torch.Tensor]:
-        """The unweighted distillation terms (everything but CE)."""
+        """The distillation terms (everything but CE), unweighted except the dct_at losses, which
+        carry the feature weight (see weighted_inside; ``unweighted`` gives every term without it)."""
         c = self.cfg
         terms: dict[str, torch.Tensor] = {}
         if c.kd_weight > 0:
@@ -299,9 +300,13 @@ class Method:
             pairs = [match_spatial(s, t.detach()) for s, t in zip(s_feats, t_feats)]
             sw = (t_logits.argmax(1) == labels).float() if c.guide else None
             name = "at" if c.name == "at" else "dct"
+            # The feature weight goes into the op's level weights, so the loss reaches the total with
+            # an upstream gradient of 1 and its backward hands over the gradient its forward wrote.
+            scale = self.feature_weight(epoch)
+            levels = c.level_weights if c.level_weights is not None else [1.0] * len(pairs)
             terms[name] = self.ext.dct_at_loss(
                 [p[0] for p in pairs], [p[1] for p in pairs],
-                preset=_PRESET[c.name], weights=c.level_weights, sample_weight=sw, **c.loss_options,
+                preset=_PRESET[c.name], weights=[scale * w for w in levels], sample_weight=sw, **c.loss_options,
             )
         elif c.feat_weight > 0 and c.feature_kind == "fam":
             loss = 0.0
@@ -311,15 +316,30 @@ class Method:
             terms["fam"] = loss
         return terms
 
+    def feature_weight(self, epoch: int) -> float:
+        """The feature term's weight at (1-based) epoch ``epoch``: feat_weight times the warm-up."""
+        return self.cfg.feat_weight * self.feat_scale(epoch)
+
+    def weighted_inside(self, key: str) -> bool:
+        """Whether distill_terms' ``key`` term already carries the feature weight (the dct_at losses)."""
+        return key in ("at", "dct") and self.cfg.feature_kind == "dct_at"
+
     def total(self, ce: torch.Tensor, terms: dict[str, torch.Tensor], epoch: int) -> torch.Tensor:
         c = self.cfg
         total = c.ce_weight * ce
         for k, v in terms.items():
             if k == "kd":
                 total = total + c.kd_weight * v
+            elif self.weighted_inside(k):
+                total = total + v
             else:
-                total = total + c.feat_weight * self.feat_scale(epoch) * v
+                total = total + self.feature_weight(epoch) * v
         return total
+
+    def unweighted(self, terms: dict[str, torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
+        """The terms without their weights, detached (what the metrics report)."""
+        w = self.feature_weight(epoch)
+        return {k: (v.detach() / w if self.weighted_inside(k) else v.detach()) for k, v in terms.items()}
 
 
 def parse_loss_options(items: list[str] | None) -> dict[str, Any]:

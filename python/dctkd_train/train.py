@@ -715,7 +715,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
 
         b = y.numel()
         with torch.no_grad():
-            for k, v in (("loss", loss), ("ce", ce), *terms.items()):
+            for k, v in (("loss", loss), ("ce", ce), *method.unweighted(terms, epoch).items()):
                 sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=device)) + v.detach().double() * b
             correct += (s_logits.argmax(1) == y).sum()
         n_seen += b
