@@ -21,6 +21,7 @@ time). CUDA / Triton: this file's composite over the backend's fam_half_weight a
 fused small-map Triton kernel), with Wc formed once per call. Reference backend: plain autograd of
 dctkd_ext.reference formulas."""
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -201,7 +202,10 @@ def _backward(ctx, grad):
         return tuple(grads_through(formula, inputs, needs, grad)) + (None, None)
     ops = _layer_ops(x.device)
     if ops is _ops and x.device.type == "cpu" and not ctx.fused:
+        grad, unscale = _normal_range(grad)
         grads = _ops.fam_layer_backward(grad, x, weights1, w0_weight, w0_bias, rate1, rate2, ctx.cuton, needs)
+        if unscale != 1.0:
+            grads = tuple(g.mul_(unscale) if n else g for g, n in zip(grads, needs))
     else:
         grads = _composite_backward(ops, grad, x, weights1, w0_weight, w0_bias, rate1, rate2, ctx.cuton, ctx.fused,
                                     needs)
@@ -209,6 +213,24 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("dctkd_ext::fam_layer", _backward, setup_context=_setup)
+
+# Upstream gradients whose largest magnitude is below this are scaled up before the CPU backward.
+_SMALL_UPSTREAM = 2.0**-8
+
+
+def _normal_range(grad: Tensor) -> Tuple[Tensor, float]:
+    """(grad * 2^k, 2^-k) with the largest |grad * 2^k| in [1, 2), when grad is small (else (grad, 1)).
+
+    A loss's gradient is often tiny (an MSE's mean over a large output gives values near 1e-7), and
+    the backward's products of it with the spectra and weights then underflow into subnormal floats,
+    which x86 CPUs compute many times slower. The backward is linear in grad, so scaling it by a
+    power of two and its results back is exact, and keeps the intermediates in the normal range
+    without touching the thread's floating-point state."""
+    amax = float(grad.abs().amax()) if grad.numel() else 0.0
+    if amax == 0.0 or amax >= _SMALL_UPSTREAM or not math.isfinite(amax):
+        return grad, 1.0
+    k = 1 - math.frexp(amax)[1]  # amax = m 2^e, m in [0.5, 1): amax 2^k in [1, 2)
+    return grad * math.ldexp(1.0, k), math.ldexp(1.0, -k)
 
 
 def _reference_layer(x, weights1, w0_weight, w0_bias, rate1, rate2, cuton):
