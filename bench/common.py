@@ -4,7 +4,12 @@ fwd+bwd, and reports GB/s on the case's minimal bytes and speed-ups of "ours" ov
 
 A suite is a module bench/suites/<name>.py with
     def cases(args, device: torch.device) -> list[Case]
-(args.quick asks for a short run, args.batches / args.dtypes restrict the grid)."""
+(args.quick asks for a short run, args.batches / args.dtypes restrict the grid).
+
+A case's backward receives `upstream`: "ones" (torch.ones_like of the output), "scale=S" (S times
+ones: a weighted loss or a GradScaler's scale) or "mse" (the gradient a mean-squared-error loss over
+the output gives: 2 (y - target) / numel, values near 1e-7 at real sizes). A case of mode "step"
+times Prepared.step, a whole training step, instead of fwd / bwd / fwd+bwd."""
 
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -22,8 +27,26 @@ class Impl:
 
 @dataclass
 class Prepared:
-    fwd: Callable[[], torch.Tensor]
+    fwd: Optional[Callable[[], torch.Tensor]]
     leaves: List[torch.Tensor]
+    step: Optional[Callable[[], None]] = None  # mode "step": one whole training step
+
+
+FWD_BWD_MODES = ("fwd", "bwd", "fwd+bwd")
+UPSTREAMS = ("ones", "mse")  # and "scale=S"
+
+
+def upstream_gradient(kind: str, y: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The gradient handed to y.backward() (see the module docstring); the same for every impl of a case."""
+    if kind == "ones":
+        return torch.ones_like(y)
+    if kind.startswith("scale="):
+        return torch.full_like(y, float(kind[len("scale="):]))
+    if kind == "mse":
+        g = torch.Generator().manual_seed(seed)
+        diff = torch.randn(y.shape, generator=g, dtype=torch.float32).to(device=y.device, dtype=y.dtype)
+        return diff * (2.0 / y.numel())
+    raise ValueError(f"upstream: expected 'ones', 'mse' or 'scale=S', got {kind!r}")
 
 
 @dataclass
@@ -37,3 +60,5 @@ class Case:
     impls: List[Impl]
     notes: Optional[str] = None
     extra: Dict[str, object] = field(default_factory=dict)  # copied into each record
+    modes: tuple = FWD_BWD_MODES  # or ("step",)
+    upstream: str = "ones"  # the backward's upstream gradient (see upstream_gradient)

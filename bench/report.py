@@ -31,9 +31,10 @@ def render(path, mode="fwd+bwd", op=None):
 
 
 def _find(records, t, impl):
+    mode = "step" if t["op"] == "train_step" else "fwd+bwd"
     for r in records:
         if (r["op"], r["shape_name"], r["batch"], r["dtype"], r["mode"], r["impl"]) == (
-                t["op"], t["shape"], t["batch"], t["dtype"], "fwd+bwd", impl):
+                t["op"], t["shape"], t["batch"], t["dtype"], mode, impl):
             return r
     return None
 
@@ -48,11 +49,16 @@ def check_targets(data, targets):
             value = ours["speedup_vs"].get(t["vs"])
         elif ours is not None and t["metric"] == "bw":
             value = ours["bw_fraction"]
+        elif ours is not None and t["metric"] == "ratio":
+            other = _find(data["records"], dict(t, shape=t["of"]), "ours")
+            if other is not None and ours["median_ms"] == ours["median_ms"] and other["median_ms"] > 0:
+                value = ours["median_ms"] / other["median_ms"]
         elif ours is not None and t["metric"] == "mem":
             other = _find(data["records"], t, t["vs"])
             if other is not None and ours.get("peak_mem_mb") is not None and other.get("peak_mem_mb"):
                 value = ours["peak_mem_mb"] / other["peak_mem_mb"]
-        met = None if value is None else (value <= t["goal"] if t["metric"] == "mem" else value >= t["goal"])
+        at_most = t["metric"] in ("mem", "ratio")
+        met = None if value is None else (value <= t["goal"] if at_most else value >= t["goal"])
         out.append((t, value, met))
     return out
 
@@ -64,11 +70,12 @@ def render_targets(path):
         data = json.load(f)
     meta = data["meta"]
     kind = "cpu" if meta["device"].startswith("cpu") else "cuda"
-    what = {"speedup": "speed-up over {vs}", "bw": "fraction of copy bandwidth", "mem": "peak extra memory / {vs}'s"}
-    lines = [f"Targets ({kind}; forward+backward; source `{path}`):", "",
+    what = {"speedup": "speed-up over {vs}", "bw": "fraction of copy bandwidth", "mem": "peak extra memory / {vs}'s",
+            "ratio": "time / ours at {of}"}
+    lines = [f"Targets ({kind}; forward+backward, or the whole step for train_step; source `{path}`):", "",
              "| op | shape | B | dtype | measure | goal | measured | met |", "|---|---|---|---|---|---|---|---|"]
     for t, value, met in check_targets(data, TARGETS.get(kind, [])):
-        goal = ("<= " if t["metric"] == "mem" else ">= ") + (f"{t['goal']:.0%}" if t["metric"] == "bw" else f"{t['goal']:g}")
+        goal = ("<= " if t["metric"] in ("mem", "ratio") else ">= ") + (f"{t['goal']:.0%}" if t["metric"] == "bw" else f"{t['goal']:g}")
         shown = "-" if value is None else (f"{value:.0%}" if t["metric"] == "bw" else f"{value:.2f}")
         lines.append(f"| {t['op']} | {t['shape']} | {t['batch']} | {t['dtype']} | {what[t['metric']].format(**t)} | "
                      f"{goal} | {shown} | {'not in this run' if met is None else ('yes' if met else 'no')} |")

@@ -29,9 +29,7 @@ import torch  # noqa: E402
 
 import dctkd_ext  # noqa: E402
 
-from common import Case  # noqa: E402
-
-MODES = ("fwd", "bwd", "fwd+bwd")
+from common import Case, upstream_gradient  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -138,11 +136,18 @@ def run_case(case: Case, timer: Timer, device, rotate: int, want_memory: bool):
             for leaf in p.leaves:
                 leaf.grad = None
 
+        grads = {}
+
+        def backward(y):
+            key = (tuple(y.shape), y.dtype, y.device)
+            if key not in grads:  # one upstream gradient per output shape, made outside the timed calls
+                grads[key] = upstream_gradient(case.upstream, y)
+            y.backward(grads[key])
+
         def fwd_bwd(_):
             p = nxt()
             clear(p)
-            y = p.fwd()
-            y.backward(torch.ones_like(y))
+            backward(p.fwd())
 
         def setup_bwd():
             p = nxt()
@@ -150,17 +155,19 @@ def run_case(case: Case, timer: Timer, device, rotate: int, want_memory: bool):
             return p, p.fwd()
 
         def bwd(state):
-            _p, y = state
-            y.backward(torch.ones_like(y))
+            backward(state[1])
 
         try:
-            t = {
-                "fwd": timer.median_ms(lambda _: nxt().fwd()),
-                "bwd": timer.median_ms(bwd, setup=setup_bwd),
-                "fwd+bwd": timer.median_ms(fwd_bwd),
-            }
+            if case.modes == ("step",):
+                t = {"step": timer.median_ms(lambda _: nxt().step())}
+            else:
+                t = {
+                    "fwd": timer.median_ms(lambda _: nxt().fwd()),
+                    "bwd": timer.median_ms(bwd, setup=setup_bwd),
+                    "fwd+bwd": timer.median_ms(fwd_bwd),
+                }
             mem = {}
-            if want_memory:
+            if want_memory and case.modes != ("step",):
                 if device.type == "cpu":  # one profiled step first, so the profiler sizes the release of its grads
                     for _ in sets:
                         peak_extra_mb(device, lambda: fwd_bwd(None))
@@ -170,12 +177,12 @@ def run_case(case: Case, timer: Timer, device, rotate: int, want_memory: bool):
                 mem["bwd"] = mem["fwd+bwd"]
             error = None
         except Exception as exc:  # a baseline that cannot run this case is reported, not fatal
-            t, mem, error = {m: (math.nan, 0) for m in MODES}, {}, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        for mode in MODES:
+            t, mem, error = {m: (math.nan, 0) for m in case.modes}, {}, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        for mode in case.modes:
             ms, reps = t[mode]
             out.append(dict(op=case.op, impl=impl.name, mode=mode, shape_name=case.shape_name, batch=case.batch,
                             dtype=str(case.dtype).replace("torch.", ""), device=device_name(device),
-                            median_ms=ms, reps=reps, min_bytes=case.min_bytes[mode],
+                            median_ms=ms, reps=reps, min_bytes=case.min_bytes[mode], upstream=case.upstream,
                             peak_mem_mb=mem.get(mode), error=error, **case.extra))
         sets.clear()  # frees this impl's inputs before the next impl makes its own
     return out
@@ -189,8 +196,10 @@ def finish_records(records, copy_gbps, meta):
     for r in records:
         ms = r["median_ms"]
         ok = ms == ms and ms > 0
-        r["gbps"] = r["min_bytes"] / (ms * 1e-3) / 1e9 if ok else None
-        r["bw_fraction"] = r["gbps"] / copy_gbps if ok else None
+        r["gbps"] = r["min_bytes"] / (ms * 1e-3) / 1e9 if ok and r["min_bytes"] else None
+        r["bw_fraction"] = r["gbps"] / copy_gbps if r["gbps"] else None
+        if r["mode"] == "step":
+            r["img_per_s"] = r["batch"] / (ms * 1e-3) if ok else None
         r["speedup_vs"] = {}
         if r["impl"] == "ours" and ok:
             for name, other in by_case[key(r)].items():
@@ -216,6 +225,8 @@ def print_table(records, copy_gbps):
         gb = f"{r['gbps']:.1f}" if r["gbps"] else "-"
         bw = f"{100 * r['bw_fraction']:.0f}" if r["bw_fraction"] else "-"
         mem = f"{r['peak_mem_mb']:.1f}" if r.get("peak_mem_mb") is not None else "-"
+        if r["mode"] == "step" and r.get("img_per_s"):
+            gb, bw = f"{r['img_per_s']:.1f}", "img/s"
         sp = " ".join(f"{k}={v:.2f}x" for k, v in r["speedup_vs"].items())
         if r.get("error"):
             sp = r["error"][:60]
@@ -228,7 +239,7 @@ def plot(records, path, meta):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in records if r["mode"] == "fwd+bwd"]
+    rows = [r for r in records if r["mode"] in ("fwd+bwd", "step")]
     cases = list(dict.fromkeys((r["op"], r["shape_name"], r["batch"], r["dtype"]) for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4.2))
@@ -241,7 +252,7 @@ def plot(records, path, meta):
         ax.bar([x + i * width for x in range(len(cases))], ys, width, label=impl)
     ax.set_xticks([x + width * (len(impls) - 1) / 2 for x in range(len(cases))])
     ax.set_xticklabels([f"{o}\n{s}\nB={b} {d}" for o, s, b, d in cases], fontsize=7)
-    ax.set_ylabel("median ms, forward+backward (lower is better)")
+    ax.set_ylabel("median ms, forward+backward or training step (lower is better)")
     ax.set_yscale("log")
     ax.set_title(f"dctkd_ext on {meta['device']} ({meta['date'][:10]})", fontsize=9)
     ax.legend(fontsize=7)
@@ -253,8 +264,8 @@ def plot(records, path, meta):
 def write_csv(records, path):
     import csv
 
-    cols = ["op", "impl", "mode", "shape_name", "batch", "dtype", "device", "median_ms", "gbps", "bw_fraction",
-            "peak_mem_mb", "min_bytes", "reps", "error"]
+    cols = ["op", "impl", "mode", "shape_name", "batch", "dtype", "device", "upstream", "median_ms", "gbps",
+            "bw_fraction", "img_per_s", "peak_mem_mb", "min_bytes", "reps", "error"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols + ["speedup_vs"])

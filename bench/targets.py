@@ -5,7 +5,9 @@ implementation, all figures from the same run).
 Each target: op, shape_name, batch, dtype, device type; `metric` is
   "speedup"  ours' speed-up over implementation `vs` (>= goal),
   "bw"       ours' GB/s on the case's minimal bytes as a fraction of the run's copy bandwidth (>= goal),
-  "mem"      ours' peak extra memory over that of `vs` (<= goal).
+  "mem"      ours' peak extra memory over that of `vs` (<= goal),
+  "ratio"    ours' time over ours' time at shape `of` of the same op, batch and dtype (<= goal): a
+             training step against another method's, an upstream gradient against upstream 1.
 """
 
 CPU_TARGETS = [
@@ -44,6 +46,22 @@ CPU_TARGETS = [
     dict(op="fam_layer", shape="cifar_wrn40_2_wrn16_2:32x32@32", batch=64, dtype="float32", metric="mem",
          vs="eager_module", goal=0.5),
     dict(op="global_filter", shape="fam_cifar_64ch_32", batch=64, dtype="complex64", metric="bw", goal=0.7),
+    # with a loss-shaped upstream gradient (an MSE's: values near 1e-7)
+    dict(op="fam_layer", shape="cifar_r32x4_r8x4:256x256@8/grad=mse", batch=64, dtype="float32", metric="speedup",
+         vs="eager_module", goal=2.0),
+    dict(op="fam_layer", shape="imagenet_r34_r18:256x256@14/grad=mse", batch=32, dtype="float32",
+         metric="speedup", vs="eager_module", goal=2.0),
+    dict(op="fam_layer", shape="cifar_wrn40_2_wrn16_2:32x32@32/grad=mse", batch=64, dtype="float32",
+         metric="speedup", vs="eager_module", goal=5.0),
+    # a loss weight applied outside the fused loss costs at most 10%
+    dict(op="dct_at_loss", shape="cifar_r32x4_r8x4/grad=scale0.37", batch=64, dtype="float32", metric="ratio",
+         of="cifar_r32x4_r8x4", goal=1.1),
+    # the whole training step: FAM-KD and the DCT-KD / AT methods against KD's step
+    dict(op="train_step", shape="cifar_r32x4_r8x4:fam", batch=64, dtype="float32", metric="ratio",
+         of="cifar_r32x4_r8x4:kd", goal=1.3),
+] + [
+    dict(op="train_step", shape=f"cifar_r32x4_r8x4:{m}", batch=64, dtype="float32", metric="ratio",
+         of="cifar_r32x4_r8x4:kd", goal=1.05) for m in ("at", "dct", "dct+kd", "dct-paper")
 ]
 
 GPU_TARGETS = [

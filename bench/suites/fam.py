@@ -19,7 +19,9 @@ Cases:
 
 Minimal bytes: forward reads x (and the weights) and writes y; backward reads dy, x and the weights
 and writes dx and the weight gradient; fwd+bwd is their sum. All fp32 (the FFTs of the module run in
-fp32 by design; complex64 for the ops).
+fp32 by design; complex64 for the ops). The headline cases run twice: with ones as the upstream
+gradient and with the gradient of a mean-squared-error loss ("/grad=mse": values near 1e-7, where
+subnormal intermediates would show).
 """
 
 from typing import List
@@ -83,7 +85,7 @@ def _fam_bytes(b, cin, cout, s):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
 
 
-def _fam_case(shape_name, b, cin, cout, s, device, allow_compile=True) -> Case:
+def _fam_case(shape_name, b, cin, cout, s, device, allow_compile=True, upstream="ones") -> Case:
     torch.manual_seed(0)
     released = R.ReleasedFAM(cin, cout, s).to(device)
     state = released.state_dict()
@@ -133,7 +135,8 @@ def _fam_case(shape_name, b, cin, cout, s, device, allow_compile=True) -> Case:
     auto_path = probe.choose_path(x0)
     return Case(
         op="fam_layer",
-        shape_name=f"{shape_name}:{cin}x{cout}@{s}",
+        shape_name=f"{shape_name}:{cin}x{cout}@{s}" + ("" if upstream == "ones" else f"/grad={upstream}"),
+        upstream=upstream,
         batch=b,
         dtype=torch.float32,
         min_bytes=_fam_bytes(b, cin, cout, s),
@@ -170,7 +173,7 @@ def _crandn(*shape, device):
     return torch.randn(*shape, dtype=torch.complex64, device=device)
 
 
-def _gf_case(name, b, c, h, w, device) -> Case:
+def _gf_case(name, b, c, h, w, device, upstream="ones") -> Case:
     k = w // 2 + 1
     torch.manual_seed(0)
     xf0, w0 = _crandn(b, c, h, k, device=device), _crandn(c, h, k, device=device)
@@ -186,7 +189,8 @@ def _gf_case(name, b, c, h, w, device) -> Case:
 
     return Case(
         op="global_filter",
-        shape_name=f"{name}",
+        shape_name=name + ("" if upstream == "ones" else f"/grad={upstream}"),
+        upstream=upstream,
         batch=b,
         dtype=torch.complex64,
         min_bytes={"fwd": 2 * n + nw, "bwd": 3 * n + 2 * nw, "fwd+bwd": 5 * n + 3 * nw},
@@ -234,12 +238,15 @@ def cases(args, device: torch.device) -> List[Case]:
     out: List[Case] = []
     if not getattr(args, "full", False):
         recipe_batch = {name: batch for name, batch, _ in FAM_SHAPES}
-        for name, (cin, cout, s), cpu_batch in HEADLINE_FAM:
-            default = recipe_batch[name] if device.type == "cuda" else cpu_batch
-            for b in getattr(args, "batches", None) or [default]:
-                out.append(_fam_case(name, b, cin, cout, s, device))
+        # each with the upstream gradient of a mean-squared-error loss too (values near 1e-7)
+        for upstream in ("ones", "mse"):
+            for name, (cin, cout, s), cpu_batch in HEADLINE_FAM:
+                default = recipe_batch[name] if device.type == "cuda" else cpu_batch
+                for b in getattr(args, "batches", None) or [default]:
+                    out.append(_fam_case(name, b, cin, cout, s, device, upstream=upstream))
         name, batch, c, h, w = HEADLINE_GF
-        return out + [_gf_case(name, b, c, h, w, device) for b in getattr(args, "batches", None) or [batch]]
+        return out + [_gf_case(name, b, c, h, w, device, upstream) for upstream in ("ones", "mse")
+                      for b in getattr(args, "batches", None) or [batch]]
     for name, batch, stages in FAM_SHAPES:
         for cin, cout, s in stages:
             for b in _batches(args, batch, device):
