@@ -61,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "train_size": None, "val_size": None, "image_size": None, "sync_bn": False,
     "ce_weight": None, "kd_weight": None, "feat_weight": None, "kd_temperature": 4.0, "guide": None,
     "level_weights": None, "loss_opt": None, "fam_mid_channels": None, "fam_cuton": 0.1, "feat_warmup": None,
-    "fam_student_preact": None, "fam_pooled_target": None, "recipe": None,
+    "fam_student_preact": None, "fam_pooled_target": None, "recipe": None, "loss_preset": None,
     "student_layers": None, "teacher_layers": None, "stages": None, "deterministic": False,
     "progress": True, "eval_teacher": True, "quiet": False,
 }
@@ -128,7 +128,7 @@ def resolve_config(raw: dict, world_size: int = 1) -> dict:
         cfg["feat_warmup"] = min(20, max(0, round(cfg["epochs"] * 20 / 240))) if cfg["method"] == "fam-abf" else 0
     mc = make_method_config(cfg)
     cfg["ce_weight"], cfg["kd_weight"], cfg["feat_weight"] = mc.ce_weight, mc.kd_weight, mc.feat_weight
-    cfg["guide"] = mc.guide
+    cfg["guide"], cfg["loss_preset"] = mc.guide, mc.preset
     if mc.feature_kind == "fam":
         cfg["fam_mid_channels"] = mc.fam_mid_channels if mc.name == "fam-abf" else None
         cfg["fam_student_preact"], cfg["fam_pooled_target"] = (
@@ -153,6 +153,7 @@ def make_method_config(cfg: dict) -> MethodConfig:
         temperature=float(cfg.get("kd_temperature") or 4.0),
         guide=None if cfg.get("guide") is None else bool(cfg["guide"]), level_weights=lw,
         loss_options=opts if isinstance(opts, dict) else parse_loss_options(opts),
+        loss_preset=cfg.get("loss_preset"),
         fam_mid_channels=int(cfg.get("fam_mid_channels") or 64), fam_cuton=float(cfg.get("fam_cuton", 0.1)),
         feat_warmup=int(cfg.get("feat_warmup") or 0),
         fam_student_preact=bool(cfg.get("fam_student_preact")),
