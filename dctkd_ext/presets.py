@@ -12,13 +12,18 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # the paper's method with a true orthonormal DCT
     "dct": dict(p=2.0, map_norm="minmax", center=True, transform="dct", coef_abs=True, coef_norm="minmax",
                 distance="l2", eps=1e-8),
-    # the authors' released code, to fp32 rounding
-    "paper": dict(p=2.0, map_norm="max", center=True, transform="fft_real", coef_abs=True, coef_norm="max",
-                  distance="l2", eps=0.0),
+    # the authors' released code, two versions of it (to fp32 rounding): |Re FFT2| with maps and
+    # coefficients normalised by (x - min) / max (branch dev, "Code for submission"), and Re FFT2 with
+    # (x - min) / (max - min) (branch main, "Final version of paper"); "paper" is the first's older name
+    "fft-abs-max": dict(p=2.0, map_norm="max", center=True, transform="fft_real", coef_abs=True, coef_norm="max",
+                        distance="l2", eps=0.0),
+    "fft-real-minmax": dict(p=2.0, map_norm="minmax", center=True, transform="fft_real", coef_abs=False,
+                            coef_norm="minmax", distance="l2", eps=0.0),
     # attention transfer as RepDistiller / mdistiller / torchdistill compute it
     "at": dict(p=2.0, map_norm="l2", center=False, transform="identity", coef_abs=False, coef_norm="none",
                distance="mse", eps=1e-12),
 }
+PRESETS["paper"] = PRESETS["fft-abs-max"]
 
 
 def resolve_options(preset: str, overrides: Dict[str, Any]) -> Dict[str, Any]:

@@ -22,6 +22,7 @@ __all__ = [
     "phi",
     "dct_at_loss",
     "released_dct_loss",
+    "released_dct_loss_main",
     "released_at_loss",
 ]
 
@@ -143,30 +144,83 @@ def dct_at_loss(
 
 # ------------------------------------------------------------------------- released-code formulations
 def released_dct_loss(student_feats, teacher_feats, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The DCT-KD authors' released formulation (branch dev), eager and unfused, as they wrote it:
+    """The DCT-KD authors' released formulation (alexlopezcifuentes/Distillation-Attention, branch
+    dev, `Distillation Zoo/DFTOurs.py`), eager and unfused, as they wrote it:
     map = x.pow(2).mean(1); (A - min) / max per sample; subtract the map mean;
     abs(real(fft(fft(A, dim=1), dim=2))); (C - min) / max per sample; per level the per-sample L2
     distance; plain sum over levels; optional mask of teacher-correct samples; mean over the batch.
-    `preset="paper"` equals this to fp32 rounding."""
+    `preset="fft-abs-max"` (also named "paper") equals this to fp32 rounding."""
 
-    def pipeline(x):
-        am = x.pow(2).mean(1)
-        bs = am.size(0)
-        flat = am.view(bs, -1)
-        am = (am - flat.min(1)[0].view(bs, 1, 1)) / flat.max(1)[0].view(bs, 1, 1)
-        am = am - am.view(bs, -1).mean(1).view(bs, 1, 1)
-        coef = torch.abs(torch.real(torch.fft.fft(torch.fft.fft(am, dim=1), dim=2)))
-        flat = coef.view(bs, -1)
-        coef = (coef - flat.min(1)[0].view(bs, 1, 1)) / flat.max(1)[0].view(bs, 1, 1)
-        return coef
+    def return_am(feature_conv):
+        bs, nc, h, w = feature_conv.shape
+        cam = feature_conv.pow(2).mean(1)
+        cam = cam.view(bs, -1)
+        min = torch.min(cam, dim=1)[0]
+        max = torch.max(cam, dim=1)[0]
+        cam = cam - min[:, None]
+        cam = cam / max[:, None]
+        return cam.view(bs, h, w)
 
-    loss = 0
+    def compute_dct(activation_map):
+        bs, h, w = activation_map.shape
+        mean = torch.repeat_interleave(torch.unsqueeze(torch.mean(activation_map.view(bs, -1), dim=1), dim=1), h, dim=1)
+        mean = torch.repeat_interleave(torch.unsqueeze(mean, dim=2), w, dim=2)
+        activation_map = activation_map - mean
+        dct_am = torch.fft.fft(torch.fft.fft(activation_map, dim=1), dim=2)
+        dct_am = torch.abs(torch.real(dct_am))
+        min_s = torch.repeat_interleave(torch.unsqueeze(torch.min(dct_am.view(bs, -1), dim=1)[0], dim=1), h, dim=1)
+        min_s = torch.repeat_interleave(torch.unsqueeze(min_s, dim=2), w, dim=2)
+        max_s = torch.repeat_interleave(torch.unsqueeze(torch.max(dct_am.view(bs, -1), dim=1)[0], dim=1), h, dim=1)
+        max_s = torch.repeat_interleave(torch.unsqueeze(max_s, dim=2), w, dim=2)
+        return (dct_am - min_s) / max_s
+
+    bs = student_feats[-1].shape[0]
+    scale_loss = torch.zeros(bs, dtype=student_feats[-1].dtype, device=student_feats[-1].device)
     for fs, ft in zip(student_feats, teacher_feats):
-        cs, ct = pipeline(fs), pipeline(ft.detach())
-        loss = loss + torch.sqrt(torch.sum((cs - ct).pow(2).view(cs.size(0), -1), dim=1))
+        ffts_s = compute_dct(return_am(fs))
+        ffts_t = compute_dct(return_am(ft.detach()))
+        ffts_s = ffts_s.reshape(ffts_s.shape[0], -1)
+        ffts_t = ffts_t.reshape(ffts_t.shape[0], -1)
+        scale_loss = scale_loss + torch.sqrt(torch.sum(torch.pow(ffts_s - ffts_t, 2), dim=1))
     if mask is not None:
-        loss = loss * mask
-    return loss.mean()
+        scale_loss = scale_loss * mask
+    return scale_loss.mean()
+
+
+def released_dct_loss_main(student_feats, teacher_feats, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The same file on branch main (last commit to it titled "Final version of paper"), as written
+    there: `returnAM` and `computeDCT` take the per-sample min and max with
+    torch.min(torch.min(x, dim=1)[0], dim=1)[0] and normalise by (x - min) / (max - min) (no eps),
+    both the map and the coefficients; the coefficients are real(fft(fft(A, dim=1), dim=2)) without
+    the absolute value; the rest as on dev. `preset="fft-real-minmax"` equals this to fp32 rounding."""
+
+    def return_am(feature_conv):
+        cam = feature_conv.pow(2).mean(1)
+        min_v = torch.min(torch.min(cam, dim=1)[0], dim=1)[0][:, None, None]
+        max_v = torch.max(torch.max(cam, dim=1)[0], dim=1)[0][:, None, None]
+        return (cam - min_v) / (max_v - min_v)
+
+    def compute_dct(activation_map):
+        bs, h, w = activation_map.shape
+        mean = torch.repeat_interleave(torch.unsqueeze(torch.mean(activation_map.view(bs, -1), dim=1), dim=1), h, dim=1)
+        mean = torch.repeat_interleave(torch.unsqueeze(mean, dim=2), w, dim=2)
+        activation_map = activation_map - mean
+        dct_am = torch.real(torch.fft.fft(torch.fft.fft(activation_map, dim=1), dim=2))
+        min_s = torch.min(torch.min(dct_am, dim=1)[0], dim=1)[0][:, None, None]
+        max_s = torch.max(torch.max(dct_am, dim=1)[0], dim=1)[0][:, None, None]
+        return (dct_am - min_s) / (max_s - min_s)
+
+    bs = student_feats[-1].shape[0]
+    scale_loss = torch.zeros(bs, dtype=student_feats[-1].dtype, device=student_feats[-1].device)
+    for fs, ft in zip(student_feats, teacher_feats):
+        ffts_s = compute_dct(return_am(fs))
+        ffts_t = compute_dct(return_am(ft.detach()))
+        ffts_s = ffts_s.reshape(ffts_s.shape[0], -1)
+        ffts_t = ffts_t.reshape(ffts_t.shape[0], -1)
+        scale_loss = scale_loss + torch.sqrt(torch.sum(torch.pow(ffts_s - ffts_t, 2), dim=1))
+    if mask is not None:
+        scale_loss = scale_loss * mask
+    return scale_loss.mean()
 
 
 def released_at_loss(student_feats, teacher_feats, p: float = 2.0) -> torch.Tensor:

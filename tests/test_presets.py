@@ -16,6 +16,10 @@ from conftest import features
 DOCUMENTED = {
     "dct": dict(p=2.0, map_norm="minmax", center=True, transform="dct", coef_abs=True, coef_norm="minmax",
                 distance="l2", eps=1e-8),
+    "fft-abs-max": dict(p=2.0, map_norm="max", center=True, transform="fft_real", coef_abs=True, coef_norm="max",
+                        distance="l2", eps=0.0),
+    "fft-real-minmax": dict(p=2.0, map_norm="minmax", center=True, transform="fft_real", coef_abs=False,
+                            coef_norm="minmax", distance="l2", eps=0.0),
     "paper": dict(p=2.0, map_norm="max", center=True, transform="fft_real", coef_abs=True, coef_norm="max",
                   distance="l2", eps=0.0),
     "at": dict(p=2.0, map_norm="l2", center=False, transform="identity", coef_abs=False, coef_norm="none",
@@ -81,7 +85,7 @@ def np_dct_at_loss(student, teacher, opts, weights=None, sample_weight=None, red
 
 # Each preset as is, and with the scale-dependent options (no normalisation: the 1/C of the map
 # and the scale of the transform count).
-CASES = [("dct", {}), ("paper", {}), ("at", {}),
+CASES = [("dct", {}), ("paper", {}), ("fft-real-minmax", {}), ("at", {}),
          ("dct", dict(map_norm="none", coef_norm="none")),
          ("paper", dict(map_norm="none", coef_norm="none", distance="sse")),
          ("at", dict(map_norm="none", p=3.0))]
@@ -122,3 +126,36 @@ def test_one_pinned_value_per_preset():
     a_t = np.array([1.0, 1.0, 4.0, 9.0])
     at = (((a_s / np.linalg.norm(a_s)) - (a_t / np.linalg.norm(a_t))) ** 2).mean()
     assert float(dctkd_ext.dct_at_loss([st], [tt], preset="at")) == pytest.approx(at, rel=1e-12)
+
+
+# ------------------------------------------------------- the two released DCT-KD losses, in float64
+# alexlopezcifuentes/Distillation-Attention, `Distillation Zoo/DFTOurs.py`: reference.released_dct_loss
+# restates branch dev's file, reference.released_dct_loss_main branch main's, line by line.
+RELEASED = [("fft-abs-max", ref.released_dct_loss), ("paper", ref.released_dct_loss),
+            ("fft-real-minmax", ref.released_dct_loss_main)]
+
+
+@pytest.mark.parametrize("preset,released", RELEASED, ids=[p for p, _ in RELEASED])
+def test_released_dct_presets_equal_their_branch_in_float64(backend, preset, released, gen):
+    _, device = backend
+    shapes = [((4, 5, 8, 8), (4, 11, 8, 8)), ((4, 3, 6, 5), (4, 7, 6, 5)), ((4, 2, 3, 3), (4, 6, 3, 3))]
+    s = [features(*a, dtype=torch.float64, generator=gen, requires_grad=True) for a, _ in shapes]
+    t = [features(*b, dtype=torch.float64, generator=gen) for _, b in shapes]
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    sd = [x.detach().to(device).requires_grad_() for x in s]
+    ours = dctkd_ext.dct_at_loss(sd, [x.to(device) for x in t], preset=preset, sample_weight=mask.to(device))
+    theirs = released(s, t, mask)
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-10)
+    for a, b in zip(torch.autograd.grad(ours, sd), torch.autograd.grad(theirs, s)):
+        np.testing.assert_allclose(a.cpu().numpy(), b.numpy(), rtol=1e-8, atol=1e-12)
+
+
+def test_the_two_released_dct_losses_differ(gen):
+    """Without the absolute value and with (max - min) the loss is another function of the features."""
+    s = [features(3, 4, 7, 7, dtype=torch.float64, generator=gen)]
+    t = [features(3, 6, 7, 7, dtype=torch.float64, generator=gen)]
+    dev, main = ref.released_dct_loss(s, t), ref.released_dct_loss_main(s, t)
+    assert abs(float(dev) - float(main)) > 1e-3 * abs(float(dev))
+    # and each differs from the other's preset: the presets are not interchangeable
+    assert float(dctkd_ext.dct_at_loss(s, t, preset="fft-abs-max")) == pytest.approx(float(dev), rel=1e-10)
+    assert float(dctkd_ext.dct_at_loss(s, t, preset="fft-abs-max")) != pytest.approx(float(main), rel=1e-6)

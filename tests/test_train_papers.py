@@ -281,6 +281,32 @@ def test_dct_paper_plus_kd_matches_the_released_formula_per_sample():
     assert float(terms["dct"]) == pytest.approx(float(ref), rel=1e-9)
 
 
+def test_loss_preset_trains_the_main_branch_dct_loss():
+    from dctkd_ext import reference as ref
+    from dctkd_train.train import make_method_config
+
+    assert _resolve(method="dct-paper", teacher="t.pt")["loss_preset"] == "paper"
+    assert _resolve(method="kd", teacher="t.pt")["loss_preset"] is None
+    args = build_parser().parse_args(["train", "--data", TINY, "--model", "resnet8", "--out", "o", "--method",
+                                      "dct-paper", "--teacher", "t.pt", "--loss-preset", "fft-real-minmax"])
+    cfg = resolve_config({k: v for k, v in vars(args).items() if k != "command"})
+    assert cfg["loss_preset"] == "fft-real-minmax" and cfg["guide"] is True
+    g = torch.Generator().manual_seed(5)
+    fs = [torch.randn(4, 8, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 16, 4, 4, generator=g, dtype=torch.float64)]
+    ft = [torch.randn(4, 12, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 24, 4, 4, generator=g, dtype=torch.float64)]
+    y = torch.tensor([0, 1, 2, 3])
+    t_logits = F.one_hot(torch.tensor([0, 1, 0, 3]), 5).double()
+    mask = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    for preset, released in (("fft-real-minmax", ref.released_dct_loss_main), ("paper", ref.released_dct_loss)):
+        m = Mth.Method(make_method_config(dict(cfg, loss_preset=preset)))
+        terms = m.distill_terms(y, torch.randn(4, 5, dtype=torch.float64), fs, None, t_logits, ft, 1)
+        assert float(terms["dct"]) == pytest.approx(float(released(fs, ft, mask)), rel=1e-9)
+    with pytest.raises(UserError, match="method 'fam' does not use dct_at_loss"):
+        _resolve(method="fam", teacher="t.pt", loss_preset="paper")
+    with pytest.raises(UserError, match="unknown preset 'dev'"):
+        _resolve(method="dct-paper", teacher="t.pt", loss_preset="dev")
+
+
 @pytest.mark.parametrize("method,guide", [("dct-paper", True), ("dct-paper+kd", True), ("dct", False),
                                           ("dct+kd", False), ("at", False), ("kd", False)])
 def test_guide_defaults(method, guide):

@@ -478,7 +478,8 @@ def dct_at_loss(
 
     student_feats / teacher_feats: lists of L feature maps (B, C_l, H_l, W_l); channels may differ
     between student and teacher, B/H/W must match. Gradient flows to the student features only.
-    preset: "dct" (default), "paper" (the authors' released code) or "at" (attention transfer);
+    preset: "dct" (default), "fft-abs-max" (the authors' released code, branch dev; also "paper"),
+    "fft-real-minmax" (their branch main) or "at" (attention transfer); see dctkd_ext.PRESETS;
     any option (p, map_norm, center, transform, coef_abs, coef_norm, distance, eps) may be overridden.
     weights: per-level weights (default 1). sample_weight: (B,) multiplier of the per-sample losses
     (e.g. (teacher_logits.argmax(1) == labels).float()). reduction: "mean" | "sum" | "none" -> (B,).

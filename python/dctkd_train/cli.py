@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher-prediction guide: only samples the teacher gets right count in the DCT loss "
                    "(default: on for dct-paper and dct-paper+kd, and as the recipe says)")
     g.add_argument("--level-weights", type=_csv_floats, help="per-level weights of the DCT/AT loss, e.g. 1,1,2")
+    g.add_argument("--loss-preset", metavar="NAME", help="the dct_at_loss preset of at/dct/dct-paper/dct+kd/"
+                   "dct-paper+kd instead of the method's own, e.g. fft-real-minmax: the DCT-KD release's main-branch "
+                   "loss (dct-paper: fft-abs-max, also named paper, the dev-branch loss)")
     g.add_argument("--loss-opt", action="append", metavar="KEY=VALUE",
                    help="override a dct_at_loss option, e.g. --loss-opt distance=mse (repeatable)")
     g.add_argument("--student-layers", metavar="A,B,C", help="student layers to hook (default: stage outputs)")

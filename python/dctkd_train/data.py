@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import math
 import os
 import pickle
 import tarfile
@@ -37,6 +38,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+# The CIFAR-100 statistics both papers' released loaders normalise with (their 4th digits differ
+# from the ones above): cuong-pv/FAM-KD dataset/cifar100.py, and
+# alexlopezcifuentes/Distillation-Attention Config/Dataset/config_CIFAR100.yaml.
+RELEASED_CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+RELEASED_CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+# The scene data sets' normalisation in the DCT-KD release (Config/Dataset/config_ADE20K.yaml, and
+# the same in config_MIT67.yaml / config_SUN397.yaml; commented "ImageNet" there, though not
+# torchvision's ImageNet statistics).
+DCTKD_SCENES_MEAN = (0.43216, 0.394666, 0.37645)
+DCTKD_SCENES_STD = (0.22803, 0.22145, 0.216989)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 # Fixed normalisation of synthetic-scenes (close to the statistics of the default options).
@@ -266,21 +277,98 @@ class TensorImageDataset(_EpochMixin, Dataset):
         x = (img.float() - self.mean) / self.std
         return x, int(self.labels[index])
 
+    def describe(self) -> list:
+        """The transform as torchvision's names and arguments (recorded in config.json)."""
+        crop = [["RandomCrop", {"size": int(self.images.shape[-1]), "padding": 4}]] if self.augment != "none" else []
+        flip = [["RandomHorizontalFlip", {"p": 0.5}]] if self.augment == "crop-flip" else []
+        norm = ["Normalize", {"mean": (self.mean / 255).flatten().tolist(), "std": (self.std / 255).flatten().tolist()}]
+        return crop + flip + [["ToTensor", {}], norm]
+
     def targets(self) -> list[int]:
         return self.labels.tolist()
 
 
-class ImageFolderDataset(_EpochMixin, Dataset):
-    """Images on disk read with Pillow. Train: resize the shorter side to size*256/224, random
-    size x size crop, horizontal flip. Eval: the same resize and a centre crop."""
+# Training augmentations of image folders (the evaluation transform is always resize + centre crop):
+# "random-resized-crop": torchvision's RandomResizedCrop(size) (scale 0.08-1, aspect 3/4-4/3) and a
+#   horizontal flip, the ImageNet loaders' (cuong-pv/FAM-KD dataset/imagenet.py);
+# "resize-crop": Resize(size * 256/224) of the shorter side, RandomCrop(size) and a horizontal flip,
+#   the DCT-KD scene loader's (alexlopezcifuentes/Distillation-Attention
+#   Libs/Datasets/SceneRecognitionDataset.py, RESIZE 256 / CROP 224).
+IMAGEFOLDER_AUGMENTS = ("random-resized-crop", "resize-crop")
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
-    def __init__(self, samples: list[tuple[str, int]], size: int, train: bool, seed: int = 0):
+
+def resize_short_side(im, short: int):
+    """torchvision's Resize(short) on a PIL image: the shorter side to ``short``, the longer one to
+    int(short * long / short_side) (truncated), bilinear; unchanged when already that size."""
+    from PIL import Image
+
+    w, h = im.size
+    if w <= h:
+        size = (short, int(short * h / w))
+    else:
+        size = (int(short * w / h), short)
+    return im if size == (w, h) else im.resize(size, Image.BILINEAR)
+
+
+def random_resized_crop_params(width: int, height: int, rng: np.random.Generator,
+                               scale=RRC_SCALE, ratio=RRC_RATIO) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of torchvision's RandomResizedCrop.get_params, drawn from ``rng``: ten tries
+    of an area fraction uniform in ``scale`` and a log-uniform aspect ratio in ``ratio``, then the
+    largest central crop within ``ratio``."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class ImageFolderDataset(_EpochMixin, Dataset):
+    """Images on disk read with Pillow, transformed as torchvision's transforms of the same names
+    would (the same pixels for the same crop). Train: ``augment`` (IMAGEFOLDER_AUGMENTS). Eval:
+    Resize(size * 256/224) of the shorter side and CenterCrop(size). Then ToTensor and Normalize
+    with ``mean`` / ``std``."""
+
+    def __init__(self, samples: list[tuple[str, int]], size: int, train: bool, seed: int = 0,
+                 augment: str = "random-resized-crop", mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        if augment not in IMAGEFOLDER_AUGMENTS:
+            raise ValueError(f"augment: expected one of {', '.join(IMAGEFOLDER_AUGMENTS)}, got {augment!r}")
         self.samples = samples
         self.size = size
         self.train = train
         self.seed = seed
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.augment = augment
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    @property
+    def resize(self) -> int:
+        return round(self.size * 256 / 224)
+
+    def describe(self) -> list:
+        """The transform as torchvision's names and arguments (recorded in config.json)."""
+        norm = ["Normalize", {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}]
+        if not self.train:
+            crop = [["Resize", {"size": self.resize}], ["CenterCrop", {"size": self.size}]]
+        elif self.augment == "random-resized-crop":
+            crop = [["RandomResizedCrop", {"size": self.size, "scale": list(RRC_SCALE), "ratio": list(RRC_RATIO)}]]
+        else:
+            crop = [["Resize", {"size": self.resize}], ["RandomCrop", {"size": self.size}]]
+        flip = [["RandomHorizontalFlip", {"p": 0.5}]] if self.train else []
+        return crop + flip + [["ToTensor", {}], norm]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -289,22 +377,23 @@ class ImageFolderDataset(_EpochMixin, Dataset):
         from PIL import Image
 
         path, label = self.samples[index]
+        s = self.size
         with Image.open(path) as im:
             im = im.convert("RGB")
-            short = round(self.size * 256 / 224)
-            w, h = im.size
-            scale = short / min(w, h)
-            im = im.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), Image.BILINEAR)
-            w, h = im.size
-            if self.train:
+            if self.train and self.augment == "random-resized-crop":
                 rng = self._rng(index)
-                left = int(rng.integers(0, w - self.size + 1))
-                top = int(rng.integers(0, h - self.size + 1))
-                flip = rng.random() < 0.5
+                top, left, h, w = random_resized_crop_params(im.size[0], im.size[1], rng)
+                im = im.crop((left, top, left + w, top + h)).resize((s, s), Image.BILINEAR)
             else:
-                left, top, flip = (w - self.size) // 2, (h - self.size) // 2, False
-            im = im.crop((left, top, left + self.size, top + self.size))
-            if flip:
+                im = resize_short_side(im, self.resize)  # both sides >= resize >= s
+                w, h = im.size
+                if self.train:
+                    rng = self._rng(index)
+                    top, left = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+                else:
+                    top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+                im = im.crop((left, top, left + s, top + s))
+            if self.train and rng.random() < 0.5:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)
             arr = np.asarray(im, dtype=np.uint8)
         x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)
@@ -327,6 +416,9 @@ class SubsetDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.base.set_epoch(epoch)
+
+    def describe(self) -> list:
+        return self.base.describe()
 
     def targets(self) -> list[int]:
         t = self.base.targets()
@@ -368,6 +460,11 @@ class DataBundle:
     image_size: int
     mean: tuple
     std: tuple
+    augment: str = "none"  # the training augmentation's name (data.py)
+
+    def transforms(self) -> dict:
+        """{"train": [...], "val": [...]}: each split's transform as torchvision's names and arguments."""
+        return {"train": self.train.describe(), "val": self.val.describe()}
 
     def describe(self) -> str:
         return (
@@ -476,9 +573,13 @@ def _list_image_folder(split_dir: Path, classes: list[str]) -> list[tuple[str, i
 
 
 def build_data(spec: str, *, image_size: int | None = None, train_size: int | None = None,
-               val_size: int | None = None, seed: int = 0, with_train: bool = True) -> DataBundle:
+               val_size: int | None = None, seed: int = 0, with_train: bool = True,
+               transform: dict | None = None) -> DataBundle:
     """Parse ``--data SPEC`` and build the train/val data sets (raises :class:`UserError`).
-    ``with_train=False`` skips generating the synthetic training split (evaluation only)."""
+    ``with_train=False`` skips generating the synthetic training split (evaluation only).
+    ``transform``: a recipe's ``augment`` (image folders: IMAGEFOLDER_AUGMENTS), ``mean`` and ``std``
+    for this kind of data, each replacing the trainer's default."""
+    transform = transform or {}
     name, _, arg = spec.partition(":")
     name = name.strip().lower()
     if name in ("synthetic-scenes", "synthetic", "scenes"):
@@ -490,7 +591,7 @@ def build_data(spec: str, *, image_size: int | None = None, train_size: int | No
             "synthetic-scenes", spec,
             TensorImageDataset(xtr, ytr, mean, std, augment="crop", seed=seed),
             TensorImageDataset(xva, yva, mean, std),
-            sc.classes, scene_class_names(sc.classes), sc.size, mean, std,
+            sc.classes, scene_class_names(sc.classes), sc.size, mean, std, "crop",
         )
 
     if name in ("cifar100", "cifar10", "imagefolder"):
@@ -509,9 +610,10 @@ def build_data(spec: str, *, image_size: int | None = None, train_size: int | No
             raise UserError(f"{name} images are 32x32; --image-size {image_size} is not supported for it")
         (xtr, ytr), (xva, yva), names = load_cifar(root, name)
         mean, std = (CIFAR100_MEAN, CIFAR100_STD) if name == "cifar100" else (CIFAR10_MEAN, CIFAR10_STD)
+        mean, std = tuple(transform.get("mean", mean)), tuple(transform.get("std", std))
         train = TensorImageDataset(xtr, ytr, mean, std, augment="crop-flip", seed=seed)
         val = TensorImageDataset(xva, yva, mean, std)
-        size = 32
+        size, augment = 32, "crop-flip"
     else:
         tr_dir, va_dir = root / "train", root / "val"
         for d in (tr_dir, va_dir):
@@ -527,14 +629,16 @@ def build_data(spec: str, *, image_size: int | None = None, train_size: int | No
         tr_s, va_s = _list_image_folder(tr_dir, names), _list_image_folder(va_dir, names)
         if not tr_s or not va_s:
             raise UserError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {tr_dir if not tr_s else va_dir}")
-        train, val = ImageFolderDataset(tr_s, size, True, seed), ImageFolderDataset(va_s, size, False, seed)
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        mean, std = tuple(transform.get("mean", IMAGENET_MEAN)), tuple(transform.get("std", IMAGENET_STD))
+        augment = transform.get("augment", "random-resized-crop")
+        train = ImageFolderDataset(tr_s, size, True, seed, augment, mean, std)
+        val = ImageFolderDataset(va_s, size, False, seed, augment, mean, std)
 
     if train_size is not None and train_size < len(train):
         train = SubsetDataset(train, stratified_subset(train.targets(), train_size, seed))
     if val_size is not None and val_size < len(val):
         val = SubsetDataset(val, stratified_subset(val.targets(), val_size, seed))
-    return DataBundle(name, spec, train, val, len(names), names, size, mean, std)
+    return DataBundle(name, spec, train, val, len(names), names, size, mean, std, augment)
 
 
 class EpochDataset(Dataset):
@@ -576,3 +680,50 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+
+class EveryImageBatchSampler(torch.utils.data.Sampler):
+    """Batches of ``batch_size`` indices from ``sampler``, every index exactly once, the last batch
+    holding the remainder (as the released loaders, which do not drop it); a remainder of a single
+    image joins the batch before it instead (BatchNorm cannot train on one pooled 1x1 feature)."""
+
+    def __init__(self, sampler, batch_size: int):
+        self.sampler = sampler
+        self.batch_size = int(batch_size)
+
+    def __iter__(self):
+        batch: list[int] = []
+        pending: list[int] | None = None
+        for i in self.sampler:
+            batch.append(i)
+            if len(batch) == self.batch_size:
+                if pending is not None:
+                    yield pending
+                pending, batch = batch, []
+        if pending is not None:
+            if len(batch) == 1:
+                pending, batch = pending + batch, []
+            yield pending
+        if batch:
+            yield batch
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        full, rest = divmod(n, self.batch_size)
+        return full + (rest > 1 or (rest == 1 and full == 0))
+
+
+def make_train_loader(dataset, batch_size: int, *, world: int = 1, rank: int = 0, seed: int = 0, workers: int = 0,
+                      pin_memory: bool = False) -> tuple[EpochSampler, torch.utils.data.DataLoader]:
+    """The training loader: a shuffled DistributedSampler (one process: a permutation of the whole set
+    each epoch; several: its padded share, see docs/TRAINER.md), the epoch encoded in the indices
+    (EpochSampler / EpochDataset), and EveryImageBatchSampler. Returns (sampler, loader); call
+    ``sampler.set_epoch(epoch)`` before each epoch."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    n = len(dataset)
+    sampler = EpochSampler(DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                              drop_last=False), n)
+    loader = DataLoader(EpochDataset(dataset), batch_sampler=EveryImageBatchSampler(sampler, batch_size),
+                        num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+    return sampler, loader

@@ -139,8 +139,8 @@ def run_demo(out: str = "runs/demo", budget: float = 1.0, device: str = "auto", 
                 "mca": b["val_mca"], "loss_time_s": s["loss_time_s"],
                 "loss_ms_per_step": 1000 * s["loss_time_s"] / max(1, s.get("steps", 0)),
                 "train_time_s": s["train_time_s"], "best_top1": s["best"]["val_top1"],
-                # every step is a full batch (drop_last): training images over the epochs' wall time
-                "images_per_sec": s.get("steps", 0) * plan["batch_size"] / max(s["train_time_s"], 1e-9)}
+                # every epoch trains on every image (one process): training images over the epochs' wall time
+                "images_per_sec": s["epochs"] * plan["n_train"] / max(s["train_time_s"], 1e-9)}
 
     rows.append(row("teacher", teacher))
     for m in wanted:

@@ -13,7 +13,8 @@ Every method's total loss is ``ce_weight * CE + kd_weight * KD + feat_weight * F
   ``kd``            none                                                                         (0.1, 0.9, 0)
   ``at``            ``dctkd_ext.dct_at_loss(preset="at")`` (attention transfer)                  (1, 0, 1000)
   ``dct``           ``dctkd_ext.dct_at_loss(preset="dct")`` (DCT-KD, orthonormal DCT)            (1, 0, 1)
-  ``dct-paper``     ``dctkd_ext.dct_at_loss(preset="paper")`` (the authors' released formula)    (1, 0, 1)
+  ``dct-paper``     ``dctkd_ext.dct_at_loss(preset="paper")`` (the authors' released formula,    (1, 0, 1)
+                    branch dev; ``loss_preset="fft-real-minmax"``: their branch main)
   ``dct+kd``        ``dctkd_ext.dct_at_loss(preset="dct")``                                      (0.1, 1, 1)
   ``dct-paper+kd``  ``dctkd_ext.dct_at_loss(preset="paper")``                                    (0.1, 1, 1)
   ``fam``           FAM-KD as released (:mod:`dctkd_train.fam_head`): cross-attention fusion     (1, 0, 1), warmed up;
@@ -26,6 +27,8 @@ Feature pairs whose spatial sizes differ are matched by ``adaptive_avg_pool2d`` 
 (as mdistiller does for AT). ``guide=True`` (the teacher-prediction guide of DCT-KD) passes
 ``sample_weight = (argmax(teacher_logits) == labels)`` to ``dct_at_loss``; it is on by default for
 ``dct-paper`` and ``dct-paper+kd`` (the released DCT-KD configuration's ``PRED_GUIDE: True``).
+``loss_preset`` replaces the ``dct_at_loss`` preset of the DCT/AT methods (e.g. the other released
+DCT-KD variant, ``fft-real-minmax``).
 """
 from __future__ import annotations
 
@@ -103,6 +106,7 @@ class MethodConfig:
     guide: bool = False
     level_weights: list[float] | None = None
     loss_options: dict[str, Any] = field(default_factory=dict)
+    loss_preset: str | None = None  # the dct_at_loss preset, when not the method's own (_PRESET)
     fam_mid_channels: int = 64  # fam-abf only: fam uses the student's widths
     fam_cuton: float = 0.1
     feat_warmup: int = 0  # epochs of linear warm-up of the feature weight (fam, fam-abf)
@@ -116,6 +120,14 @@ class MethodConfig:
         ce, kd, feat = DEFAULT_WEIGHTS[name]
         if kw.get("guide") is None:
             kw["guide"] = name in GUIDED_BY_DEFAULT
+        preset = kw.get("loss_preset")
+        if preset is not None:
+            if name not in _PRESET:
+                raise UserError(f"--loss-preset selects the dct_at_loss preset of at, dct, dct-paper, dct+kd and "
+                                f"dct-paper+kd; method {name!r} does not use dct_at_loss")
+            presets = _import_ext().PRESETS
+            if preset not in presets:
+                raise UserError(f"--loss-preset: unknown preset {preset!r}; presets: {', '.join(presets)}")
         return MethodConfig(
             name,
             ce if ce_weight is None else float(ce_weight),
@@ -127,6 +139,11 @@ class MethodConfig:
     @property
     def needs_teacher(self) -> bool:
         return self.kd_weight > 0 or (self.feat_weight > 0 and self.name != "ce") or self.guide
+
+    @property
+    def preset(self) -> str | None:
+        """The dct_at_loss preset of the feature term (None: the method has none)."""
+        return self.loss_preset or _PRESET.get(self.name)
 
     @property
     def feature_kind(self) -> str | None:
@@ -306,7 +323,7 @@ class Method:
             levels = c.level_weights if c.level_weights is not None else [1.0] * len(pairs)
             terms[name] = self.ext.dct_at_loss(
                 [p[0] for p in pairs], [p[1] for p in pairs],
-                preset=_PRESET[c.name], weights=[scale * w for w in levels], sample_weight=sw, **c.loss_options,
+                preset=c.preset, weights=[scale * w for w in levels], sample_weight=sw, **c.loss_options,
             )
         elif c.feat_weight > 0 and c.feature_kind == "fam":
             loss = 0.0

@@ -25,7 +25,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from .data import (
+    DCTKD_SCENES_MEAN,
+    DCTKD_SCENES_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RELEASED_CIFAR100_MEAN,
+    RELEASED_CIFAR100_STD,
+)
 from .errors import UserError
+
+# The released loaders' transforms, per kind of data (--data NAME:...). Kinds a recipe does not list
+# get the trainer's own (data.py). CIFAR: both releases pad 4, crop 32, flip, with the same statistics.
+_RELEASED_CIFAR100 = {"mean": RELEASED_CIFAR100_MEAN, "std": RELEASED_CIFAR100_STD}
 
 RECIPES: dict[str, dict[str, Any]] = {
     "dctkd-scenes": {
@@ -33,6 +45,9 @@ RECIPES: dict[str, dict[str, Any]] = {
                      "schedule": "step", "milestones": [25, 50], "lr_decay": 0.1, "warmup_epochs": 0,
                      "nesterov": False, "amp": "none", "image_size": 224, "kd_temperature": 4.0},
         "guide": True,
+        # Libs/Datasets/SceneRecognitionDataset.py: Resize(256), RandomCrop(224), flip; eval Resize(256),
+        # CenterCrop(224); Config/Dataset/config_ADE20K.yaml's MEAN / STD
+        "data": {"imagefolder": {"augment": "resize-crop", "mean": DCTKD_SCENES_MEAN, "std": DCTKD_SCENES_STD}},
         "source": "alexlopezcifuentes/Distillation-Attention (dev): Config/Training/config_SGD.yaml, "
                   "Config/Distillation/config_DFT.yaml, Scripts/Run_Train.sh",
     },
@@ -41,6 +56,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                      "schedule": "step", "milestones": [150, 180, 210], "lr_decay": 0.1, "warmup_epochs": 0,
                      "nesterov": False, "amp": "none", "kd_temperature": 4.0},
         "guide": False,
+        "data": {"cifar100": _RELEASED_CIFAR100},  # trainCNNs.py, Config/Dataset/config_CIFAR100.yaml
         "source": "alexlopezcifuentes/Distillation-Attention (dev): Config/Training/config_SGD_CIFAR.yaml, "
                   "Scripts/Run_TrainNew.sh (CIFAR100 line, PRED_GUIDE=False)",
     },
@@ -48,12 +64,15 @@ RECIPES: dict[str, dict[str, Any]] = {
         "settings": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 64, "epochs": 240,
                      "schedule": "step", "milestones": [150, 180, 210], "lr_decay": 0.1, "warmup_epochs": 0,
                      "nesterov": False, "amp": "none", "feat_warmup": 20},
+        "data": {"cifar100": _RELEASED_CIFAR100},  # dataset/cifar100.py
         "source": "cuong-pv/FAM-KD: configs/cifar100/FAM_KD/*.yaml, engine/cfg.py",
     },
     "famkd-imagenet": {
         "settings": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 128, "epochs": 100,
                      "schedule": "step", "milestones": [30, 60, 90], "lr_decay": 0.1, "warmup_epochs": 0,
                      "nesterov": False, "amp": "none", "image_size": 224, "feat_warmup": 1},
+        # dataset/imagenet.py: RandomResizedCrop(224), flip; eval Resize(256), CenterCrop(224)
+        "data": {"imagefolder": {"augment": "random-resized-crop", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}},
         "source": "cuong-pv/FAM-KD: configs/imagenet/r34_r18/fam_kd.yaml, engine/cfg.py",
     },
 }
@@ -85,6 +104,18 @@ FAM_DEFAULT = {"feat_weight": 1.0, "fam_student_preact": False, "fam_pooled_targ
 
 def recipe_names() -> tuple[str, ...]:
     return tuple(RECIPES)
+
+
+def data_kind(spec: str) -> str:
+    """The kind of data of a --data spec: synthetic-scenes, cifar100, cifar10, imagefolder (or the name given)."""
+    name = str(spec).split(":", 1)[0].strip().lower()
+    return "synthetic-scenes" if name in ("synthetic-scenes", "synthetic", "scenes") else name
+
+
+def recipe_transform(recipe: str | None, spec: str) -> dict | None:
+    """The recipe's released data transform for this kind of data (augment, mean, std), or None: the
+    trainer's own (no recipe, or one whose release has no loader for this kind of data)."""
+    return RECIPES.get(recipe or "", {}).get("data", {}).get(data_kind(spec))
 
 
 def _scaled(value: int, epochs: int, recipe_epochs: int) -> int:
@@ -162,3 +193,58 @@ def apply_fam_pair(cfg: dict, raw: dict) -> None:
     if "feat_warmup" not in given and "feat_warmup" not in recipe.get("settings", {}):
         warm, of = pair["warmup"]
         cfg["feat_warmup"] = warm if int(cfg["epochs"]) == of else _scaled(warm, int(cfg["epochs"]), of)
+
+
+def paper_recipes_for(method: str, spec: str) -> tuple[str, ...]:
+    """The recipes of the papers whose method (or, for the baselines ce/kd/at, whose data) this is:
+    FAM-KD's for fam*, DCT-KD's for dct*, both for the baselines; image folders get the ImageNet /
+    scene recipes, everything else the CIFAR ones."""
+    folder = data_kind(spec) == "imagefolder"
+    fam, dct = ("famkd-imagenet" if folder else "famkd-cifar"), ("dctkd-scenes" if folder else "dctkd-cifar")
+    if method.startswith("fam"):
+        return (fam,)
+    if method.startswith("dct"):
+        return (dct,)
+    return (dct, fam) if folder else (fam, dct)
+
+
+def _shown(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def paper_recipe_note(cfg: dict, world_size: int, amp: str, data_transform: dict | None = None) -> dict:
+    """What config.json records under ``paper_recipe``, and for a run without --recipe the one line
+    the trainer prints at start-up: that the run is not a paper recipe, which --recipe is, and the
+    settings that differ from it. ``amp``: the precision the run uses (bf16, fp16 or none);
+    ``data_transform``: the run's training augmentation and normalisation (augment, mean, std)."""
+    name = cfg.get("recipe")
+    if name in RECIPES:
+        return {"is_paper_recipe": True, "recipe": name}
+    candidates = paper_recipes_for(cfg["method"], cfg["data"])
+    target = RECIPES[candidates[0]]
+    ours = dict(cfg, batch_size=int(cfg["batch_size"]) * world_size, amp=amp)
+    differs: dict[str, list] = {}
+    for k, v in target["settings"].items():
+        if ours.get(k) is not None and ours[k] != v:
+            differs[k] = [ours[k], v]
+    from .methods import GUIDE_METHODS
+
+    if "guide" in target and cfg["method"] in GUIDE_METHODS and bool(cfg.get("guide")) != target["guide"]:
+        differs["guide"] = [bool(cfg.get("guide")), target["guide"]]
+    released = target.get("data", {}).get(data_kind(cfg["data"]), {})
+    for k, v in released.items():  # augment (a name), mean, std (triples)
+        mine = (data_transform or {}).get(k)
+        mine, v = (mine, v) if isinstance(v, str) else (None if mine is None else [float(m) for m in mine], list(v))
+        if mine is not None and mine != v:
+            differs[k] = [mine, v]
+    label = {"batch_size": "batch", "weight_decay": "wd"}
+    parts = [f"{label.get(k, k)} {_shown(a)} ({_shown(b)})" for k, (a, b) in differs.items()
+             if k not in ("mean", "std")]
+    if "mean" in differs or "std" in differs:
+        parts.append("normalisation mean/std (config.json)")
+    which = " or ".join(f"--recipe {c}" for c in candidates)
+    line = (f"note: no --recipe, so this run uses the trainer's defaults, not a paper's recipe; the papers' "
+            f"settings: {which}" + (f" (it differs from {candidates[0]} in: {', '.join(parts)})" if parts else ""))
+    return {"is_paper_recipe": False, "recipe": None, "paper_recipes": list(candidates),
+            "differs_from": candidates[0], "differs": differs, "line": line}
+

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from . import __version__
 from .checkpoint import (
@@ -36,7 +36,7 @@ from .checkpoint import (
     set_rng_state,
     write_json,
 )
-from .data import DataBundle, EpochDataset, EpochSampler, build_data
+from .data import DataBundle, build_data, make_train_loader
 from .errors import UserError
 from .external_models import adapt_state_dict, make_deterministic, stage_layers
 from .fam_head import count_real_parameters
@@ -45,7 +45,7 @@ from .methods import METHODS, Method, MethodConfig, parse_loss_options
 from .models import build_model, count_parameters, model_family
 from .plots import plot_curves
 from .progress import Progress
-from .recipes import apply_fam_pair, apply_recipe
+from .recipes import apply_fam_pair, apply_recipe, data_kind, paper_recipe_note, recipe_transform
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -61,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "train_size": None, "val_size": None, "image_size": None, "sync_bn": False,
     "ce_weight": None, "kd_weight": None, "feat_weight": None, "kd_temperature": 4.0, "guide": None,
     "level_weights": None, "loss_opt": None, "fam_mid_channels": None, "fam_cuton": 0.1, "feat_warmup": None,
-    "fam_student_preact": None, "fam_pooled_target": None, "recipe": None,
+    "fam_student_preact": None, "fam_pooled_target": None, "recipe": None, "loss_preset": None,
     "student_layers": None, "teacher_layers": None, "stages": None, "deterministic": False,
     "progress": True, "eval_teacher": True, "quiet": False,
 }
@@ -128,7 +128,7 @@ def resolve_config(raw: dict, world_size: int = 1) -> dict:
         cfg["feat_warmup"] = min(20, max(0, round(cfg["epochs"] * 20 / 240))) if cfg["method"] == "fam-abf" else 0
     mc = make_method_config(cfg)
     cfg["ce_weight"], cfg["kd_weight"], cfg["feat_weight"] = mc.ce_weight, mc.kd_weight, mc.feat_weight
-    cfg["guide"] = mc.guide
+    cfg["guide"], cfg["loss_preset"] = mc.guide, mc.preset
     if mc.feature_kind == "fam":
         cfg["fam_mid_channels"] = mc.fam_mid_channels if mc.name == "fam-abf" else None
         cfg["fam_student_preact"], cfg["fam_pooled_target"] = (
@@ -153,6 +153,7 @@ def make_method_config(cfg: dict) -> MethodConfig:
         temperature=float(cfg.get("kd_temperature") or 4.0),
         guide=None if cfg.get("guide") is None else bool(cfg["guide"]), level_weights=lw,
         loss_options=opts if isinstance(opts, dict) else parse_loss_options(opts),
+        loss_preset=cfg.get("loss_preset"),
         fam_mid_channels=int(cfg.get("fam_mid_channels") or 64), fam_cuton=float(cfg.get("fam_cuton", 0.1)),
         feat_warmup=int(cfg.get("feat_warmup") or 0),
         fam_student_preact=bool(cfg.get("fam_student_preact")),
@@ -518,7 +519,8 @@ def _setup(cfg: dict, env: Env, out: Path, ckpt) -> _Run:
 
     # ---- data
     data = run.data = build_data(cfg["data"], image_size=cfg.get("image_size"), train_size=cfg.get("train_size"),
-                                 val_size=cfg.get("val_size"), seed=seed)
+                                 val_size=cfg.get("val_size"), seed=seed,
+                                 transform=recipe_transform(cfg.get("recipe"), cfg["data"]))
     log(f"data: {data.describe()}")
 
     # ---- method, models
@@ -603,11 +605,9 @@ def _setup(cfg: dict, env: Env, out: Path, ckpt) -> _Run:
         log(f"warning: --batch-size {batch_size} exceeds the {per_rank} training images per process; using {per_rank}")
         batch_size = per_rank
     run.batch_size = batch_size
-    run.sampler = EpochSampler(DistributedSampler(data.train, num_replicas=env.world, rank=env.rank, shuffle=True,
-                                                  seed=seed, drop_last=False), n_train)
-    run.train_loader = DataLoader(EpochDataset(data.train), batch_size=batch_size, sampler=run.sampler,
-                                  num_workers=workers, pin_memory=pin, drop_last=True,
-                                  persistent_workers=workers > 0)
+    # every image every epoch, the last batch partial, as the released loaders (no drop_last)
+    run.sampler, run.train_loader = make_train_loader(data.train, batch_size, world=env.world, rank=env.rank,
+                                                      seed=seed, workers=workers, pin_memory=pin)
     run.val_loader = _val_loader(data.val, env, batch_size, workers, pin)
 
     # ---- state
@@ -634,7 +634,12 @@ def _write_run_info(run: _Run) -> None:
     cfg, env, data, device, out = run.cfg, run.env, run.data, run.device, run.out
     run.data_info = {"spec": data.spec, "name": data.name, "num_classes": data.num_classes,
                      "class_names": data.class_names, "image_size": data.image_size, "mean": list(data.mean),
-                     "std": list(data.std), "train_size": len(data.train), "val_size": len(data.val)}
+                     "std": list(data.std), "train_size": len(data.train), "val_size": len(data.val),
+                     "transforms": data.transforms()}
+    note = paper_recipe_note(cfg, env.world, str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "none",
+                             {"augment": data.augment, "mean": data.mean, "std": data.std})
+    if not note["is_paper_recipe"]:
+        run.log(note["line"])
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
         env_info = {"torch": torch.__version__, "python": platform.python_version(), "dctkd_train": __version__,
@@ -647,7 +652,8 @@ def _write_run_info(run: _Run) -> None:
             env_info["dctkd_ext"] = getattr(dctkd_ext, "__version__", "present")
         except Exception:
             env_info["dctkd_ext"] = None
-        write_json({"config": cfg, "data": run.data_info, "environment": env_info, "teacher": run.t_info,
+        write_json({"config": cfg, "paper_recipe": note, "data": run.data_info, "environment": env_info,
+                    "teacher": run.t_info,
                     "student_params": count_parameters(run.student),
                     "head_params": count_real_parameters(run.head) if run.head is not None else None},
                    out / "config.json")
@@ -843,7 +849,9 @@ def evaluate_checkpoint(checkpoint: str, data_spec: str, *, batch_size: int = 25
         ck_data = ckpt.get("data", {}) if isinstance(ckpt, dict) else {}
         if image_size is None and ck_data.get("image_size") and not data_spec.startswith(("cifar", "synthetic")):
             image_size = ck_data["image_size"]
-        data = build_data(data_spec, image_size=image_size, val_size=val_size, with_train=False)
+        same_kind = ck_data.get("mean") and data_kind(ck_data.get("spec", "")) == data_kind(data_spec)
+        data = build_data(data_spec, image_size=image_size, val_size=val_size, with_train=False,  # as trained
+                          transform={"mean": ck_data["mean"], "std": ck_data["std"]} if same_kind else None)
         ck_nc = ckpt.get("num_classes") if isinstance(ckpt, dict) else None
         if ck_nc is not None and int(ck_nc) != data.num_classes:
             raise UserError(f"checkpoint {checkpoint!r} has {ck_nc} classes but {data_spec!r} has {data.num_classes}")
