@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import itertools
 import os
 import pickle
 import tarfile
@@ -674,12 +675,14 @@ class EpochDataset(Dataset):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Wraps a sampler; yields ``epoch * n + index`` for the :class:`EpochDataset`."""
+    """Wraps a sampler; yields ``epoch * n + index`` for the :class:`EpochDataset`. ``skip``: leave
+    out the first ``skip`` indices of the next iteration only (a run resumed inside an epoch)."""
 
     def __init__(self, sampler, n: int):
         self.sampler = sampler
         self.n = n
         self.epoch = 0
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -687,8 +690,9 @@ class EpochSampler(torch.utils.data.Sampler):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        base = self.epoch * self.n
-        return (base + int(i) for i in self.sampler)
+        base, skip = self.epoch * self.n, self.skip
+        self.skip = 0
+        return (base + int(i) for i in itertools.islice(self.sampler, skip, None))
 
     def __len__(self) -> int:
         return len(self.sampler)

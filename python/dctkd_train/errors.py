@@ -1,8 +1,14 @@
-"""The one exception type the trainer raises for bad input.
+"""The exceptions that end a run without a traceback.
 
 The CLI catches :class:`UserError`, prints its message and exits with status 2, so that a wrong
-path, an unknown name or a checkpoint that does not fit never ends in a traceback.
+path, an unknown name or a checkpoint that does not fit never ends in a traceback. It catches
+:class:`TrainingStopped` (a SIGTERM/SIGINT that the run answered by saving ``last.pt``) and exits
+with :data:`EXIT_STOPPED`.
 """
+
+# sysexits.h EX_TEMPFAIL ("temporary failure; the user is invited to retry"): the run stopped on a
+# signal after writing last.pt, and `--resume` continues it.
+EXIT_STOPPED = 75
 
 _WORKER_PREFIX = "Caught "
 _WORKER_MARK = "\nOriginal Traceback"
@@ -25,3 +31,6 @@ class UserError(Exception):
     def __init__(self, message: str = ""):
         super().__init__(_one_line(str(message)))
 
+
+class TrainingStopped(Exception):
+    """The run stopped on SIGTERM/SIGINT after saving ``last.pt``; ``--resume`` continues it."""
