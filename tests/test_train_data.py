@@ -1,5 +1,9 @@
-"""Trainer data: the synthetic-scenes generator, the CIFAR pickles, image folders, subsets."""
+"""Trainer data: the synthetic-scenes generator, the CIFAR pickles (real-format files, crafted and
+malformed ones), image folders, subsets."""
+import io
+import os
 import pickle
+import struct
 import sys
 import tarfile
 from pathlib import Path
@@ -179,7 +183,7 @@ def test_cifar100_missing_files_message(tmp_path):
     (tmp_path / "train").write_bytes(b"not a pickle")
     (tmp_path / "test").write_bytes(b"x")
     (tmp_path / "meta").write_bytes(b"x")
-    with pytest.raises(UserError, match="not valid CIFAR"):
+    with pytest.raises(UserError, match="meta is not a valid CIFAR python pickle"):
         D.build_data(f"cifar100:{tmp_path}")
 
 
@@ -244,3 +248,179 @@ def test_imagefolder_and_cifar_train_end_to_end(tmp_path):
     s = train({"data": f"cifar100:{tmp_path / 'c100'}", "model": "resnet8", "epochs": 1, "batch_size": 32,
                "device": "cpu", "out": str(tmp_path / "run2"), "quiet": True})
     assert s["final"]["val_images"] == 32
+
+
+# ----------------------------------------------------------------------------- CIFAR files cannot run code
+
+
+def _py2_pickle(obj) -> bytes:
+    """``obj`` pickled the way Python 2's cPickle wrote the CIFAR files: protocol 2, strings as byte
+    strings (BINSTRING), numpy's multiarray module under its numpy 1.x name."""
+
+    class Py2Pickler(pickle._Pickler):
+        dispatch = dict(pickle._Pickler.dispatch)
+
+        def save_py2_str(self, b):
+            if isinstance(b, str):
+                b = b.encode("latin-1")
+            if len(b) < 256:
+                self.write(pickle.SHORT_BINSTRING + bytes([len(b)]) + b)
+            else:
+                self.write(pickle.BINSTRING + struct.pack("<i", len(b)) + b)
+            self.memoize(b)
+
+        dispatch[bytes] = save_py2_str
+        dispatch[str] = save_py2_str
+
+    f = io.BytesIO()
+    Py2Pickler(f, protocol=2).dump(obj)
+    return f.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+WRITERS = {"python2": _py2_pickle, "protocol2": lambda o: pickle.dumps(o, protocol=2),
+           "protocol5": lambda o: pickle.dumps(o, protocol=5)}
+
+
+def _cifar100_parts(n_train=30, n_test=20, classes=100):
+    """The dicts of the CIFAR-100 python files, with every entry the real ones have."""
+    rng = np.random.default_rng(1)
+    parts = {}
+    for name, n in (("train", n_train), ("test", n_test)):
+        parts[name] = {b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+                       b"batch_label": f"{name}ing batch 1 of 1".encode(),
+                       b"fine_labels": [int(v) for v in rng.integers(0, classes, n)],
+                       b"coarse_labels": [int(v) for v in rng.integers(0, 20, n)],
+                       b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+    parts["meta"] = {b"fine_label_names": [f"fine{i}".encode() for i in range(classes)],
+                     b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]}
+    return parts
+
+
+def _write_cifar100(root: Path, parts: dict, writer=WRITERS["python2"]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, obj in parts.items():
+        (root / name).write_bytes(obj if isinstance(obj, bytes) else writer(obj))
+    return root
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_cifar100_files_in_the_real_format_load(tmp_path, writer):
+    parts = _cifar100_parts()
+    _write_cifar100(tmp_path / "cifar-100-python", parts, WRITERS[writer])
+    b = D.build_data(f"cifar100:{tmp_path}")
+    assert b.num_classes == 100 and b.class_names[7] == "fine7"
+    assert torch.equal(b.train.images, torch.from_numpy(parts["train"][b"data"]).reshape(-1, 3, 32, 32))
+    assert b.train.labels.tolist() == parts["train"][b"fine_labels"]
+    assert torch.equal(b.val.images, torch.from_numpy(parts["test"][b"data"]).reshape(-1, 3, 32, 32))
+    assert b.val.labels.tolist() == parts["test"][b"fine_labels"]
+
+
+class _Payload:
+    """Unpickling it would run ``touch MARKER`` (the shape of a crafted pickle)."""
+
+    def __init__(self, marker: Path, how: str):
+        self.marker, self.how = marker, how
+
+    def __reduce__(self):
+        if self.how == "os.system":
+            return os.system, (f"touch {self.marker}",)
+        return eval, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("how", ["os.system", "builtins.eval"])
+@pytest.mark.parametrize("position", ["train", "test", "meta"])
+def test_a_crafted_cifar_pickle_is_refused_and_runs_nothing(tmp_path, capsys, position, how):
+    marker = tmp_path / "marker"
+    parts = _cifar100_parts()
+    parts[position] = {**parts[position], b"x": _Payload(marker, how)}
+    root = _write_cifar100(tmp_path / "cifar-100-python", parts, WRITERS["protocol2"])
+    with pytest.raises(UserError) as e:
+        D.build_data(f"cifar100:{tmp_path}")
+    msg = str(e.value)
+    assert str(root / position) in msg and "refused" in msg and "\n" not in msg, msg
+    assert f".{how.split('.')[1]}, which a CIFAR file does not hold" in msg, msg  # posix.system, __builtin__.eval
+    assert not marker.exists()
+    # the command line: one line on stderr, status 2, nothing run
+    from dctkd_train.cli import main
+
+    assert main(["train", "--data", f"cifar100:{tmp_path}", "--model", "resnet8", "--out", str(tmp_path / "run"),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(root / position) in err and "Traceback" not in err, err
+    assert not marker.exists()
+    # the same file whole (a payload as the file's only object), and inside the unextracted tarball
+    (root / position).write_bytes(pickle.dumps(_Payload(marker, how)))
+    with pytest.raises(UserError, match="refused"):
+        D.build_data(f"cifar100:{tmp_path}")
+    (tmp_path / "tgz").mkdir()
+    with tarfile.open(tmp_path / "tgz" / "cifar-100-python.tar.gz", "w:gz") as tf:
+        tf.add(root, arcname="cifar-100-python")
+    with pytest.raises(UserError, match=f"cifar-100-python.tar.gz:cifar-100-python/{position} .*refused"):
+        D.build_data(f"cifar100:{tmp_path / 'tgz'}")
+    assert not marker.exists()
+
+
+def _truncated(parts, name):
+    return dict(parts, **{name: WRITERS["python2"](parts[name])[:-40]})
+
+
+MALFORMED = {
+    # name: (change the parts, the file the error names, a piece of the message)
+    "no data": (lambda p: dict(p, train={k: v for k, v in p["train"].items() if k != b"data"}), "train",
+                "has no b'data' entry"),
+    "no labels": (lambda p: dict(p, test={k: v for k, v in p["test"].items() if k != b"fine_labels"}), "test",
+                  "has no b'fine_labels' entry"),
+    "no class names": (lambda p: dict(p, meta={b"coarse_label_names": [b"a"]}), "meta",
+                       "has no b'fine_label_names' entry"),
+    "data of another shape": (lambda p: dict(p, train={**p["train"], b"data": p["train"][b"data"][:, :3000]}),
+                              "train", "shape (N, 3072), got a uint8 array of shape (30, 3000)"),
+    "data of another dtype": (lambda p: dict(p, test={**p["test"], b"data": p["test"][b"data"].astype(np.float32)}),
+                              "test", "got a float32 array"),
+    "data as a list": (lambda p: dict(p, test={**p["test"], b"data": [1, 2, 3]}), "test", "got a list"),
+    "labels as text": (lambda p: dict(p, train={**p["train"], b"fine_labels": [b"cat"] * 30}), "train",
+                       "must be a list of integer class indices"),
+    "too few labels": (lambda p: dict(p, train={**p["train"], b"fine_labels": [0] * 29}), "train",
+                       "29 labels for 30 images"),
+    "label out of range": (lambda p: dict(p, test={**p["test"], b"fine_labels": [100] * 20}), "test",
+                           "labels must lie in 0..99"),
+    "not a dict": (lambda p: dict(p, meta=[b"a", b"b"]), "meta", "holds a list, not the dict"),
+    "truncated": (lambda p: _truncated(p, "train"), "train", "is not a valid CIFAR python pickle"),
+    "empty": (lambda p: dict(p, test=b""), "test", "is not a valid CIFAR python pickle"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_cifar_files_get_one_line_naming_the_file(tmp_path, case):
+    change, name, piece = MALFORMED[case]
+    root = _write_cifar100(tmp_path, change(_cifar100_parts()))
+    with pytest.raises(UserError) as e:
+        D.build_data(f"cifar100:{tmp_path}")
+    msg = str(e.value)
+    assert msg.startswith(f"cifar100: {root / name}") and piece in msg and "\n" not in msg, msg
+
+
+def test_a_broken_cifar_tarball_gets_one_line(tmp_path):
+    (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"\x1f\x8b" + b"\0" * 50)
+    with pytest.raises(UserError, match=r"cifar-100-python.tar.gz is not a readable \.tar\.gz"):
+        D.build_data(f"cifar100:{tmp_path}")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_image_gets_one_line_naming_it(tmp_path, capsys, workers):
+    from dctkd_train.cli import main
+
+    _write_image_folder(tmp_path / "scenes", per_class=4)
+    bad = tmp_path / "scenes" / "train" / "kitchen" / "2.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated
+    args = ["train", "--data", f"imagefolder:{tmp_path / 'scenes'}", "--model", "resnet8", "--image-size", "16",
+            "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--no-progress", "--workers", str(workers)]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: imagefolder: cannot read the image {bad} ("), err
+    (tmp_path / "scenes" / "val" / "bedroom" / "1.png").write_text("not an image")
+    bad.unlink()
+    assert main([*args, "--out", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: imagefolder: cannot read the image {tmp_path / 'scenes' / 'val' / 'bedroom' / '1.png'}")
+    assert len(err.splitlines()) == 1, err

@@ -19,6 +19,15 @@ A checkpoint is a dict::
     data          {spec, num_classes, class_names, image_size, mean, std}
     feature_layers  the hooked layers of the student
     rng           RNG states (python, numpy, torch, cuda) for an exact resume
+    position      only in a checkpoint written inside an epoch (--save-every, a SIGTERM/SIGINT stop):
+                  {epoch, step, steps, batch_size, world_size, ranks}, ``epoch`` the epoch in progress
+                  (``epoch`` above counts the completed ones) and ``step`` the steps done in it; per
+                  process (``ranks``, in rank order) its RNG states and the epoch's partial statistics
+    elastic_run_id  torchrun's TORCHELASTIC_RUN_ID of the job that wrote it (None outside torchrun)
+
+The learning rate is a pure function of the configuration and the epoch (``train.lr_at``): the
+schedule has no state of its own beyond the epoch. The data order and the augmentation are
+functions of (seed, epoch, sample, rank), so the step inside the epoch is their whole state.
 """
 from __future__ import annotations
 
@@ -39,8 +48,18 @@ FORMAT = "dctkd_train/1"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync, then ``os.replace`` it."""
+    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync, then ``os.replace`` it. An OSError
+    (a full disk, a folder that is read-only or gone) becomes a one-line :class:`UserError`; ``path``
+    keeps its previous content either way."""
     path = Path(path)
+    try:
+        _atomic_write(path, write, mode)
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise UserError(f"could not write {path}: {reason}; the previous {path.name}, if any, is unchanged") from None
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .errors import UserError
+from .errors import EXIT_STOPPED, TrainingStopped, UserError
 
 EPILOG_MODELS = ("models: resnet8 resnet14 resnet20 resnet32 resnet44 resnet56 resnet110 resnet8x4 resnet32x4 "
                  "wrn16_1 wrn16_2 wrn40_1 wrn40_2; with torchvision: resnet18 resnet34 resnet50 mobilenet_v2, or any "
@@ -50,6 +50,12 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def _resume_mode(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"expected nothing or 'auto', got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dctkd_train",
@@ -77,7 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive_int, help="images per process and step (default 64)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    g.add_argument("--resume", action="store_true", help="continue the run in DIR from DIR/last.pt")
+    g.add_argument("--resume", nargs="?", const=True, default=None, type=_resume_mode, metavar="auto",
+                   help="continue the run in DIR from DIR/last.pt (also from inside an epoch); `--resume auto`: "
+                   "continue it when DIR/last.pt exists, else start (for jobs a scheduler restarts). A worker "
+                   "that torchrun --max-restarts restarts resumes its job's last.pt by itself")
+    g.add_argument("--save-every", type=_nonneg_int, metavar="N",
+                   help="also write DIR/last.pt every N optimiser steps, with the position in the epoch, so a "
+                   "crash loses at most N steps (default: at epoch ends only). SIGTERM or SIGINT always finish "
+                   f"the step, write last.pt and exit with status {EXIT_STOPPED}")
     g.add_argument("--overwrite", action="store_true", help="start over in a DIR that already holds a run")
     g.add_argument("--seed", type=int, help="seed of the initialisation, data order and augmentation (default 0)")
     g.add_argument("--deterministic", action="store_true", default=None,
@@ -219,8 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         prefix = f"[rank {rank}] " if rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return 2
+    except TrainingStopped as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(str(e), file=sys.stderr, flush=True)
+        return EXIT_STOPPED
     except KeyboardInterrupt:
-        print("interrupted (the last completed epoch is in last.pt; --resume continues it)", file=sys.stderr)
+        print("interrupted (last.pt holds the last checkpoint written; --resume continues it)", file=sys.stderr)
         return 130
 
 

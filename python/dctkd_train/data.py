@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import itertools
 import math
 import os
 import pickle
@@ -377,6 +378,13 @@ class ImageFolderDataset(_EpochMixin, Dataset):
         from PIL import Image
 
         path, label = self.samples[index]
+        try:
+            return self._load(Image, path, index), label
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            # Pillow reports a truncated or garbled file as OSError/ValueError, some decoders as SyntaxError
+            raise UserError(f"imagefolder: cannot read the image {path} ({type(e).__name__}: {e})") from None
+
+    def _load(self, Image, path: str, index: int) -> torch.Tensor:
         s = self.size
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -397,7 +405,7 @@ class ImageFolderDataset(_EpochMixin, Dataset):
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)
             arr = np.asarray(im, dtype=np.uint8)
         x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)
-        return (x - self.mean) / self.std, label
+        return (x - self.mean) / self.std
 
     def targets(self) -> list[int]:
         return [label for _, label in self.samples]
@@ -509,20 +517,34 @@ def parse_scene_spec(options: str, image_size: int | None = None, train_size: in
 
 
 def _find_cifar(root: Path, kind: str):
-    """Return a function name -> bytes for the CIFAR pickle files, looking in DIR, DIR/cifar-*-python
-    and a cifar-*-python.tar.gz in DIR."""
+    """Return ``read(name) -> (bytes, where)`` for the CIFAR pickle files (``where`` names the file in
+    errors), looking in DIR, DIR/cifar-*-python and a cifar-*-python.tar.gz in DIR."""
     sub = "cifar-100-python" if kind == "cifar100" else "cifar-10-batches-py"
     needed = ["train", "test", "meta"] if kind == "cifar100" else [
         "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch", "batches.meta"]
     for d in (root, root / sub):
         if all((d / n).is_file() for n in needed):
-            return lambda n, d=d: (d / n).read_bytes()
+            def read(n, d=d):
+                try:
+                    return (d / n).read_bytes(), str(d / n)
+                except OSError as e:
+                    raise UserError(f"{kind}: cannot read {d / n} ({e.strerror or e})") from None
+            return read
     tgz = root / (sub.replace("-batches-py", "-python") + ".tar.gz")
     if tgz.is_file():
-        tf = tarfile.open(tgz, "r:gz")
-        members = {Path(m.name).name: m for m in tf.getmembers() if m.isfile()}
+        try:
+            tf = tarfile.open(tgz, "r:gz")
+            members = {Path(m.name).name: m for m in tf.getmembers() if m.isfile()}
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise UserError(f"{kind}: {tgz} is not a readable .tar.gz ({type(e).__name__}: {e})") from None
         if all(n in members for n in needed):
-            return lambda n: tf.extractfile(members[n]).read()
+            def read_member(n):
+                where = f"{tgz}:{members[n].name}"
+                try:
+                    return tf.extractfile(members[n]).read(), where
+                except (tarfile.TarError, OSError, EOFError) as e:
+                    raise UserError(f"{kind}: cannot read {where} ({type(e).__name__}: {e})") from None
+            return read_member
     raise UserError(
         f"{kind}: no CIFAR python files ({', '.join(needed)}) in {root} or {root / sub}, and no {tgz.name} there. "
         f"Download the 'python version' from https://www.cs.toronto.edu/~kriz/cifar.html and extract it "
@@ -530,33 +552,128 @@ def _find_cifar(root: Path, kind: str):
     )
 
 
-def _unpickle(data: bytes) -> dict:
-    return pickle.load(io.BytesIO(data), encoding="bytes")
+def _latin1_encode(text, encoding):
+    """``_codecs.encode`` as pickles of protocol <= 2 use it to make bytes, for latin-1 only."""
+    if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode other than str -> latin-1 bytes")
+    return text.encode("latin-1")
+
+
+_SAMPLE = np.zeros(1, dtype=np.uint8)
+# What a CIFAR file needs to unpickle: numpy arrays (and their dtypes), by the names numpy 1.x and 2.x
+# pickle them under. The functions are taken from numpy's own reductions, so both spellings resolve
+# to the same objects whichever numpy is installed.
+_CIFAR_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _SAMPLE.__reduce__()[0],
+    ("numpy._core.multiarray", "_reconstruct"): _SAMPLE.__reduce__()[0],
+    ("numpy.core.numeric", "_frombuffer"): _SAMPLE.__reduce_ex__(5)[0],
+    ("numpy._core.numeric", "_frombuffer"): _SAMPLE.__reduce_ex__(5)[0],
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR python files, which hold only dicts, lists, strings, bytes, numbers and
+    numpy arrays: every other global a pickle names (a function it would call, a class it would
+    build) is refused before anything runs."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR file does not hold; "
+                                         "refused, nothing was run") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds a persistent id, which a CIFAR file does not; refused")
+
+
+def _unpickle(data: bytes, where: str, kind: str) -> dict:
+    try:
+        obj = CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{kind}: {where} is not a valid CIFAR python pickle: {e}") from None
+    except Exception as e:  # truncated or garbled: EOFError, ValueError, struct errors, ...
+        raise UserError(f"{kind}: {where} is not a valid CIFAR python pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{kind}: {where} holds a {type(obj).__name__}, not the dict of a CIFAR file")
+    return obj
+
+
+def _cifar_field(d: dict, key: bytes, where: str, kind: str):
+    if key not in d and key.decode() in d:  # pickled by Python 3 with str keys
+        key = key.decode()
+    if key not in d:
+        have = ", ".join(sorted(repr(k) for k in d)[:6])
+        raise UserError(f"{kind}: {where} has no {key!r} entry (it has {have or 'none'})")
+    return d[key]
+
+
+def _cifar_images(d: dict, where: str, kind: str) -> np.ndarray:
+    x = _cifar_field(d, b"data", where, kind)
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+        what = (f"a {x.dtype} array of shape {tuple(x.shape)}" if isinstance(x, np.ndarray)
+                else f"a {type(x).__name__}")
+        raise UserError(f"{kind}: {where}: 'data' must be a uint8 array of shape (N, 3072), got {what}")
+    return x
+
+
+def _cifar_labels(d: dict, key: bytes, n: int, num_classes: int, where: str, kind: str) -> list[int]:
+    y = _cifar_field(d, key, where, kind)
+    try:
+        arr = np.asarray(y)
+    except Exception:
+        arr = None
+    if arr is None or arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise UserError(f"{kind}: {where}: {key.decode()!r} must be a list of integer class indices")
+    if arr.size != n:
+        raise UserError(f"{kind}: {where}: {arr.size} labels for {n} images")
+    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+        raise UserError(f"{kind}: {where}: labels must lie in 0..{num_classes - 1} (the classes of the meta "
+                        f"file), found {int(arr.min())}..{int(arr.max())}")
+    return arr.astype(np.int64).tolist()
+
+
+def _cifar_names(d: dict, key: bytes, where: str, kind: str) -> list[str]:
+    names = _cifar_field(d, key, where, kind)
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, (bytes, str)) for n in names):
+        raise UserError(f"{kind}: {where}: {key.decode()!r} must be a non-empty list of class names")
+    try:
+        return [n.decode() if isinstance(n, bytes) else n for n in names]
+    except UnicodeDecodeError:
+        raise UserError(f"{kind}: {where}: the class names are not UTF-8 text") from None
 
 
 def load_cifar(root: Path, kind: str) -> tuple[tuple, tuple, list[str]]:
+    """The CIFAR python files, unpickled by :class:`CifarUnpickler` and checked (keys, dtypes, shapes,
+    label ranges); every problem is a one-line :class:`UserError` naming the file."""
     read = _find_cifar(root, kind)
-    try:
-        if kind == "cifar100":
-            tr, te, meta = _unpickle(read("train")), _unpickle(read("test")), _unpickle(read("meta"))
-            names = [n.decode() for n in meta[b"fine_label_names"]]
-            xtr, ytr = tr[b"data"], tr[b"fine_labels"]
-            xte, yte = te[b"data"], te[b"fine_labels"]
-        else:
-            parts = [_unpickle(read(f"data_batch_{i}")) for i in range(1, 6)]
-            te, meta = _unpickle(read("test_batch")), _unpickle(read("batches.meta"))
-            names = [n.decode() for n in meta[b"label_names"]]
-            xtr = np.concatenate([p[b"data"] for p in parts])
-            ytr = sum((list(p[b"labels"]) for p in parts), [])
-            xte, yte = te[b"data"], te[b"labels"]
-    except (KeyError, pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise UserError(f"{kind}: the files in {root} are not valid CIFAR python pickles ({e})") from None
 
-    def to_tensors(x, y):
-        x = torch.from_numpy(np.asarray(x, dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
-        return x, torch.as_tensor(list(y), dtype=torch.int64)
+    def load(name):
+        data, where = read(name)
+        return _unpickle(data, where, kind), where
 
-    return to_tensors(xtr, ytr), to_tensors(xte, yte), names
+    if kind == "cifar100":
+        meta_name, names_key, label_key, train_names, test_name = "meta", b"fine_label_names", b"fine_labels", ["train"], "test"
+    else:
+        meta_name, names_key, label_key = "batches.meta", b"label_names", b"labels"
+        train_names, test_name = [f"data_batch_{i}" for i in range(1, 6)], "test_batch"
+    meta, where = load(meta_name)
+    names = _cifar_names(meta, names_key, where, kind)
+
+    def split(file_names):
+        xs, ys = [], []
+        for name in file_names:
+            d, where = load(name)
+            x = _cifar_images(d, where, kind)
+            xs.append(x)
+            ys += _cifar_labels(d, label_key, len(x), len(names), where, kind)
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
+        return torch.from_numpy(x.reshape(-1, 3, 32, 32).copy()), torch.as_tensor(ys, dtype=torch.int64)
+
+    return split(train_names), split([test_name]), names
 
 
 def _list_image_folder(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
@@ -662,12 +779,14 @@ class EpochDataset(Dataset):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Wraps a sampler; yields ``epoch * n + index`` for the :class:`EpochDataset`."""
+    """Wraps a sampler; yields ``epoch * n + index`` for the :class:`EpochDataset`. ``skip``: leave
+    out the first ``skip`` indices of the next iteration only (a run resumed inside an epoch)."""
 
     def __init__(self, sampler, n: int):
         self.sampler = sampler
         self.n = n
         self.epoch = 0
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -675,8 +794,9 @@ class EpochSampler(torch.utils.data.Sampler):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        base = self.epoch * self.n
-        return (base + int(i) for i in self.sampler)
+        base, skip = self.epoch * self.n, self.skip
+        self.skip = 0
+        return (base + int(i) for i in itertools.islice(self.sampler, skip, None))
 
     def __len__(self) -> int:
         return len(self.sampler)

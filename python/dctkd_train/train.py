@@ -37,13 +37,23 @@ from .checkpoint import (
     write_json,
 )
 from .data import DataBundle, build_data, make_train_loader
-from .errors import UserError
+from .errors import TrainingStopped, UserError
 from .external_models import adapt_state_dict, make_deterministic, stage_layers
 from .fam_head import count_real_parameters
 from .features import FeatureHooks, probe_feature_shapes
 from .methods import METHODS, Method, MethodConfig, parse_loss_options
 from .models import build_model, count_parameters, model_family
 from .plots import plot_curves
+from .preemption import (
+    StopSignals,
+    all_ok,
+    check_position,
+    cpu_group,
+    decide_resume,
+    elastic_run_id,
+    gather,
+    position_record,
+)
 from .progress import Progress
 from .recipes import apply_fam_pair, apply_recipe, data_kind, paper_recipe_note, recipe_transform
 
@@ -63,12 +73,12 @@ DEFAULTS: dict[str, Any] = {
     "level_weights": None, "loss_opt": None, "fam_mid_channels": None, "fam_cuton": 0.1, "feat_warmup": None,
     "fam_student_preact": None, "fam_pooled_target": None, "recipe": None, "loss_preset": None,
     "student_layers": None, "teacher_layers": None, "stages": None, "deterministic": False,
-    "progress": True, "eval_teacher": True, "quiet": False,
+    "progress": True, "eval_teacher": True, "quiet": False, "save_every": None,
 }
 
 # Options that may change when a run is resumed (the rest must match the saved run).
 RESUME_MUTABLE = {"epochs", "workers", "device", "progress", "compile", "out", "resume", "overwrite", "quiet",
-                  "eval_teacher"}
+                  "eval_teacher", "save_every"}
 
 RECIPES = {
     # RepDistiller / mdistiller CIFAR-100: SGD 0.05, momentum 0.9, wd 5e-4, batch 64, 240 epochs,
@@ -284,6 +294,12 @@ class LossTimer:
             self.total += time.perf_counter() - t
         self.calls += 1
 
+    def peek(self) -> tuple[float, int]:
+        """(seconds, calls) so far in the epoch, without resetting them."""
+        if self.pending:
+            torch.cuda.synchronize()
+        return self.total + sum(s.elapsed_time(e) for s, e in self.pending) / 1000.0, self.calls
+
     def collect(self) -> tuple[float, int]:
         if self.pending:
             torch.cuda.synchronize()
@@ -455,16 +471,20 @@ def train(raw: dict) -> dict:
     """Run one training; returns the summary dict (also written to OUT/summary.json)."""
     env = setup_env(raw.get("device") or "auto")
     try:
-        return _train(raw, env)
+        with StopSignals() as stop:
+            stop.group = cpu_group(env)
+            return _train(raw, env, stop)
     finally:
         if env.owns_pg and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(raw: dict, env: Env) -> dict:
+def _train(raw: dict, env: Env, stop: StopSignals) -> dict:
     t_start = time.perf_counter()
     out, cfg, ckpt = _run_config(raw, env)
     run = _setup(cfg, env, out, ckpt)
+    run.stop = stop
+    run.save_every = _save_every(cfg)
     _write_run_info(run)
     run.teacher_eval = _evaluate_teacher(run)
     last_plot = time.perf_counter()
@@ -472,6 +492,8 @@ def _train(raw: dict, env: Env) -> dict:
         row = _train_epoch(run, epoch)
         ev, is_best = _evaluate_epoch(run, epoch, row)
         last_plot = _save_epoch(run, epoch, row, ev, is_best, last_plot)
+        if stop.requested(env):
+            raise _stopped(run, epoch, None)
     return _finish(run, t_start)
 
 
@@ -484,13 +506,11 @@ def _run_config(raw: dict, env: Env):
     """(out, cfg, checkpoint or None): the output folder checked, the configuration resolved, or on
     --resume merged with the saved run's."""
     out = Path(raw.get("out") or ".").expanduser()
-    resume = bool(raw.get("resume"))
     if raw.get("out") is None:
         raise UserError("--out DIR is required")
+    resume, ckpt = decide_resume(out, raw.get("resume"), bool(raw.get("overwrite")))
     _check_out_dir(out, resume, bool(raw.get("overwrite")))
-    ckpt = None
     if resume:
-        ckpt = load_checkpoint(out / "last.pt", "checkpoint")
         if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
             raise UserError(f"{out / 'last.pt'} is not a dctkd_train checkpoint")
         cfg = _merge_resume_config(ckpt["config"], raw)
@@ -557,7 +577,11 @@ def _setup(cfg: dict, env: Env, out: Path, ckpt) -> _Run:
     run.s_layers = s_layers
 
     if cfg.get("sync_bn") and env.distributed:
+        if device.type != "cuda":
+            raise UserError("--sync-bn: SyncBatchNorm runs on GPUs only; drop it for a run on the CPU")
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        if head is not None:
+            head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
     channels_last = run.channels_last = (cfg["channels_last"] if cfg.get("channels_last") is not None
                                          else device.type == "cuda")
     mem = torch.channels_last if channels_last else torch.contiguous_format
@@ -623,7 +647,11 @@ def _setup(cfg: dict, env: Env, out: Path, ckpt) -> _Run:
         run.best_top1 = float(ckpt.get("best_top1", -1.0))
         run.metrics = list(ckpt.get("metrics", []))
         set_rng_state(ckpt.get("rng"))
-        log(f"resuming {out / 'last.pt'} after epoch {ckpt['epoch']}")
+        if ckpt.get("position"):
+            pos = ckpt["position"]
+            log(f"resuming {out / 'last.pt'} in epoch {pos['epoch']} after step {pos['step']} of {pos['steps']}")
+        else:
+            log(f"resuming {out / 'last.pt'} after epoch {ckpt['epoch']}")
     run.epochs = int(cfg["epochs"])
     return run
 
@@ -670,7 +698,7 @@ def _write_run_info(run: _Run) -> None:
 
 def _evaluate_teacher(run: _Run):
     """The teacher's validation metrics: measured at the start of a new run, carried over on --resume."""
-    if run.teacher is not None and run.cfg.get("eval_teacher", True) and run.start_epoch == 1:
+    if run.teacher is not None and run.cfg.get("eval_teacher", True) and run.ckpt is None:
         ev = evaluate(run.teacher, run.val_loader, run.env, run.data.num_classes, run.amp_dtype, run.channels_last)
         run.log(f"teacher {run.t_info['arch']}: val top-1 {ev['top1']:.2f}  top-5 {ev['top5']:.2f}  "
                 f"MCA {ev['mca']:.2f}")
@@ -693,10 +721,19 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     sums: dict[str, torch.Tensor] = {}
     n_seen = 0
     correct = torch.zeros((), dtype=torch.float64, device=device)
-    bar = Progress(len(run.train_loader), f"epoch {epoch}/{run.epochs}", enabled=show_progress)
+    steps = len(run.train_loader)
+    mine = _resume_position(run, epoch, steps)  # this process's saved state when resuming inside this epoch
+    step = 0
+    if mine is not None:
+        step, n_seen = int(run.ckpt["position"]["step"]), int(mine["n_seen"])
+        sums = {k: v.to(device) for k, v in mine["sums"].items()}
+        correct = mine["correct"].to(device)
+        timer.total, timer.calls = float(mine["loss_time"]), int(mine["loss_calls"])
+        run.sampler.skip = step * run.batch_size
+    bar = Progress(steps - step, f"epoch {epoch}/{run.epochs}", enabled=show_progress)
     shown: dict[str, float] = {}
-    t0 = time.perf_counter()
-    for x, y in run.train_loader:
+    t0 = time.perf_counter() - (float(mine["train_time"]) if mine is not None else 0.0)
+    for x, y in _epoch_batches(run, mine):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         if run.channels_last:
@@ -729,6 +766,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
             if bar.step % 10 == 0:  # reading the loss syncs the device: not every step
                 shown = {"loss": float(loss.item())}
             bar.update(b * env.world, **shown)
+        step += 1
+        _after_step(run, epoch, step, steps, sums, n_seen, correct, t0)
     train_time = time.perf_counter() - t0
     bar.close()
     loss_time, loss_calls = timer.collect()
@@ -739,8 +778,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
                       correct, torch.tensor(loss_time, dtype=torch.float64, device=device)])
     _all_reduce(vec, env)
     if not math.isfinite(vec[keys.index("loss")].item()):
-        raise TrainingDiverged(f"the training loss became non-finite in epoch {epoch} (last.pt keeps epoch "
-                               f"{epoch - 1}); lower --lr, or use --amp none / bf16")
+        raise TrainingDiverged(f"the training loss became non-finite in epoch {epoch} (last.pt keeps the last "
+                               "checkpoint before it); lower --lr, or use --amp none / bf16")
     tt = torch.tensor([train_time], dtype=torch.float64, device=device)
     if env.distributed:
         dist.all_reduce(tt, op=dist.ReduceOp.MAX)
@@ -782,15 +821,10 @@ def _save_epoch(run: _Run, epoch: int, row: dict, ev: dict, is_best: bool, last_
     """Checkpoints (last.pt, best.pt), the metrics line, the curves (at most once a minute and after the
     last epoch) and the epoch's log line; returns the time of the last plot."""
     cfg, env, out = run.cfg, run.env, run.out
-    if env.main:
-        state = {
-            "format": FORMAT, "arch": cfg["model"], "num_classes": run.data.num_classes,
-            "model": run.student.state_dict(), "head": run.head.state_dict() if run.head is not None else None,
-            "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-            "epoch": epoch, "best_top1": run.best_top1, "metrics": run.metrics, "config": cfg,
-            "data": run.data_info, "feature_layers": run.s_layers, "teacher_eval": run.teacher_eval,
-            "rng": rng_state(), "val": ev,
-        }
+
+    def write():
+        nonlocal last_plot
+        state = _checkpoint_state(run, epoch, ev)
         save_checkpoint(state, out / "last.pt")
         if is_best:
             save_checkpoint(state, out / "best.pt")
@@ -803,6 +837,8 @@ def _save_epoch(run: _Run, epoch: int, row: dict, ev: dict, is_best: bool, last_
             except Exception as e:  # a plot must never stop a run
                 run.log(f"warning: curves.png not written ({type(e).__name__}: {e})")
             last_plot = time.perf_counter()
+
+    _on_main(run, write)
     terms_txt = " ".join(f"{k} {row[f'train_loss_{k}']:.4f}" for k in run.term_keys)
     run.log(f"epoch {epoch}/{run.epochs}: loss {row['train_loss']:.4f} ({terms_txt}) | val top-1 {ev['top1']:.2f} "
             f"top-5 {ev['top5']:.2f} MCA {ev['mca']:.2f} | {row['images_per_sec']:.0f} img/s, "
@@ -810,6 +846,115 @@ def _save_epoch(run: _Run, epoch: int, row: dict, ev: dict, is_best: bool, last_
     if env.distributed:
         dist.barrier()
     return last_plot
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints inside an epoch, stopping on a signal (see preemption.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _save_every(cfg: dict) -> int:
+    n = cfg.get("save_every")
+    if n is None:
+        return 0
+    try:
+        n = int(n)
+    except (TypeError, ValueError):
+        raise UserError(f"--save-every expects a number of steps, got {n!r}") from None
+    if n < 0:
+        raise UserError(f"--save-every expects a number of steps >= 1 (0: only at epoch ends), got {n}")
+    return n
+
+
+def _checkpoint_state(run: _Run, epochs_done: int, ev: dict | None) -> dict:
+    """The checkpoint of the run after ``epochs_done`` completed epochs (see checkpoint.py)."""
+    cfg = run.cfg
+    return {
+        "format": FORMAT, "arch": cfg["model"], "num_classes": run.data.num_classes,
+        "model": run.student.state_dict(), "head": run.head.state_dict() if run.head is not None else None,
+        "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+        "epoch": epochs_done, "best_top1": run.best_top1, "metrics": run.metrics, "config": cfg,
+        "data": run.data_info, "feature_layers": run.s_layers, "teacher_eval": run.teacher_eval,
+        "rng": rng_state(), "val": ev, "elastic_run_id": elastic_run_id(),
+    }
+
+
+def _on_main(run: _Run, write) -> None:
+    """``write()`` on rank 0. When it fails (a full disk, an unwritable folder) every process ends with
+    a one-line UserError instead of the others waiting for rank 0."""
+    error = None
+    if run.env.main:
+        try:
+            write()
+        except UserError as e:
+            error = e
+        except OSError as e:
+            error = UserError(f"could not write to {run.out}: {e.strerror or e}")
+    if not all_ok(error is None, run.env, run.stop.group):
+        raise error or UserError("rank 0 could not write the run's outputs (its error says why)")
+
+
+def _resume_position(run: _Run, epoch: int, steps: int) -> dict | None:
+    """This process's saved state when the run resumes inside ``epoch``, else None."""
+    pos = run.ckpt.get("position") if run.ckpt is not None else None
+    if not pos or int(pos["epoch"]) != epoch:
+        return None
+    return check_position(pos, run.env, run.batch_size, steps, run.out / "last.pt")
+
+
+def _epoch_batches(run: _Run, mine: dict | None):
+    """The epoch's batch iterator. Creating it draws the loader's base seed from torch's global RNG
+    (each epoch, or once with persistent workers); the draw is undone, so the global RNG stream is the
+    same whatever the workers and wherever the run was resumed. Resuming inside the epoch (``mine``),
+    the sampler skips the steps done and the process's RNG states are those saved after them."""
+    state = torch.get_rng_state()
+    batches = iter(run.train_loader)
+    torch.set_rng_state(state)
+    if mine is not None:
+        set_rng_state(mine["rng"])
+    return batches
+
+
+def _after_step(run: _Run, epoch: int, step: int, steps: int, sums: dict, n_seen: int, correct: torch.Tensor,
+                t0: float) -> None:
+    """After step ``step`` of ``steps``: last.pt every --save-every steps (counted over the run), and the
+    stop a signal asked for. At the epoch's last step both wait for the epoch's own checkpoint."""
+    stop = run.stop.requested(run.env)
+    if step >= steps:
+        return
+    if stop or (run.save_every and ((epoch - 1) * steps + step) % run.save_every == 0):
+        _save_position(run, epoch, step, steps, sums, n_seen, correct, time.perf_counter() - t0)
+    if stop:
+        raise _stopped(run, epoch, step, steps)
+
+
+def _save_position(run: _Run, epoch: int, step: int, steps: int, sums: dict, n_seen: int,
+                   correct: torch.Tensor, elapsed: float) -> None:
+    """last.pt inside epoch ``epoch`` after ``step`` steps, with every process's RNG states and partial
+    statistics (a collective under DDP)."""
+    env = run.env
+    loss_time, loss_calls = run.timer.peek()
+    mine = {"rng": rng_state(), "sums": {k: v.detach().cpu() for k, v in sums.items()}, "n_seen": int(n_seen),
+            "correct": correct.detach().cpu(), "train_time": float(elapsed), "loss_time": float(loss_time),
+            "loss_calls": int(loss_calls)}
+    ranks = gather(mine, env, run.stop.group)
+    if not all(math.isfinite(v.item()) for r in ranks for v in r["sums"].values()):
+        raise TrainingDiverged(f"the training loss became non-finite in epoch {epoch} (last.pt keeps the last "
+                               "checkpoint before it); lower --lr, or use --amp none / bf16")
+
+    def write():
+        state = _checkpoint_state(run, epoch - 1, None)
+        state["position"] = position_record(epoch, step, steps, run.batch_size, env.world, ranks)
+        save_checkpoint(state, run.out / "last.pt")
+
+    _on_main(run, write)
+
+
+def _stopped(run: _Run, epoch: int, step: int | None, steps: int | None = None) -> TrainingStopped:
+    where = f"after step {step} of {steps} in epoch {epoch}" if step else f"after epoch {epoch}"
+    why = run.stop.received or "a signal to another process"
+    return TrainingStopped(f"stopped by {why} {where}; {run.out / 'last.pt'} holds the run, and the same command "
+                           "with --resume continues it")
 
 
 def _finish(run: _Run, t_start: float) -> dict:
