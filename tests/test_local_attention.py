@@ -310,3 +310,12 @@ def test_bad_grad_op(grad, gen):
     g = torch.zeros(2, 4, 5, 4) if grad == "shape" else torch.zeros(2, 4, 5, 5, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=re.escape("grad: expected ") + ("shape" if grad == "shape" else "dtype")):
         OPS.local_attention_backward(g, a["q"], a["k"], a["v"], a["rel"], 3, True, True, True, True)
+
+
+def test_meta_tensors_follow_the_layout_rule(gen):
+    # the fake kernels (torch.compile, meta tensors) give the kernels' layouts
+    for layout in ("contiguous", "channels_last", "sliced"):
+        q, k, v, rel = (t.detach() for t in inputs(2, 3, 4, 5, 3, gen, layout=layout))
+        real = dctkd_ext.local_attention(q, k, v, rel)
+        meta = dctkd_ext.local_attention(*(t.to("meta") for t in (q, k, v)), rel.to("meta"))
+        assert meta.shape == real.shape and meta.stride() == real.stride() == recipes.local_attention_layout(q)

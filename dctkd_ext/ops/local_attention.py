@@ -130,8 +130,9 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, rel: Tensor, kernel_size: i
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size: expected an odd int >= 1, got {kernel_size!r}")
     check_same_device([q, k, v, rel], ["q", "k", "v", "rel"])
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
+    dev = q.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     for t, name in ((k, "k"), (v, "v")):
         if t.dtype != q.dtype:
