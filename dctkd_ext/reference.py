@@ -391,3 +391,41 @@ def gfnet_global_filter(x: torch.Tensor, complex_weight: torch.Tensor, spatial_s
     x = x * weight
     x = torch.fft.irfft2(x, s=(a, bb), dim=(1, 2), norm="ortho")
     return x.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------- 3.5
+__all__ += ["local_attention", "released_local_attention"]
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel: torch.Tensor,
+                    kernel_size: int = 3) -> torch.Tensor:
+    """FAM-KD's local self-attention (docs/DESIGN.md §3.5), per channel over the K*K window (K = kernel_size,
+    k and v zero-padded by K // 2): out = sum_j softmax_j(q (k_j + rel[:, j])) v_j. q, k, v (B, C, H, W),
+    rel (C, K*K); computed in fp32 (fp64 when q or rel is fp64), returned in q's dtype."""
+    acc = _acc_dtype(q, rel)
+    b, c, h, w = q.shape
+    kk, pad = kernel_size * kernel_size, kernel_size // 2
+
+    def windows(t):  # (B, C, K*K, H, W), offset j = a*K + b; unfold zero-pads
+        return torch.nn.functional.unfold(t.to(acc), kernel_size, padding=pad).view(b, c, kk, h, w)
+
+    logits = q.to(acc)[:, :, None] * (windows(k) + rel.to(acc)[None, :, :, None, None])
+    return (torch.softmax(logits, dim=2) * windows(v)).sum(2).to(q.dtype)
+
+
+def released_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel: torch.Tensor,
+                             kernel_size: int = 3) -> torch.Tensor:
+    """The FAM-KD head's eager formulation of local_attention (its LocalSelfAttention.forward after the 1x1
+    convs): the K*K shifted windows of the padded k and v stacked on a leading dim, one softmax over it.
+    Computed in q's dtype; the benchmark's baseline and an independent oracle of the op."""
+    pad = kernel_size // 2
+    h, w = q.shape[-2:]
+    keys = torch.nn.functional.pad(k, (pad, pad, pad, pad))
+    values = torch.nn.functional.pad(v, (pad, pad, pad, pad))
+    # window offsets on a leading dim: a softmax over a short last dim is several times slower on CPU
+    windows = [(a, b) for a in range(kernel_size) for b in range(kernel_size)]
+    keys = torch.stack([keys[:, :, a:a + h, b:b + w] for a, b in windows], 0)  # (K*K, B, C, H, W)
+    values = torch.stack([values[:, :, a:a + h, b:b + w] for a, b in windows], 0)
+    rel = rel.to(q.dtype).t()[:, None, :, None, None]
+    attn = torch.softmax((keys + rel) * q, dim=0)
+    return (attn * values).sum(0)

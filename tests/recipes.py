@@ -86,3 +86,36 @@ def check_loss(backend, student, teacher, gen, what="dct_at_loss", factor=1.0, r
             assert a.stride() == kernel_layout_like(student[l]).stride(), f"{what} grad[{l}]: layout {a.stride()}"
         assert_close(a, b, dtype, f"{what} grad[{l}]", factor)
     return out
+
+
+# ---------------------------------------------------------------------------------- local_attention family
+def local_attention_layout(q):
+    """The layout the kernels give out, dq, dk and dv: channels_last when q is (and is not also NCHW), else NCHW."""
+    cl = not q.is_contiguous() and q.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty(q.shape, memory_format=torch.channels_last if cl else torch.contiguous_format).stride()
+
+
+def check_local_attention(backend, q, k, v, rel, kernel_size, gen, factor=1.0, what="local_attention"):
+    """local_attention(q, k, v, rel) in q's dtype and its four gradients for a random upstream gradient,
+    against the float64 reference; on the kernels' backends, the outputs' layout."""
+    factor *= BACKEND_FACTOR.get(backend, 1.0)
+    inputs = (q, k, v, rel)
+    leaves = [_ref_leaf(t) for t in inputs]
+    with dctkd_ext.use_backend(backend):
+        out = dctkd_ext.local_attention(q, k, v, rel, kernel_size)
+    ref = reference.local_attention(*leaves, kernel_size)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    if backend != "reference":
+        assert out.stride() == local_attention_layout(q), f"{what}: layout {out.stride()}"
+    assert_close(out, ref, q.dtype, what, factor)
+    _, g = _upstream(ref.shape, gen, out)
+    # the reference gets the upstream gradient the op gets (rounded to a half dtype): dq, dk and drel take
+    # differences (v_j - out) of it, which would amplify its rounding beyond the bound of one final rounding
+    grads = torch.autograd.grad(out, inputs, g)
+    grads_ref = torch.autograd.grad(ref, leaves, g.detach().to("cpu", torch.float64))
+    for name, d, dr, t in zip(("q", "k", "v", "rel"), grads, grads_ref, inputs):
+        assert d.dtype == t.dtype and d.shape == t.shape, f"{what} d{name}: {d.dtype} {tuple(d.shape)}"
+        if backend != "reference" and name != "rel":
+            assert d.stride() == local_attention_layout(q), f"{what} d{name}: layout {d.stride()}"
+        assert_close(d, dr, q.dtype, f"{what} d{name}", factor)
+    return out

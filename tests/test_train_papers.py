@@ -21,7 +21,7 @@ if not hasattr(ext, "dct_at_loss"):
     pytest.skip("dctkd_ext is not built", allow_module_level=True)
 
 from dctkd_ext.nn import FrequencyAttention  # noqa: E402
-from dctkd_train.fam_head import FamHead, LocalSelfAttention, count_real_parameters  # noqa: E402
+from dctkd_train.fam_head import FamHead, LocalSelfAttention, count_real_parameters, use_released_attention  # noqa: E402
 from dctkd_train.recipes import FAM_PAIRS, RECIPES  # noqa: E402
 from dctkd_train.train import resolve_config  # noqa: E402
 
@@ -167,6 +167,36 @@ def test_fam_head_matches_the_released_equations_in_float64(s_shapes, t_shapes, 
     # and the training signal reaches every trainable parameter of the head
     sum(o.pow(2).sum() for o in out).backward()
     assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
+
+
+def test_fused_attention_head_equals_the_released_formulation_in_float64(gen):
+    # the head on the fused op (keys and values in one GEMM) against the same head with the released eager
+    # attention: outputs and every parameter's gradient, and the student features' gradients
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    s_shapes = [(8, 9, 9), (16, 5, 5), (16, 1, 1)]
+    t_shapes = [(12, 9, 9), (24, 5, 5), (24, 1, 1)]
+    head = Mth.Method(Mth.MethodConfig.make("fam")).build_head(s_shapes, t_shapes).double()
+    released = Mth.Method(Mth.MethodConfig.make("fam")).build_head(s_shapes, t_shapes).double()
+    released.load_state_dict(head.state_dict())
+    use_released_attention(released)
+    assert set(head.state_dict()) == set(released.state_dict())
+    feats = [torch.randn(3, *s, dtype=torch.float64, generator=gen) for s in s_shapes]
+    grads_out = None
+    results = []
+    for model in (head, released):
+        xs = [f.clone().requires_grad_() for f in feats]
+        outs = [o for o in model(xs) if o is not None]
+        if grads_out is None:
+            grads_out = [torch.randn(o.shape, dtype=o.dtype, generator=gen) for o in outs]
+        torch.autograd.backward(outs, grads_out)
+        results.append((outs, [x.grad for x in xs], {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (o1, x1, p1), (o2, x2, p2) = results
+    for a, b in zip(o1 + x1, o2 + x2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert p1.keys() == p2.keys() and any("rel_row" in n for n in p1)
+    for n in p1:
+        assert p1[n] is not None and p2[n] is not None, n
+        torch.testing.assert_close(p1[n], p2[n], rtol=1e-10, atol=1e-10, msg=n)
 
 
 def test_local_attention_channels_must_split_in_halves():

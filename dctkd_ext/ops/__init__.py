@@ -4,6 +4,7 @@ registration, and the backend choice (dctkd_ext._backend). One module per op fam
 from . import fam_global  # noqa: F401  (the FAM global-branch ops: fake kernels, autograd)
 from .dct_at import attention_map, dct2d, dct_at_loss, idct2d
 from .fam import fam_layer
+from .local_attention import local_attention
 from .spectral import global_filter, spectral_conv
 
-__all__ = ["attention_map", "dct2d", "idct2d", "dct_at_loss", "global_filter", "spectral_conv", "fam_layer"]
+__all__ = ["attention_map", "dct2d", "idct2d", "dct_at_loss", "global_filter", "spectral_conv", "fam_layer", "local_attention"]

@@ -27,6 +27,11 @@ import torch.nn.functional as F
 
 from .errors import UserError
 
+try:  # the trainer runs ce / kd without the extension; this head needs it (methods.py reports its absence)
+    import dctkd_ext
+except Exception:  # pragma: no cover - depends on the install
+    dctkd_ext = None
+
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
     seq = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
@@ -45,12 +50,18 @@ class LocalSelfAttention(nn.Module):
     The attention is per channel (an elementwise product, not a dot product over channels), so the
     released code's split into 4 channel groups does not change the result. rel[c, j] is a learned
     row term rel_row[c, a] for the first half of the channels and a column term rel_col[c, b] for
-    the second half."""
+    the second half.
+
+    The attention runs as one fused op (``dctkd_ext.local_attention``: no K*K-sized intermediate, the softmax
+    recomputed in the backward), the key and value convs as one GEMM; the parameters and their names are the
+    released ones (key, query, value, rel_row, rel_col), so released checkpoints load."""
 
     def __init__(self, channels: int, kernel_size: int = 3):
         super().__init__()
         if channels % 2:
             raise UserError(f"fam: the local self-attention splits its channels in halves; got {channels} channels")
+        if dctkd_ext is None:
+            raise UserError("fam: the local self-attention needs the dctkd_ext package, which failed to import")
         self.channels, self.kernel_size = channels, kernel_size
         half = channels // 2
         self.rel_row = nn.Parameter(torch.randn(half, kernel_size))
@@ -60,6 +71,7 @@ class LocalSelfAttention(nn.Module):
         self.value = nn.Conv2d(channels, channels, 1, bias=False)
         for conv in (self.key, self.value, self.query):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        self.released = False  # True: the released eager formulation (use_released_attention)
 
     def relative_terms(self) -> torch.Tensor:
         """rel (C, k*k): window offset j = a*k + b."""
@@ -71,19 +83,23 @@ class LocalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
         if guide.shape != x.shape:
             raise ValueError(f"guide: expected the shape of x {tuple(x.shape)}, got {tuple(guide.shape)}")
-        k, pad = self.kernel_size, self.kernel_size // 2
-        h, w = x.shape[-2:]
-        # a 1x1 conv without bias commutes with zero padding: convolve, then pad
-        keys = F.pad(self.key(x), (pad, pad, pad, pad))
-        values = F.pad(self.value(x), (pad, pad, pad, pad))
         q = self.query(guide)
-        # window offsets on a leading dim: a softmax over a short last dim is several times slower on CPU
-        windows = [(a, b) for a in range(k) for b in range(k)]
-        keys = torch.stack([keys[:, :, a:a + h, b:b + w] for a, b in windows], 0)  # (k*k, B, C, H, W)
-        values = torch.stack([values[:, :, a:a + h, b:b + w] for a, b in windows], 0)
-        rel = self.relative_terms().to(q.dtype).t()[:, None, :, None, None]
-        attn = torch.softmax((keys + rel) * q, dim=0)
-        return (attn * values).sum(0)
+        rel = self.relative_terms()
+        if self.released:
+            return dctkd_ext.reference.released_local_attention(q, self.key(x), self.value(x), rel, self.kernel_size)
+        # keys and values in one 1x1 conv (one GEMM over x); the op reads the two channel halves in place
+        kv = F.conv2d(x, torch.cat([self.key.weight, self.value.weight], 0))
+        keys, values = kv.split(self.channels, dim=1)
+        return dctkd_ext.local_attention(q, keys, values, rel, self.kernel_size)
+
+
+def use_released_attention(module: nn.Module, released: bool = True) -> nn.Module:
+    """Switch every LocalSelfAttention in ``module`` to the released eager formulation (the K*K shifted windows
+    stacked, one softmax over them; the benchmark's baseline) or back to the fused op. Returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, LocalSelfAttention):
+            m.released = released
+    return module
 
 
 class FamLevel(nn.Module):
