@@ -35,7 +35,7 @@ from torch import Tensor
 from .._shapes import next_pow2
 from . import _common
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 # Elements per tile: 256 with 4 warps, two per thread.
 TILE = 256
 NUM_WARPS = 4
