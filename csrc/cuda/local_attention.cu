@@ -378,6 +378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_backw
         constexpr bool kCL = decltype(kcl)::value;
         auto p = make_params<scalar_t, Acc>(q, k, v, rel_acc, kernel_size, cl, iters);
         p.g = grad.const_data_ptr<scalar_t>();
+        p.sg = strides_of(grad);
         p.out = need_q ? dq.data_ptr<scalar_t>() : nullptr;
         p.so = strides_of(need_q ? dq : (need_stats ? lse : q));
         if (need_stats) {
@@ -390,6 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_backw
           // one pixel per thread: the forward's tiles
           auto pg = make_params<scalar_t, Acc>(q, k, v, rel_acc, kernel_size, cl, 1);
           pg.g = p.g;
+          pg.sg = p.sg;
           pg.lse = p.lse;
           pg.go = p.go;
           pg.so = p.so;
