@@ -14,8 +14,9 @@ strides (any layout), outputs are NCHW-contiguous or channels_last after q.
   fp64). The exponentials are base 2 on q * log2(e): one multiply per pixel instead of one per offset.
 * _bwd_pixel_kernel: per pixel, the softmax again (online), then a second pass over the offsets with
   a_j = exp2(logit2_j - lse2) and dlogit_j = a_j g (v_j - o): dq directly, drel as one partial sum per
-  program ((B * pixel tiles, C, K*K), summed over its first dim afterwards: a fixed order, no atomics),
-  and the two per-pixel statistics the gather needs: lse2 = log2 sum_j exp2(logit2_j) and go = g * o.
+  program ((B * pixel tiles, C, K*K), summed over its first dim afterwards: a fixed order, no atomics;
+  channels_last tiles of 32 channels x 64 pixels here, so that the rows stay few), and the two
+  per-pixel statistics the gather needs: lse2 = log2 sum_j exp2(logit2_j) and go = g * o.
 * _bwd_gather_kernel: dk and dv of a target pixel p' sum over the pixels p = p' - j + pad whose window
   holds it: a_j(p) = exp2(q(p) log2(e) (k(p') + rel_j) - lse2(p)), dv = sum a_j(p) g(p) and
   dk = sum a_j(p) q(p) (g(p) v(p') - go(p)). A gather, so every gradient element is written once by
@@ -279,11 +280,18 @@ def _new_like(q: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty(q.shape, dtype=dtype, device=q.device, memory_format=fmt)
 
 
-def _plan(q: Tensor, kernel_size: int):
-    """(programs, pixel tiles, the launches' constexpr and launch options) for q's shape and layout."""
+def _plan(q: Tensor, kernel_size: int, drel_rows: bool = False):
+    """(programs, pixel tiles, the launches' constexpr and launch options) for q's shape and layout.
+    drel_rows: the tiles of the per-pixel backward, whose programs each write one drel partial row per
+    (sample, pixel tile): at least 64 pixels per tile, so that the rows stay few (channels_last)."""
     _, c, h, w = (int(n) for n in q.shape)
     cl = _common.is_channels_last(q)
-    if cl:  # channels contiguous: up to 64 of them, the rest of the tile in pixels
+    warps = NUM_WARPS
+    if cl and drel_rows:  # 32 channels x 64 pixels (8 warps)
+        block_c = min(32, next_pow2(max(c, 1)))
+        block_p = max(64, TILE // block_c)
+        warps = 2 * NUM_WARPS if block_c * block_p > TILE else NUM_WARPS
+    elif cl:  # channels contiguous: up to 64 of them, the rest of the tile in pixels
         block_c = min(64, next_pow2(max(c, 1)))
         block_p = TILE // block_c
     else:  # pixels contiguous; small maps put several channels in one tile
@@ -292,7 +300,7 @@ def _plan(q: Tensor, kernel_size: int):
     p_tiles = triton.cdiv(h * w, block_p)
     meta = dict(K=kernel_size, ACC=tl.float64 if q.dtype == torch.float64 else tl.float32, CL=cl,
                 RNE_BF16=_common.INTERPRET and q.dtype == torch.bfloat16, BLOCK_C=block_c, BLOCK_P=block_p,
-                num_warps=NUM_WARPS)
+                num_warps=warps)
     return q.shape[0] * triton.cdiv(c, block_c) * p_tiles, p_tiles, meta
 
 
@@ -316,7 +324,7 @@ def local_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, rel:
     dq = _new_like(q, q.dtype) if need_q else q.new_empty((0,))
     dk = _new_like(q, q.dtype) if need_k else q.new_empty((0,))
     dv = _new_like(q, q.dtype) if need_v else q.new_empty((0,))
-    programs, p_tiles, meta = _plan(q, kernel_size)
+    programs, p_tiles, meta = _plan(q, kernel_size, drel_rows=True)
     b, c = q.shape[0], q.shape[1]
     kk = kernel_size * kernel_size
     part = torch.empty((b * p_tiles, c, kk) if need_rel else (0,), dtype=acc_dtype, device=q.device)
@@ -329,6 +337,7 @@ def local_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, rel:
                 c, q.shape[2], q.shape[3], *grad.stride(), *q.stride(), *k.stride(), *v.stride(), *so,
                 *rel.stride(), NEED_Q=need_q, NEED_REL=need_rel, NEED_STATS=need_stats, **meta)
         if need_stats:
+            programs, _, meta = _plan(q, kernel_size)
             _launch(_bwd_gather_kernel, (programs,), q, k, v, rel, lse, go, grad, dk if need_k else lse,
                     dv if need_v else lse, c, q.shape[2], q.shape[3], *q.stride(), *k.stride(), *v.stride(),
                     *grad.stride(), *lse.stride(), *rel.stride(), NEED_K=need_k, NEED_V=need_v, **meta)
