@@ -58,10 +58,12 @@ inline bool channels_last(const at::Tensor& q) {
   return !q.is_contiguous() && q.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-inline at::Tensor new_feature(const at::Tensor& q) {
-  return at::empty(q.sizes(), q.options().memory_format(channels_last(q) ? at::MemoryFormat::ChannelsLast
-                                                                         : at::MemoryFormat::Contiguous));
+inline at::Tensor new_feature(const at::Tensor& q, at::ScalarType dtype) {
+  return at::empty(q.sizes(), q.options().dtype(dtype).memory_format(channels_last(q) ? at::MemoryFormat::ChannelsLast
+                                                                                      : at::MemoryFormat::Contiguous));
 }
+
+inline at::Tensor new_feature(const at::Tensor& q) { return new_feature(q, q.scalar_type()); }
 
 // The placeholder returned for a gradient that was not asked for.
 inline at::Tensor not_needed(const at::Tensor& like) { return at::empty({0}, like.options()); }

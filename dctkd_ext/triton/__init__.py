@@ -1,6 +1,6 @@
 """Triton backend of dctkd_ext: the kernels of attention_map, dct2d / idct2d, the multi-level
-dct_at_loss and the spectral filters, as the custom ops torch.ops.dctkd_ext_triton.* (same schemas as
-torch.ops.dctkd_ext.*, plus fam_filter_fused).
+dct_at_loss, local_attention and the spectral filters, as the custom ops torch.ops.dctkd_ext_triton.*
+(same schemas as torch.ops.dctkd_ext.*, plus fam_filter_fused).
 
 Nothing here is imported by `import dctkd_ext`: the backend registry (dctkd_ext._backend) calls load()
 the first time the "triton" backend is used, so the package works where triton is not installed, and
@@ -10,8 +10,8 @@ dctkd_ext.ops nor dctkd_ext.reference (the bases it shares with the reference ar
 Files, one per kernel family (kernels + launcher + op): attention_map.py (channel reduction and
 its elementwise backward, multi-tensor), dct.py (dct2d / idct2d as small matmuls, and the transform
 passes the loss reuses), dct_at_loss.py (phi, distances and dL/dA of all levels in one launch),
-spectral.py (global_filter, spectral_conv, the FAM half-plane weight and the fused small-map FAM
-filter). _common.py holds what they share, _compile_check.py compiles them for a GPU architecture
+local_attention.py (FAM-KD's windowed per-channel attention, forward and backward), spectral.py
+(global_filter, spectral_conv, the FAM half-plane weight and the fused small-map FAM filter). _common.py holds what they share, _compile_check.py compiles them for a GPU architecture
 without a GPU.
 """
 
@@ -39,7 +39,7 @@ def load():
                 ) from None
             import torch
 
-            from . import attention_map, dct, dct_at_loss, spectral  # noqa: F401  (define the ops)
+            from . import attention_map, dct, dct_at_loss, local_attention, spectral  # noqa: F401  (define the ops)
 
             _ops = torch.ops.dctkd_ext_triton
     return _ops

@@ -1,6 +1,6 @@
 """Compile the Triton kernels for a GPU architecture on a machine without a GPU.
 
-    python -m dctkd_ext.triton._compile_check [--family dct_at|spectral] [--arch 90] [--full] [--batch-invariance]
+    python -m dctkd_ext.triton._compile_check [--family dct_at|spectral|local_attention] [--arch 90] [--full] [--batch-invariance]
 
 Runs the Triton ops on small CPU tensors with every kernel launch replaced by a compilation for the
 target (frontend, TTIR, TTGIR, LLVM, PTX and ptxas: everything but running it), with the argument
@@ -243,8 +243,30 @@ def drive_spectral(full: bool = False, batch: int = 4) -> None:
             fam_filter_fused(g, wh, depthwise, True)
 
 
+def drive_local_attention(full: bool = False, batch: int = 2) -> None:
+    """Run the local_attention launchers on CPU tensors (the launches go to the installed compiler):
+    FAM-KD's head sizes (64 to 512 channels, 56 x 56 to 7 x 7 maps) with K = 3, NCHW and channels_last,
+    fp32 and bf16, the backward with every gradient and with the subsets autograd asks for. --full adds
+    fp16, fp64 and K = 5."""
+    from .local_attention import local_attention, local_attention_backward
+
+    torch.manual_seed(0)
+    dtypes = (torch.float32, torch.bfloat16) + ((torch.float16, torch.float64) if full else ())
+    for dtype in dtypes:
+        for c, s in ((64, 56), (256, 14), (512, 7)):
+            for cl in (False, True):
+                for ks in (3, 5) if full else (3,):
+                    q, k, v = (torch.empty(batch, c, s, s, dtype=dtype) for _ in range(3))
+                    if cl:
+                        q = q.contiguous(memory_format=torch.channels_last)
+                    rel = torch.empty(c, ks * ks)
+                    local_attention(q, k, v, rel, ks)
+                    for need in ((True, True, True, True), (False, True, True, True), (True, False, False, False)):
+                        local_attention_backward(q, q, k, v, rel, ks, *need)
+
+
 # family -> the function that runs its launchers
-DRIVERS = {"dct_at": drive, "spectral": drive_spectral}
+DRIVERS = {"dct_at": drive, "spectral": drive_spectral, "local_attention": drive_local_attention}
 
 
 def run(arch: int = 90, full: bool = False, verbose: bool = True, family: str = "dct_at") -> dict:
