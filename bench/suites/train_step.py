@@ -52,12 +52,6 @@ def _released_dct_at_loss(s, t, preset, weights=None, sample_weight=None, **opti
     return R.dct_at_loss(s, t, preset=preset, weights=w, sample_weight=sample_weight)
 
 
-def _released_attention_forward(self, x, guide):
-    """LocalSelfAttention.forward as released: the three 1x1 convs, then the stacked windows."""
-    return R.released_local_attention(self.query(guide), self.key(x), self.value(x), self.relative_terms(),
-                                      self.kernel_size)
-
-
 def _released_fam(in_channels, out_channels, size, cuton=0.1):
     if cuton != 0.1:
         raise ValueError("the released FAM module is built with cuton 0.1")
@@ -65,6 +59,7 @@ def _released_fam(in_channels, out_channels, size, cuton=0.1):
 
 
 def _make_step(shape, method_name, released, device):
+    from dctkd_train.fam_head import use_released_attention
     from dctkd_train.features import FeatureHooks, probe_feature_shapes
     from dctkd_train.methods import Method, MethodConfig
     from dctkd_train.models import build_model
@@ -84,9 +79,7 @@ def _make_step(shape, method_name, released, device):
             method.fam_cls = _released_fam
         head = method.build_head(s_shapes, t_shapes)
         if released and head is not None:
-            for m in head.modules():
-                if hasattr(m, "relative_terms"):
-                    m.forward = types.MethodType(_released_attention_forward, m)
+            use_released_attention(head)
         if released and method.ext is not None:
             method.ext = types.SimpleNamespace(dct_at_loss=_released_dct_at_loss)
     channels_last = device.type == "cuda"
