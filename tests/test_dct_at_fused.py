@@ -338,8 +338,10 @@ def test_torch_compile_fullgraph_fused_op_and_face(gen):
 def test_large_gradients_from_reused_buffers(fused_grad, layout, gen):
     # Student gradients of 1 MiB and more come from buffers that are reused once their tensor dies
     # (csrc/cpu/grad_buffers.cpp): a gradient still alive never shares memory with a new one, a
-    # reused buffer is fully rewritten, and the layout is the student's.
-    s = [feats(gen, (2, 40, 64, 64), torch.float32, layout, requires_grad=True)]  # 1.25 MiB
+    # reused buffer is fully rewritten, and the layout is the student's. Each case has a byte size of
+    # its own (1.28 to 1.38 MiB), so the cache holds no buffer of that size when it starts.
+    c = {("nchw", True): 41, ("nchw", False): 42, ("channels_last", True): 43, ("channels_last", False): 44}
+    s = [feats(gen, (2, c[layout, fused_grad], 64, 64), torch.float32, layout, requires_grad=True)]
     t = [feats(gen, (2, 24, 64, 64), torch.float32, layout)]
     _, (want,) = reference_loss_and_grads(s, t, preset="paper")
 
@@ -356,7 +358,9 @@ def test_large_gradients_from_reused_buffers(fused_grad, layout, gen):
     del g1
     g3 = step()
     assert g3.data_ptr() == ptr1  # g1's buffer, handed out again
-    for g in (g2, g3):
+    g4 = step()  # g2 and g3 alive, g3's a reused buffer: g4 must have memory of its own
+    assert g4.data_ptr() not in (g2.data_ptr(), g3.data_ptr())
+    for g in (g2, g3, g4):
         assert g.stride() == s[0].stride()
         assert torch.equal(g, g2)
         assert_close(g, want, torch.float32, "gradient", factor=GRAD_FACTOR)

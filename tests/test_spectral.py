@@ -349,12 +349,14 @@ def test_frequency_attention_state_dict_and_init():
     assert ours.rate1.shape == (1,) and ours.rate1.item() == 0.25 and ours.rate2.item() == 0.75
 
 
-def test_frequency_attention_depthwise(gen):
+@pytest.mark.parametrize("size", [9, 8])  # odd; even (a Nyquist column that stands for one frequency)
+def test_frequency_attention_depthwise(size, gen):
+    # the depthwise module runs the fam_global op (rfft2 -> global_filter -> irfft2 and its backward)
     torch.manual_seed(2)
-    m = FrequencyAttention(4, 4, 9, cuton=0.5, mix="depthwise").double()
+    m = FrequencyAttention(4, 4, size, cuton=0.5, mix="depthwise").double()
     m.weights1.data = m.weights1.data.to(torch.complex128)
-    assert m.weights1.shape == (4, 9, 9)
-    x = torch.randn(2, 4, 9, 9, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert m.weights1.shape == (4, size, size)
+    x = torch.randn(2, 4, size, size, dtype=torch.float64, generator=gen, requires_grad=True)
     w = m.weights1.detach().clone().requires_grad_()
     y = m(x)
     ref = m.rate1 * R.fam_global(x, w, 0.5, "depthwise") + m.rate2 * m.w0(x)
