@@ -319,3 +319,16 @@ def test_meta_tensors_follow_the_layout_rule(gen):
         real = dctkd_ext.local_attention(q, k, v, rel)
         meta = dctkd_ext.local_attention(*(t.to("meta") for t in (q, k, v)), rel.to("meta"))
         assert meta.shape == real.shape and meta.stride() == real.stride() == recipes.local_attention_layout(q)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_propagates_like_the_reference(la_backend, where, gen):
+    # a NaN input is never dropped by the softmax's max or its exponential: the same outputs are NaN
+    name, dev = la_backend
+    q, k, v, rel = (t.detach() for t in inputs(1, 2, 5, 6, 3, gen))
+    {"q": q, "k": k, "v": v}[where][0, 1, 2, 3] = float("nan")
+    with dctkd_ext.use_backend(name):
+        out = dctkd_ext.local_attention(*(t.to(dev) for t in (q, k, v, rel)))
+    ref = R.local_attention(q.double(), k.double(), v.double(), rel.double())
+    assert ref.isnan().any()
+    assert torch.equal(out.cpu().isnan(), ref.isnan())

@@ -6,7 +6,7 @@
 // Wk = W + 2 pad; k, v (and the dk, dv accumulators) also carry the pad rows and columns, zero. A pixel is the
 // index P = y * Wk + x of the padded-width frame, so the window offset (a, b) of every pixel is the constant
 // displacement a * Wk + b in the k / v buffers: each pass over the plane is one flat loop over P in vectors of
-// 16 lanes, with no boundary branches. The pixels x >= W of that frame (and the tail to a whole vector) have
+// 8 lanes, with no boundary branches. The pixels x >= W of that frame (and the tail to a whole vector) have
 // q = grad = 0: they add exact zeros to dk, dv and drel and are not written out.
 //
 // Per vector of pixels the offsets are swept three times (the logits are one FMA each, recomputed from L1):
@@ -35,23 +35,25 @@ namespace {
 
 namespace la = dctkd::local_attention;
 
-constexpr int64_t kLanes = 16;  // pixels per vector step (float: one 16-lane vector, double: two of 8)
+// Vectors of 32 bytes (8 floats, 4 doubles): one ymm register on x86-64-v3 and v4. GCC splits wider vector-extension
+// types, but lowers their comparisons lane by lane, which the softmax's max would pay for at every offset.
+constexpr int64_t kLanes = 16;  // the pixel count's rounding and the scratch's lanes per offset: a multiple of both
 
-typedef float VF __attribute__((vector_size(64)));
-typedef int32_t VI __attribute__((vector_size(64)));
-typedef double VD __attribute__((vector_size(64)));
+typedef float VF __attribute__((vector_size(32)));
+typedef int32_t VI __attribute__((vector_size(32)));
+typedef double VD __attribute__((vector_size(32)));
 
 template <typename T>
 struct Vec;
 template <>
 struct Vec<float> {
   using type = VF;
-  static constexpr int64_t lanes = 16;
+  static constexpr int64_t lanes = 8;
 };
 template <>
 struct Vec<double> {
   using type = VD;
-  static constexpr int64_t lanes = 8;
+  static constexpr int64_t lanes = 4;
 };
 
 template <typename V, typename T>
@@ -64,12 +66,21 @@ template <typename V, typename T>
 DCTKD_INLINE void vstore(T* p, V v) {
   std::memcpy(p, &v, sizeof(v));
 }
+// a > b ? a : b per lane, as bit operations on the comparison mask (GCC lowers a vector ?: wider than the
+// target's registers lane by lane)
+template <typename V>
+DCTKD_INLINE V vmax(V a, V b) {
+  const auto gt = a > b;
+  using M = decltype(gt);
+  return (V)((gt & (M)a) | (~gt & (M)b));
+}
+
 // exp(x) for x <= 0 (the kernels only take exp(logit - max)), about 1 ulp: Cephes' expf range reduction
 // x = n ln2 + r with a degree-6 polynomial on |r| <= ln2 / 2, scaled by 2^n through the exponent bits;
 // 0 below the smallest normal result.
 DCTKD_INLINE VF vexp(VF x) {
   const VI under = x < -87.3365f;
-  x = under ? VF{} - 87.3365f : x;
+  x = vmax(VF{} - 87.3365f, x);  // this order keeps a NaN
   const VF n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
   VF r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -84,7 +95,7 @@ DCTKD_INLINE VF vexp(VF x) {
   return (VF)((VI)(p * (VF)scale) & ~under);
 }
 DCTKD_INLINE VD vexp(VD x) {  // float64 is the testing precision: libm per lane
-  for (int i = 0; i < 8; ++i) x[i] = std::exp(x[i]);
+  for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
   return x;
 }
 
@@ -103,7 +114,7 @@ DCTKD_INLINE typename Vec<T>::type logits_max(const T* q, const T* k, const T* r
   for (int64_t j = 1; j < KK; ++j) {
     const V l = qv * (vload<V>(k + P + offs[j]) + rel[j]);
     vstore(E + j * L, l);
-    m = l > m ? l : m;
+    m = vmax(l, m);
   }
   return m;
 }
