@@ -139,10 +139,14 @@ def run_case(case: Case, timer: Timer, device, rotate: int, want_memory: bool):
         grads = {}
 
         def backward(y):
+            # A fresh upstream gradient each step, as a loss's backward makes one (the step's memory
+            # counts it); ones and scales are filled, an MSE's is copied from one drawn per output shape.
+            if case.upstream != "mse":
+                return y.backward(upstream_gradient(case.upstream, y))
             key = (tuple(y.shape), y.dtype, y.device)
-            if key not in grads:  # one upstream gradient per output shape, made outside the timed calls
+            if key not in grads:
                 grads[key] = upstream_gradient(case.upstream, y)
-            y.backward(grads[key])
+            y.backward(grads[key].clone())
 
         def fwd_bwd(_):
             p = nxt()
