@@ -225,7 +225,10 @@ def _normal_range(grad: Tensor) -> Tuple[Tensor, float]:
     the backward's products of it with the spectra and weights then underflow into subnormal floats,
     which x86 CPUs compute many times slower. The backward is linear in grad, so scaling it by a
     power of two and its results back is exact, and keeps the intermediates in the normal range
-    without touching the thread's floating-point state."""
+    without touching the thread's floating-point state. Traces (torch.compile, opcheck) keep grad as
+    it is: the scale would depend on its values."""
+    if torch.compiler.is_compiling() or type(grad) is not Tensor:  # a trace: no value to look at
+        return grad, 1.0
     amax = float(grad.abs().amax()) if grad.numel() else 0.0
     if amax == 0.0 or amax >= _SMALL_UPSTREAM or not math.isfinite(amax):
         return grad, 1.0
