@@ -250,3 +250,20 @@ def backend(request):
         _backend.triton_ops()
     with dctkd_ext.use_backend(name):
         yield name, device
+
+
+def assert_same_nested(a, b, what):
+    """Two nested values (state dicts, checkpoints: dicts, lists, tensors, numbers) are identical,
+    tensors bit for bit; `what` names the first place that differs."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), what
+        for k in a:
+            assert_same_nested(a[k], b[k], f"{what}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_nested(x, y, f"{what}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), what
+    else:
+        assert a == b, what

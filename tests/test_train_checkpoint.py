@@ -13,6 +13,8 @@ from dctkd_train import checkpoint as C  # noqa: E402
 from dctkd_train.errors import UserError  # noqa: E402
 from dctkd_train.train import evaluate_checkpoint, lr_at, resolve_config, train  # noqa: E402
 
+from conftest import assert_same_nested as assert_same_tensors  # noqa: E402
+
 TINY = "synthetic-scenes:size=16,classes=4,train=48,val=24"
 BASE = {"data": TINY, "model": "resnet8", "batch_size": 16, "device": "cpu", "quiet": True, "progress": False,
         "lr": 0.1, "seed": 3}
@@ -96,22 +98,6 @@ def teacher_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     torch.save({"arch": "resnet8", "num_classes": 4, "model": build_model("resnet8", 4).state_dict()}, path)
     return str(path)
-
-
-def assert_same_tensors(a, b, what):
-    """Two nested state dicts hold identical tensors (and identical other values)."""
-    if isinstance(a, dict):
-        assert set(a) == set(b), what
-        for k in a:
-            assert_same_tensors(a[k], b[k], f"{what}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), what
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tensors(x, y, f"{what}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), what
-    else:
-        assert a == b, what
 
 
 @pytest.mark.parametrize("method", ["ce", "dct", "fam"])

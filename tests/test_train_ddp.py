@@ -20,6 +20,8 @@ sys.path.insert(0, str(ROOT / "python"))
 from dctkd_train.models import build_model  # noqa: E402
 from dctkd_train.train import evaluate_checkpoint  # noqa: E402
 
+from conftest import assert_same_nested as assert_same  # noqa: E402
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"),
@@ -171,21 +173,6 @@ def assert_same_checkpoint(a: Path, b: Path, what: str):
     for x, y in zip(ra, rb):
         for k in [k for k in x if k.startswith("train_loss")] + ["train_top1", "val_top1", "val_loss", "lr"]:
             assert x[k] == y[k], f"{what}: epoch {x['epoch']} {k}"
-
-
-def assert_same(a, b, what):
-    if isinstance(a, dict):
-        assert set(a) == set(b), what
-        for k in a:
-            assert_same(a[k], b[k], f"{what}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), what
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{what}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), what
-    else:
-        assert a == b, what
 
 
 def test_ddp_workers_killed_or_stopped_restart_under_torchrun_and_resume_exactly(tmp_path, bn_teacher):

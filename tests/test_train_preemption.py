@@ -21,6 +21,8 @@ from dctkd_train import preemption as P  # noqa: E402
 from dctkd_train.errors import EXIT_STOPPED, TrainingStopped, UserError  # noqa: E402
 from dctkd_train.train import train  # noqa: E402
 
+from conftest import assert_same_nested as assert_same  # noqa: E402
+
 TINY = "synthetic-scenes:size=16,classes=4,train=48,val=24"
 BASE = {"data": TINY, "model": "resnet8", "batch_size": 16, "device": "cpu", "quiet": True, "progress": False,
         "lr": 0.1, "seed": 3, "deterministic": True, "epochs": 2, "schedule": "step", "milestones": [1]}
@@ -54,21 +56,6 @@ def load(path):
 
 def rows(out):
     return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same(a, b, what):
-    if isinstance(a, dict):
-        assert set(a) == set(b), what
-        for k in a:
-            assert_same(a[k], b[k], f"{what}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), what
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{what}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), what
-    else:
-        assert a == b, what
 
 
 def assert_same_run(a, b, what):
