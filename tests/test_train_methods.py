@@ -140,7 +140,7 @@ def test_feature_weight_and_warmup_reach_the_op_so_its_upstream_gradient_is_one(
     s, t = feats(grad=True), feats(seed=1)
     terms = m.distill_terms(torch.zeros(4, dtype=torch.long), torch.randn(4, 5), s, None, torch.randn(4, 5), t, 2)
     unweighted = m.ext.dct_at_loss(s, t, preset="dct", weights=[1.0, 0.5])
-    assert float(terms["dct"]) == pytest.approx(3.0 * 0.5 * float(unweighted), rel=1e-6)
+    assert float(terms["dct"].detach()) == pytest.approx(3.0 * 0.5 * float(unweighted.detach()), rel=1e-6)
     total = m.total(torch.tensor(0.0, requires_grad=True), terms, 2)
     (g,) = torch.autograd.grad(total, terms["dct"])
     assert float(g) == 1.0
