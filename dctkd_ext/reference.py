@@ -143,6 +143,22 @@ def dct_at_loss(
 
 
 # ------------------------------------------------------------------------- released-code formulations
+def _released_level_sum(student_feats, teacher_feats, return_am, compute_dct, mask):
+    """The loop both branches of the released DCT-KD loss share, as written there: per level the L2
+    distance of the flattened coefficients per sample, summed over levels, masked, batch mean."""
+    bs = student_feats[-1].shape[0]
+    scale_loss = torch.zeros(bs, dtype=student_feats[-1].dtype, device=student_feats[-1].device)
+    for fs, ft in zip(student_feats, teacher_feats):
+        ffts_s = compute_dct(return_am(fs))
+        ffts_t = compute_dct(return_am(ft.detach()))
+        ffts_s = ffts_s.reshape(ffts_s.shape[0], -1)
+        ffts_t = ffts_t.reshape(ffts_t.shape[0], -1)
+        scale_loss = scale_loss + torch.sqrt(torch.sum(torch.pow(ffts_s - ffts_t, 2), dim=1))
+    if mask is not None:
+        scale_loss = scale_loss * mask
+    return scale_loss.mean()
+
+
 def released_dct_loss(student_feats, teacher_feats, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The DCT-KD authors' released formulation (alexlopezcifuentes/Distillation-Attention, branch
     dev, `Distillation Zoo/DFTOurs.py`), eager and unfused, as they wrote it:
@@ -174,17 +190,7 @@ def released_dct_loss(student_feats, teacher_feats, mask: Optional[torch.Tensor]
         max_s = torch.repeat_interleave(torch.unsqueeze(max_s, dim=2), w, dim=2)
         return (dct_am - min_s) / max_s
 
-    bs = student_feats[-1].shape[0]
-    scale_loss = torch.zeros(bs, dtype=student_feats[-1].dtype, device=student_feats[-1].device)
-    for fs, ft in zip(student_feats, teacher_feats):
-        ffts_s = compute_dct(return_am(fs))
-        ffts_t = compute_dct(return_am(ft.detach()))
-        ffts_s = ffts_s.reshape(ffts_s.shape[0], -1)
-        ffts_t = ffts_t.reshape(ffts_t.shape[0], -1)
-        scale_loss = scale_loss + torch.sqrt(torch.sum(torch.pow(ffts_s - ffts_t, 2), dim=1))
-    if mask is not None:
-        scale_loss = scale_loss * mask
-    return scale_loss.mean()
+    return _released_level_sum(student_feats, teacher_feats, return_am, compute_dct, mask)
 
 
 def released_dct_loss_main(student_feats, teacher_feats, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -210,17 +216,7 @@ def released_dct_loss_main(student_feats, teacher_feats, mask: Optional[torch.Te
         max_s = torch.max(torch.max(dct_am, dim=1)[0], dim=1)[0][:, None, None]
         return (dct_am - min_s) / (max_s - min_s)
 
-    bs = student_feats[-1].shape[0]
-    scale_loss = torch.zeros(bs, dtype=student_feats[-1].dtype, device=student_feats[-1].device)
-    for fs, ft in zip(student_feats, teacher_feats):
-        ffts_s = compute_dct(return_am(fs))
-        ffts_t = compute_dct(return_am(ft.detach()))
-        ffts_s = ffts_s.reshape(ffts_s.shape[0], -1)
-        ffts_t = ffts_t.reshape(ffts_t.shape[0], -1)
-        scale_loss = scale_loss + torch.sqrt(torch.sum(torch.pow(ffts_s - ffts_t, 2), dim=1))
-    if mask is not None:
-        scale_loss = scale_loss * mask
-    return scale_loss.mean()
+    return _released_level_sum(student_feats, teacher_feats, return_am, compute_dct, mask)
 
 
 def released_at_loss(student_feats, teacher_feats, p: float = 2.0) -> torch.Tensor:
