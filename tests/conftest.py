@@ -267,3 +267,14 @@ def assert_same_nested(a, b, what):
         assert torch.equal(a, b), what
     else:
         assert a == b, what
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    """A trainer checkpoint of a random resnet8 teacher (4 classes) for the trainer's tests."""
+    from dctkd_train.models import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save({"arch": "resnet8", "num_classes": 4, "model": build_model("resnet8", 4).state_dict()}, path)
+    return str(path)

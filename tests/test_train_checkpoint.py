@@ -90,16 +90,6 @@ def test_outputs_and_evaluate_round_trip(tmp_path):
     assert best["best_top1"] == max(r["val_top1"] for r in rows) == s["best"]["val_top1"]
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    from dctkd_train.models import build_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save({"arch": "resnet8", "num_classes": 4, "model": build_model("resnet8", 4).state_dict()}, path)
-    return str(path)
-
-
 @pytest.mark.parametrize("method", ["ce", "dct", "fam"])
 def test_resume_continues_exactly(tmp_path, method, teacher_ckpt):
     # 2 epochs in one go == 1 epoch, stop, resume to 2: the student, the distiller's head (fam), the

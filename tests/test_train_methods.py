@@ -13,7 +13,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 from dctkd_train import methods as Mth  # noqa: E402
 from dctkd_train.errors import UserError  # noqa: E402
-from dctkd_train.models import build_model  # noqa: E402
 
 ext = pytest.importorskip("dctkd_ext")
 if not hasattr(ext, "dct_at_loss"):
@@ -282,14 +281,6 @@ def test_fam_deepest_level_sets_the_fusion_path(fam_available):
 
 
 # ----------------------------------------------------------------------------- every method in the loop
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save({"arch": "resnet8", "num_classes": 4, "model": build_model("resnet8", 4).state_dict()}, path)
-    return str(path)
 
 
 @pytest.mark.parametrize("method", list(Mth.METHODS) + ["dct+guide"])

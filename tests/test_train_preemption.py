@@ -40,16 +40,6 @@ def restore_determinism():
     torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    from dctkd_train.models import build_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save({"arch": "resnet8", "num_classes": 4, "model": build_model("resnet8", 4).state_dict()}, path)
-    return str(path)
-
-
 def load(path):
     return torch.load(path, weights_only=True)
 
