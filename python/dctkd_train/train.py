@@ -7,6 +7,7 @@ DistributedSampler; gloo on CPU, nccl on GPU): every process runs the same ``tra
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -241,6 +242,20 @@ def setup_env(device_arg: str) -> Env:
     return Env(device, rank, world, local_rank, owns)
 
 
+def release_process_group(env: Env, completed: bool) -> None:
+    """Tear down the process group :func:`setup_env` started. Reference cycles (DDP's reducer, the
+    loaders) are collected first, so that no gloo work object outlives the group into interpreter
+    shutdown, where freeing one aborts the process ("terminate called without an active exception").
+    After a completed run the processes also wait for each other, so that none closes its connections
+    while a peer still reads them; after a failure they do not, since a peer may be gone."""
+    if not (env.owns_pg and dist.is_initialized()):
+        return
+    gc.collect()
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN/inf."""
 
@@ -470,13 +485,15 @@ def _merge_resume_config(saved: dict, given: dict) -> dict:
 def train(raw: dict) -> dict:
     """Run one training; returns the summary dict (also written to OUT/summary.json)."""
     env = setup_env(raw.get("device") or "auto")
+    completed = False
     try:
         with StopSignals() as stop:
             stop.group = cpu_group(env)
-            return _train(raw, env, stop)
+            summary = _train(raw, env, stop)
+            completed = True
+            return summary
     finally:
-        if env.owns_pg and dist.is_initialized():
-            dist.destroy_process_group()
+        release_process_group(env, completed)
 
 
 def _train(raw: dict, env: Env, stop: StopSignals) -> dict:
@@ -986,6 +1003,7 @@ def evaluate_checkpoint(checkpoint: str, data_spec: str, *, batch_size: int = 25
                         workers: int | None = None, val_size: int | None = None, amp: str = "none",
                         image_size: int | None = None, model: str | None = None) -> dict:
     env = setup_env(device)
+    completed = False
     try:
         ckpt = load_checkpoint(checkpoint)
         arch = model or (ckpt.get("arch") if isinstance(ckpt, dict) else None)
@@ -1011,7 +1029,7 @@ def evaluate_checkpoint(checkpoint: str, data_spec: str, *, batch_size: int = 25
         loader = _val_loader(data.val, env, batch_size, w, env.device.type == "cuda")
         res = evaluate(net, loader, env, data.num_classes, _amp_dtype(amp, env.device))
         res.update({"checkpoint": str(checkpoint), "arch": arch, "data": data_spec})
+        completed = True
         return res
     finally:
-        if env.owns_pg and dist.is_initialized():
-            dist.destroy_process_group()
+        release_process_group(env, completed)
