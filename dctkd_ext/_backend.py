@@ -3,13 +3,15 @@
 - "cpu" / "cuda": the C++/CUDA kernels registered with the dispatcher (torch.ops.dctkd_ext.*).
 - "triton": the Triton kernels in dctkd_ext/triton/ (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
 - "reference": the plain-PyTorch formulas of dctkd_ext/reference.py.
-- "auto" (default): the compiled kernels for the tensors' device; on GPU the faster of CUDA/Triton
-  where an op has both (see DEFAULT_GPU_BACKEND).
+- "auto" (default): the compiled kernels for the tensors' device: "cpu" on the CPU, and on the GPU the
+  backend DEFAULT_GPU_BACKEND names for the op family, else "cuda". DEFAULT_GPU_BACKEND is empty until
+  GPU runs of bench/run.py (which time CUDA and Triton side by side) say which is faster.
 
 Chosen by the environment variable DCTKD_BACKEND, `set_backend(name)` or `with use_backend(name):`.
 
 What else lives here, so that no op family repeats it:
-- select(device, family): the concrete backend of an op family for tensors on a device;
+- run_on(device, family): the backend an op family runs on for tensors on a device and its op
+  namespace (select() and kernels() below, the two steps);
 - kernels(backend): the op namespace that runs it (torch.ops.dctkd_ext, or torch.ops.dctkd_ext_triton
   with the Triton ops defined: triton is imported once, on first use, so the package works without it);
 - register_family(family, register_autograd): each module of dctkd_ext/ops hands over the function
@@ -24,7 +26,7 @@ import contextlib
 import importlib.util
 import os
 import threading
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -71,21 +73,11 @@ def use_backend(name: str):
         _state.name = prev
 
 
-def resolve(device_type: str, family: str, available: tuple = ("cpu", "cuda", "triton", "reference")) -> str:
+def resolve(device_type: str, family: str) -> str:
     """The concrete backend for tensors on `device_type` (e.g. "cpu"/"cuda"), for an op `family`."""
     name = get_backend()
     if name == "auto":
-        if device_type == "cuda":
-            name = DEFAULT_GPU_BACKEND.get(family, "cuda")
-        else:
-            name = "cpu"
-        if name not in available:
-            name = "reference"
-        return name
-    if name not in available:
-        raise NotImplementedError(
-            f"backend {name!r} has no implementation of {family} yet; available: {', '.join(available)}"
-        )
+        return DEFAULT_GPU_BACKEND.get(family, "cuda") if device_type == "cuda" else "cpu"
     if name in ("cpu", "cuda") and name != device_type:
         raise ValueError(f"backend {name!r} was selected but the inputs are on device type {device_type!r}")
     if name == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -156,6 +148,13 @@ def select(device: torch.device, family: str) -> str:
             "(CUDA_HOME set) or with FORCE_CUDA=1, or select DCTKD_BACKEND=triton or reference"
         )
     return name
+
+
+def run_on(device: torch.device, family: str) -> Tuple[str, Optional[object]]:
+    """(backend name, op namespace) that op `family` runs on for tensors on `device`: select(), then
+    kernels() (None for the reference backend). The one way the modules of dctkd_ext.ops choose."""
+    name = select(device, family)
+    return name, kernels(name)
 
 
 def kernels(backend: str) -> Optional[object]:

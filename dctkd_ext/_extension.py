@@ -6,10 +6,6 @@ import torch
 REBUILD = "rebuild it with `pip install -e .` (in the dctkd_ext checkout)"
 
 
-def _torch_base_version(version: str) -> str:
-    return version.split("+")[0]
-
-
 def load() -> dict:
     try:
         from . import _build_info

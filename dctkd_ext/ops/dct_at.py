@@ -338,13 +338,6 @@ class _Dct2dEager(torch.autograd.Function):
             return op(g), None, None
 
 
-# -------------------------------------------------------------------------------------- backends
-def _run_on(device: torch.device):
-    """(backend name, its op namespace) for tensors on `device` (dctkd_ext._backend)."""
-    backend = _backend.select(device, _FAMILY)
-    return backend, _backend.kernels(backend)
-
-
 # --------------------------------------------------------------------------------------- public API
 def attention_map(x: torch.Tensor, p: float = 2.0, reduce: str = "mean") -> torch.Tensor:
     """Channel-reduced attention map of features x (B, C, H, W) -> (B, H, W), float32 (float64 for
@@ -356,7 +349,7 @@ def attention_map(x: torch.Tensor, p: float = 2.0, reduce: str = "mean") -> torc
         raise ValueError(f"p: expected a positive number, got {p!r}")
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce: expected 'mean' or 'sum', got {reduce!r}")
-    backend, ops = _run_on(x.device)
+    backend, ops = _backend.run_on(x.device, _FAMILY)
     if backend == "reference":
         return reference.attention_map(x, float(p), reduce)
     return ops.attention_map(x, float(p), reduce)
@@ -372,7 +365,7 @@ def dct2d(a: torch.Tensor) -> torch.Tensor:
     """Orthonormal 2D DCT-II over the last two dims (scipy.fft.dctn(a, type=2, norm="ortho", axes=(-2, -1))).
     Any H, W >= 1; any leading dims; returns a's dtype, computed in fp32 (fp64 for fp64)."""
     _check_map(a, "a")
-    backend, ops = _run_on(a.device)
+    backend, ops = _backend.run_on(a.device, _FAMILY)
     if backend == "reference":
         return reference.dct2d(a)
     if _traced(a):
@@ -383,7 +376,7 @@ def dct2d(a: torch.Tensor) -> torch.Tensor:
 def idct2d(c: torch.Tensor) -> torch.Tensor:
     """Inverse of dct2d (orthonormal DCT-III over the last two dims)."""
     _check_map(c, "c")
-    backend, ops = _run_on(c.device)
+    backend, ops = _backend.run_on(c.device, _FAMILY)
     if backend == "reference":
         return reference.idct2d(c)
     if _traced(c):
@@ -501,7 +494,7 @@ def dct_at_loss(
     )
     if not isinstance(fused_grad, bool):
         raise TypeError(f"fused_grad: expected a bool, got {fused_grad!r}")
-    backend, ops = _run_on(device)
+    backend, ops = _backend.run_on(device, _FAMILY)
     if backend == "reference":
         per_sample = reference.dct_at_loss(student, teacher, preset=preset, weights=weights, reduction="none", **overrides)
     else:

@@ -30,7 +30,7 @@ from torch import Tensor
 from .. import _backend, reference
 from ._checks import check_cuton
 from ._higher_order import grads_through, wants_graph
-from .fam_global import _c2r_multiplicity, _kernels, resolve_backend
+from .fam_global import _FAMILY, _c2r_multiplicity, resolve_backend
 
 _ops = torch.ops.dctkd_ext
 
@@ -159,7 +159,7 @@ def _composite_backward(ops, grad, x, weights1, w0_weight, w0_bias, rate1, rate2
 # ------------------------------------------------------------------------------------------ the op
 def _layer_ops(device):
     # the op namespace of the backend; a direct call under the reference backend runs the C++ kernels
-    ops = _kernels(device)
+    _, ops = _backend.run_on(device, _FAMILY)
     return _ops if ops is None else ops
 
 

@@ -15,15 +15,10 @@ from .. import _backend, reference
 from .._shapes import fam_mask_radius  # noqa: F401  (part of this family's face)
 from ._checks import check_cuton
 from ._higher_order import grads_through, wants_graph
-from .spectral import _check_complex, impls
+from .spectral import _check_complex, spectral_kernels
 
 _ops = torch.ops.dctkd_ext
 _FAMILY = "fam"
-
-
-def _kernels(device: torch.device):
-    """The op namespace of the backend that runs on `device`; None for the reference backend."""
-    return _backend.kernels(_backend.select(device, _FAMILY))
 
 
 def resolve_backend(device: torch.device) -> str:
@@ -52,7 +47,7 @@ def fam_half_weight(weights: Tensor, cuton: float) -> Tensor:
         raise ValueError(f"weights: expected at least 2 dims (..., H, W), got shape {tuple(weights.shape)}")
     _check_complex(weights, "weights", getattr(weights, "ndim", 2), "(..., H, W)")
     check_cuton(cuton)
-    ops = _kernels(weights.device)
+    ops = _backend.run_on(weights.device, _FAMILY)[1]
     if ops is None:
         return reference.fam_half_weight(weights, cuton)
     return ops.fam_half_weight(weights, float(cuton))
@@ -87,11 +82,11 @@ def _fam_fused_backward(ctx, grad):
         s = x.shape[-1]
         xf = torch.fft.rfft2(x, norm="ortho")
         gf = torch.fft.rfft2(grad, norm="ortho") * _c2r_multiplicity(s, grad.device, grad.dtype)
-        impl = impls(x.device, _FAMILY)
+        kern = spectral_kernels(x.device, _FAMILY)
         if ctx.depthwise:
-            dw = _backward_w(impl[1], reference.global_filter, gf, xf, w)
+            dw = _backward_w(kern.global_filter_backward, reference.global_filter, gf, xf, w)
         else:
-            dw = _backward_w(impl[3], reference.spectral_conv, gf, xf, w)
+            dw = _backward_w(kern.spectral_conv_backward, reference.spectral_conv, gf, xf, w)
     return dx, dw, None, None
 
 
@@ -151,11 +146,11 @@ _backend.register_family(_FAMILY, register_autograd)
 #   dW' = sum_b conj(rfft2(x)) * rfft2(dg) * c_k         (c_k = 2 on the columns that stand for two)
 #   dweights = fam_half_weight_backward(dW')
 def _half_impl(device):
-    return _kernels(device).fam_half_weight
+    return _backend.run_on(device, _FAMILY)[1].fam_half_weight
 
 
 def _half_backward_impl(device):
-    return _kernels(device).fam_half_weight_backward
+    return _backend.run_on(device, _FAMILY)[1].fam_half_weight_backward
 
 
 @torch.library.custom_op("dctkd_ext::fam_global", mutates_args=())
@@ -164,9 +159,9 @@ def _fam_global(x: Tensor, weights: Tensor, cuton: float, depthwise: bool, fused
     w_half = _half_impl(x.device)(weights, cuton)
     if fused:
         return _backend.triton_ops().fam_filter_fused(x.contiguous(), w_half, depthwise, False)
-    impl = impls(x.device, _FAMILY)
+    kern = spectral_kernels(x.device, _FAMILY)
     xf = torch.fft.rfft2(x, norm="ortho")
-    yf = impl[0](xf, w_half, None) if depthwise else impl[2](xf, w_half, None)
+    yf = kern.global_filter(xf, w_half, None) if depthwise else kern.spectral_conv(xf, w_half, None)
     return torch.fft.irfft2(yf, s=(s, s), norm="ortho")
 
 
@@ -200,8 +195,8 @@ def _fam_global_backward(ctx, dg):
         return dx, dweights, None, None, None
     s = x.shape[-1]
     k = s // 2 + 1
-    impl = impls(x.device, _FAMILY)
-    backward = impl[1] if ctx.depthwise else impl[3]
+    kern = spectral_kernels(x.device, _FAMILY)
+    backward = kern.global_filter_backward if ctx.depthwise else kern.spectral_conv_backward
     w_half = _half_impl(x.device)(weights, ctx.cuton)
     dg = dg.contiguous()
     dx = dweights = gf = None

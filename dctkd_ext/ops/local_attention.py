@@ -95,8 +95,7 @@ _backend.register_family(_FAMILY, register_autograd)
 
 def impl(device: torch.device):
     """The local_attention op of the backend that runs on `device` (an autograd-aware op), or the reference."""
-    name = _backend.select(device, _FAMILY)
-    ops = _backend.kernels(name)
+    name, ops = _backend.run_on(device, _FAMILY)
     if ops is None:
         return reference.local_attention
     if name in ("cpu", "cuda"):

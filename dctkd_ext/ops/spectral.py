@@ -7,7 +7,7 @@ CUDA: csrc/cuda/spectral.cu), their Triton twins torch.ops.dctkd_ext_triton.* (s
 dctkd_ext/triton/spectral.py, loaded on first use), the reference in dctkd_ext/reference.py. The
 autograd formulas are registered on both namespaces (dctkd_ext._backend.register_family)."""
 
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -149,13 +149,21 @@ def register_autograd(ns: str) -> None:
 _backend.register_family(_FAMILY, register_autograd)
 
 
-def impls(device: torch.device, family: str = _FAMILY):
-    """(global_filter, global_filter_backward, spectral_conv, spectral_conv_backward) of the backend that
-    runs op `family` on `device`; the backward ops are None on the reference backend (plain autograd)."""
-    ops = _backend.kernels(_backend.select(device, family))
+class SpectralKernels(NamedTuple):
+    """The spectral ops of one backend; the backward ops are None on the reference backend (autograd)."""
+
+    global_filter: Callable
+    global_filter_backward: Optional[Callable]
+    spectral_conv: Callable
+    spectral_conv_backward: Optional[Callable]
+
+
+def spectral_kernels(device: torch.device, family: str = _FAMILY) -> SpectralKernels:
+    """The spectral ops of the backend that op `family` runs on for tensors on `device`."""
+    _, ops = _backend.run_on(device, family)
     if ops is None:
-        return reference.global_filter, None, reference.spectral_conv, None
-    return ops.global_filter, ops.global_filter_backward, ops.spectral_conv, ops.spectral_conv_backward
+        return SpectralKernels(reference.global_filter, None, reference.spectral_conv, None)
+    return SpectralKernels(ops.global_filter, ops.global_filter_backward, ops.spectral_conv, ops.spectral_conv_backward)
 
 
 # --------------------------------------------------------------------------------------- public API
@@ -171,7 +179,7 @@ def global_filter(xf: Tensor, w: Tensor, mask: Optional[Tensor] = None) -> Tenso
     b, c, h, k = xf.shape
     _check_w(w, xf, 3, "(C, H, K)", (c, h, k))
     mask = _check_mask(mask, xf)
-    return impls(xf.device)[0](xf, w, mask)
+    return spectral_kernels(xf.device).global_filter(xf, w, mask)
 
 
 def spectral_conv(xf: Tensor, w: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -185,4 +193,4 @@ def spectral_conv(xf: Tensor, w: Tensor, mask: Optional[Tensor] = None) -> Tenso
     b, i, h, k = xf.shape
     _check_w(w, xf, 4, "(I, O, H, K)", (i, None, h, k))
     mask = _check_mask(mask, xf)
-    return impls(xf.device)[2](xf, w, mask)
+    return spectral_kernels(xf.device).spectral_conv(xf, w, mask)

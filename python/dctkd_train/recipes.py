@@ -102,10 +102,6 @@ FAM_PAIRS: dict[tuple[str, str], dict[str, Any]] = {
 FAM_DEFAULT = {"feat_weight": 1.0, "fam_student_preact": False, "fam_pooled_target": True, "warmup": (20, 240)}
 
 
-def recipe_names() -> tuple[str, ...]:
-    return tuple(RECIPES)
-
-
 def data_kind(spec: str) -> str:
     """The kind of data of a --data spec: synthetic-scenes, cifar100, cifar10, imagefolder (or the name given)."""
     name = str(spec).split(":", 1)[0].strip().lower()
