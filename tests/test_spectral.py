@@ -63,7 +63,7 @@ def assert_rel(out, ref, tol, what):
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("use_mask", [False, True])
-def test_global_filter_matches_reference(backend, dtype, layout, use_mask, gen):
+def test_global_filter_matches_reference(backend, dtype, layout, use_mask, gen, poison_outputs):
     _, device = backend
     b, c, h, k = 3, 5, 7, 4
     xf = crandn(b, c, h, k, dtype=dtype, generator=gen)
@@ -79,7 +79,7 @@ def test_global_filter_matches_reference(backend, dtype, layout, use_mask, gen):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)], ids=["both", "dx", "dw"])
-def test_global_filter_backward_row_blocks_cpu(layout, need, gen):
+def test_global_filter_backward_row_blocks_cpu(layout, need, gen, poison_outputs):
     # samples of 64 x 32 x 17 complex128: a CPU thread takes its weight rows in several blocks of
     # accumulators (csrc/cpu/spectral.cpp, kGfAccBytes = 128 KiB), the last one short, in either layout
     b, c, h, k = 3, 64, 32, 17
@@ -100,7 +100,7 @@ def test_global_filter_backward_row_blocks_cpu(layout, need, gen):
 @pytest.mark.parametrize("shape", [(3, 5, 6, 7, 4), (9, 17, 10, 5, 3), (1, 1, 1, 1, 1)],
                          ids=["small", "tails", "one"])
 @pytest.mark.parametrize("use_mask", [False, True])
-def test_spectral_conv_matches_reference(backend, dtype, shape, use_mask, gen):
+def test_spectral_conv_matches_reference(backend, dtype, shape, use_mask, gen, poison_outputs):
     _, device = backend
     b, i, o, h, k = shape
     xf = crandn(b, i, h, k, dtype=dtype, generator=gen)
@@ -111,7 +111,7 @@ def test_spectral_conv_matches_reference(backend, dtype, shape, use_mask, gen):
     assert_rel(out, ref, CTOL[dtype] * 4, "spectral_conv")
 
 
-def test_spectral_conv_large_channels_cpu(gen):
+def test_spectral_conv_large_channels_cpu(gen, poison_outputs):
     # more rows than a CPU work item (8), more frequencies than its vector (16), odd counts everywhere
     xf = crandn(11, 70, 9, 5, generator=gen)
     w = crandn(70, 13, 9, 5, generator=gen)
@@ -121,7 +121,7 @@ def test_spectral_conv_large_channels_cpu(gen):
 
 @pytest.mark.parametrize("op", ["global_filter", "spectral_conv"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "transposed"])
-def test_backward_matches_autograd_of_reference(backend, op, layout, gen):
+def test_backward_matches_autograd_of_reference(backend, op, layout, gen, poison_outputs):
     # every operand in the layout: channels_last is GFNet's (B, H, K, C) storage; sliced and
     # transposed are views with offsets and strides that the kernels must copy or follow
     name, device = backend
@@ -237,7 +237,7 @@ def test_half_plane_form_is_exact(size, cuton, gen):
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (2, 2), (7, 7), (8, 8), (20, 20), (21, 21), (6, 9)])
-def test_fam_half_weight_op(backend, shape, gen):
+def test_fam_half_weight_op(backend, shape, gen, poison_outputs):
     name, device = backend
     w = crandn(3, 2, *shape, dtype=torch.complex128, generator=gen).to(device).requires_grad_()
     wr = w.detach().cpu().requires_grad_()
@@ -286,7 +286,7 @@ def _released_and_ours(cin, cout, size, cuton, dtype, mix="channel", seed=0):
 
 @pytest.mark.parametrize("size", [1, 2, 7, 8, 20, 21])
 @pytest.mark.parametrize("radius", ["r1", "full"])
-def test_frequency_attention_matches_released_fp64(size, radius, gen):
+def test_frequency_attention_matches_released_fp64(size, radius, gen, poison_outputs):
     # the high-pass box is never empty (but at size 1, where int(1 / 2) = 0 leaves no box to cut)
     cuton = 1.0 if radius == "full" else cuton_for(size, 1)
     if size > 1:
@@ -305,7 +305,7 @@ def test_frequency_attention_matches_released_fp64(size, radius, gen):
 
 
 @pytest.mark.parametrize("size", [7, 8, 20, 32])
-def test_frequency_attention_matches_released_fp32(size, gen):
+def test_frequency_attention_matches_released_fp32(size, gen, poison_outputs):
     cuton = 0.5
     assert_mask_not_empty(size, cuton)
     ref, ours = _released_and_ours(6, 5, size, cuton, torch.float32)
@@ -376,7 +376,7 @@ def _released_fp64(m, x, cuton):
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed"])
-def test_frequency_attention_strided_input(backend, layout, gen):
+def test_frequency_attention_strided_input(backend, layout, gen, poison_outputs):
     _, device = backend
     cuton = 0.5
     m = FrequencyAttention(3, 2, 8, cuton=cuton).to(device)
@@ -495,15 +495,18 @@ def test_fused_path_matches_fft_path(triton_mode, size, mix, gen):
             assert_rel(pa.grad, pb.grad, 5 * TOL32, f"fused d{name}")
 
 
-def test_auto_path_rule():
-    m = FrequencyAttention(8, 8, 8)
-    assert m.choose_path(torch.randn(2, 8, 8, 8)) == "fft"  # CPU: the rfft path
-    big = FrequencyAttention(4, 4, 40)
-    assert big.choose_path(torch.randn(1, 4, 40, 40)) == "fft"
+def test_auto_path_rule(monkeypatch):
     from dctkd_ext.nn import spectral as nsp
 
-    assert nsp.fused_flops_estimate(2, 8, 8, 8, False) <= nsp.FUSED_MAX_FLOPS
-    assert nsp.fused_flops_estimate(64, 32, 32, 32, False) > nsp.FUSED_MAX_FLOPS
+    # the size rule a GPU applies: the fused kernel for small layers only
+    small, big = FrequencyAttention(8, 8, 8), FrequencyAttention(32, 32, 32)
+    assert small.fused_pays(2) and not big.fused_pays(64)
+    monkeypatch.setattr(nsp, "FUSED_MAX_FLOPS", nsp.fused_flops_estimate(2, 8, 8, 8, False) - 1)
+    assert not small.fused_pays(2)
+    monkeypatch.undo()
+    # the CPU always takes the rfft path, also where the size rule would pick the fused kernel
+    assert small.choose_path(torch.randn(2, 8, 8, 8)) == "fft"
+    assert FrequencyAttention(4, 4, 40).choose_path(torch.randn(1, 4, 40, 40)) == "fft"
 
 
 def test_auto_routes_to_the_cpu_kernels(gen):

@@ -164,8 +164,13 @@ class FrequencyAttention(nn.Module):
         if path == "fft" or not fused_ok or x.device.type != "cuda":
             # CPU: the rfft path (pocketfft plus the tiled C++ spectral_conv) is the documented choice
             return "fft"
-        est = fused_flops_estimate(x.shape[0], self.in_channels, self.out_channels, self.size, self.mix == "depthwise")
-        return "fused" if est <= FUSED_MAX_FLOPS else "fft"
+        return "fused" if self.fused_pays(x.shape[0]) else "fft"
+
+    def fused_pays(self, batch: int) -> bool:
+        """The size rule of path="auto" on a GPU: the fused kernel for launch-bound layers, whose estimated
+        work at this batch is at most FUSED_MAX_FLOPS."""
+        depthwise = self.mix == "depthwise"
+        return fused_flops_estimate(batch, self.in_channels, self.out_channels, self.size, depthwise) <= FUSED_MAX_FLOPS
 
     def global_branch(self, x: Tensor, cuton: Optional[float] = None) -> Tensor:
         """Re(ifft2(M * mix(fft2(x, ortho), weights1), ortho)): (B, in, S, S) -> (B, out, S, S)."""
