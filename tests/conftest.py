@@ -39,8 +39,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 # (backend, device): every implementation of the ops that can run here. Triton runs on CPU tensors
-# in its interpreter when there is no GPU.
-TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+# in its interpreter when there is no GPU (or TRITON_INTERPRET=1 is set).
+TRITON_DEVICE = "cpu" if INTERPRET else "cuda"
 BACKENDS = [("cpu", "cpu"), ("reference", "cpu")]
 if HAS_TRITON and (HAS_CUDA or INTERPRET):
     BACKENDS.append(("triton", TRITON_DEVICE))
@@ -49,6 +49,23 @@ if HAS_CUDA and dctkd_ext.BUILD_INFO.get("with_cuda"):
 BACKEND_IDS = [b for b, _ in BACKENDS]
 
 HALF = (torch.float16, torch.bfloat16)
+
+
+def require_triton_kernels():
+    """Called at the top of a module of Triton-kernel tests: skips the module unless the kernels can run
+    here (a CUDA GPU, or Triton's interpreter on CPU tensors) and triton is installed."""
+    if not INTERPRET and not HAS_CUDA:
+        pytest.skip("the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run on CPU tensors in "
+                    "Triton's interpreter", allow_module_level=True)
+    pytest.importorskip("triton", reason="the Triton backend needs the triton package")
+
+
+@pytest.fixture(scope="module")
+def tops():
+    """torch.ops.dctkd_ext_triton with the Triton ops defined."""
+    from dctkd_ext import triton as triton_backend
+
+    return triton_backend.load()
 
 # Relative-norm error of a correct kernel accumulating in fp32 / fp64, against the float64 reference.
 ACC_TOL = {torch.float64: 1e-10, torch.float32: 5e-6}

@@ -79,7 +79,7 @@ def _check_against_authors(args, cuton, gen, tol=1e-12, fn=fam_op.fam_layer):
 # ------------------------------------------------------------------------- exact against the authors
 @pytest.mark.parametrize("size", [(1, 1), (2, 2), (5, 5), (7, 7), (8, 8), (9, 9), (16, 16), (6, 5), (5, 8), (9, 4)])
 @pytest.mark.parametrize("cuton", [0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
-def test_exact_against_authors_fp64(size, cuton, gen):
+def test_exact_against_authors_fp64(size, cuton, gen, poison_outputs):
     h, w = size
     _check_against_authors(_inputs(3, 4, 3, h, w, gen), cuton, gen)
 
@@ -93,7 +93,7 @@ def test_high_pass_mask_nonempty_in_the_exactness_cases():
 
 
 @pytest.mark.parametrize("size", [16, 15])
-def test_exact_with_several_weight_chunks(size, gen):
+def test_exact_with_several_weight_chunks(size, gen, poison_outputs):
     # 64 x 64 channels at 16 x 16 in complex128: ~0.6 MB per half-plane row, so the CPU kernel forms the
     # combined weight in several chunks of row pairs, some of one row pair (csrc/cpu/fam_layer.cpp,
     # kChunkBytes = 1 MiB)
@@ -102,7 +102,7 @@ def test_exact_with_several_weight_chunks(size, gen):
 
 
 @pytest.mark.parametrize("size", [(32, 32), (31, 30)])
-def test_exact_with_several_fft_chunks(size, gen):
+def test_exact_with_several_fft_chunks(size, gen, poison_outputs):
     # the CPU kernel transforms the batch in chunks of about 1 MiB of spectrum (csrc/cpu/fam_layer.cpp,
     # kFftChunkBytes), spread over the threads: 16 and 24 channels in complex128 give chunks of a few
     # images each, of different lengths for x and dy, the last one short
@@ -114,7 +114,7 @@ def test_exact_with_several_fft_chunks(size, gen):
 
 
 @pytest.mark.parametrize("size", [(8, 8), (7, 9)])
-def test_exact_with_several_dense_dft_chunks(size, gen):
+def test_exact_with_several_dense_dft_chunks(size, gen, poison_outputs):
     # maps this small are transformed by a GEMM against the dense DFT matrices (kDenseDftMaxMacs), in
     # the same batch chunks: 64 and 48 channels give chunks of 25 to 39 images, so 40 images make
     # two chunks of different lengths for x and for dy
@@ -166,7 +166,7 @@ def test_zero_rates_and_partial_gradients(gen):
             assert rel_err(p, q) <= 1e-12, f"{subset}: d{name}"
 
 
-def test_fp32_close_to_fp64(gen):
+def test_fp32_close_to_fp64(gen, poison_outputs):
     args64 = _inputs(4, 16, 12, 14, 14, gen)
     args32 = [t.detach().to(torch.complex64 if t.is_complex() else torch.float32).requires_grad_() for t in args64]
     y64, y32 = fam_op.fam_layer(*args64, 0.1), fam_op.fam_layer(*args32, 0.1)
@@ -232,7 +232,7 @@ def test_triton_composite_matches_authors(triton_here, fused, gen):
 # -------------------------------------------------------------------------------------- the module
 @pytest.mark.parametrize("size", [1, 6, 7, 8, 9])
 @pytest.mark.parametrize("cuton", [0.1, 0.5, 1.0])
-def test_module_matches_released_module_fp64(size, cuton, gen):
+def test_module_matches_released_module_fp64(size, cuton, gen, poison_outputs):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     ref = R.ReleasedFAM(4, 3, size)
     ours = FrequencyAttention(4, 3, size, cuton=cuton)
@@ -343,7 +343,7 @@ def test_bad_inputs(gen):
 # ----------------------------------------------------------------- small (loss-shaped) upstream gradients
 @pytest.mark.parametrize("size", [(8, 8), (16, 16), (7, 9)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gradients_exact_at_upstream_scales_1_and_1e_7(size, dtype, gen):
+def test_gradients_exact_at_upstream_scales_1_and_1e_7(size, dtype, gen, poison_outputs):
     """A loss's upstream gradient is often tiny (an MSE's mean: values near 1e-7): every gradient is as
     exact, relative to its own size, as with upstream values near 1, against the float64 formulation."""
     args = _inputs(2, 6, 5, *size, gen, dtype)

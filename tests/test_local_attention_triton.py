@@ -6,32 +6,17 @@ Runs on CUDA tensors where a GPU exists, else on CPU tensors in Triton's interpr
 Every output a kernel allocates is poisoned (NaN until written: conftest.nan_poisoned_empty).
 """
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import BACKEND_FACTOR, assert_close, features, in_layout
+from conftest import BACKEND_FACTOR, INTERPRET, TRITON_DEVICE, assert_close, features, in_layout, require_triton_kernels
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip(
-        "the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run on CPU tensors in Triton's interpreter",
-        allow_module_level=True,
-    )
-pytest.importorskip("triton", reason="the Triton backend needs the triton package")
-
-DEVICE = "cpu" if INTERPRET else "cuda"
+require_triton_kernels()
+DEVICE = TRITON_DEVICE
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
-
-
-@pytest.fixture(scope="module")
-def tops():
-    from dctkd_ext import triton as triton_backend
-
-    return triton_backend.load()
 
 
 def formula(q, k, v, rel, kernel_size):

@@ -18,17 +18,10 @@ import dctkd_ext
 import recipes
 from dctkd_ext import reference
 
-from conftest import BACKEND_FACTOR, assert_close, features, rel_err
+from conftest import BACKEND_FACTOR, INTERPRET, TRITON_DEVICE, assert_close, features, rel_err, require_triton_kernels
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip(
-        "the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run on CPU tensors in Triton's interpreter",
-        allow_module_level=True,
-    )
-pytest.importorskip("triton", reason="the Triton backend needs the triton package")
-
-DEVICE = "cpu" if INTERPRET else "cuda"
+require_triton_kernels()
+DEVICE = TRITON_DEVICE
 # fp32 everywhere; half precision on the GPU only
 DTYPES = [torch.float32] + ([] if INTERPRET else [torch.float16, torch.bfloat16])
 
@@ -37,13 +30,6 @@ def sweep(values, default):
     """The cases of a parametrised sweep: on a GPU all of them; in the (slow) interpreter the
     representative `default` ones, the rest marked long (DCTKD_LONG_TESTS=1 runs them)."""
     return [v if (not INTERPRET or v in default) else pytest.param(v, marks=pytest.mark.long) for v in values]
-
-
-@pytest.fixture(scope="module")
-def tops():
-    from dctkd_ext import triton as triton_backend
-
-    return triton_backend.load()
 
 
 # every output a kernel allocates is NaN until written (conftest.nan_poisoned_empty)
