@@ -3,6 +3,8 @@ figures are copied from the output file by a program, never typed by hand.
 
     python bench/report.py bench/results/cpu.json [--mode fwd+bwd] [--op dct_at_loss]
     python bench/report.py bench/results/cpu.json --targets     # the targets of bench/targets.py, met or not
+    python bench/report.py bench/results/cpu.json --steps       # the training steps (suite train_step)
+    python bench/report.py bench/results/cpu.json --all         # targets, steps, then a table per op
 """
 
 import argparse
@@ -82,14 +84,58 @@ def render_targets(path):
     return "\n".join(lines)
 
 
+def render_steps(path):
+    """The train_step records: per method, ours and the released formulation in ms and img/s, and ours
+    against the KD step of the same run."""
+    with open(path) as f:
+        data = json.load(f)
+    meta, records = data["meta"], data["records"]
+    steps = [r for r in records if r["op"] == "train_step" and r["mode"] == "step"]
+    if not steps:
+        return ""
+    lines = [f"{meta['device']}, torch {meta['torch']}, {meta['date'][:10]}; one SGD step; source `{path}`", "",
+             "| shape | B | method | ours ms | ours img/s | released ms | ours vs released | ours / ours kd |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def find(shape, impl):
+        return next((r for r in steps if r["shape_name"] == shape and r["impl"] == impl and not r.get("error")), None)
+
+    for r in steps:
+        if r["impl"] != "ours" or r.get("error"):
+            continue
+        base, _, method = r["shape_name"].partition(":")
+        released, kd = find(r["shape_name"], "eager_released"), find(f"{base}:kd", "ours")
+        ms = r["median_ms"]
+        rel_ms = f"{released['median_ms']:.0f}" if released else "-"
+        speedup = f"{released['median_ms'] / ms:.2f}x" if released else "-"
+        of_kd = f"{ms / kd['median_ms']:.2f}" if kd else "-"
+        lines.append(f"| {base} | {r['batch']} | {method} | {ms:.0f} | {r['img_per_s']:.1f} | {rel_ms} | {speedup} | {of_kd} |")
+    return "\n".join(lines)
+
+
+def render_all(path):
+    """Everything a results file holds, as Markdown: the targets, the training steps, a table per op."""
+    with open(path) as f:
+        ops = list(dict.fromkeys(r["op"] for r in json.load(f)["records"] if r["op"] != "train_step"))
+    parts = [render_targets(path), render_steps(path)] + [render(path, "fwd+bwd", op) for op in ops]
+    return "\n\n".join(p for p in parts if p)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path")
     ap.add_argument("--mode", default="fwd+bwd", choices=["fwd", "bwd", "fwd+bwd"])
     ap.add_argument("--op", default=None)
     ap.add_argument("--targets", action="store_true", help="the targets of bench/targets.py, met or not")
+    ap.add_argument("--steps", action="store_true", help="the training steps of suite train_step")
+    ap.add_argument("--all", action="store_true", help="targets, steps, and a table per op")
     args = ap.parse_args()
-    print(render_targets(args.path) if args.targets else render(args.path, args.mode, args.op))
+    if args.all:
+        print(render_all(args.path))
+    elif args.steps:
+        print(render_steps(args.path))
+    else:
+        print(render_targets(args.path) if args.targets else render(args.path, args.mode, args.op))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """Throughput / memory harness of dctkd_ext (docs/DESIGN.md §6).
 
-    python bench/run.py            # the headline cases on the device it finds (CUDA if present, else CPU)
-    python bench/run.py --full     # the whole grid of every suite (over 20 minutes on a 2-core CPU)
+    python bench/run.py            # the headline cases on the device it finds (CUDA if present, else CPU;
+                                   # about 20 minutes on a 2-core CPU)
+    python bench/run.py --full     # the whole grid of every suite (much longer)
     python bench/run.py --quick    # the headline cases with short timing loops (CI)
 
 Times forward, backward and forward+backward of every implementation of every case (bench/suites/*.py)
-with medians (backward: `loss.backward()` into .grad, set to None before each step), measures the device's copy bandwidth in the same run, and reports per record: median
+with medians (backward: `loss.backward()` into .grad, set to None before each step), and whole training
+steps (suite train_step) in rounds; measures the device's copy bandwidth in the same run, and reports per
+record: median
 time, GB/s on the case's minimal bytes, that as a fraction of the copy bandwidth, peak extra memory,
 and the speed-up of "ours" over every other implementation. Writes JSON (`{"meta": ..., "records": [...]}`),
 CSV and a PNG plot under bench/results/ (or --out), and prints a table.
@@ -21,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -44,6 +48,19 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def once_ms(self, fn, state=None):
+        """One call of fn(state), in ms."""
+        if self.device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn(state)
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b)
+        t0 = time.perf_counter()
+        fn(state)
+        return (time.perf_counter() - t0) * 1e3
+
     def median_ms(self, fn, setup=None):
         """fn(state) timed; setup() -> state runs untimed before each call (e.g. a forward for bwd)."""
         for _ in range(2):  # warm-up (and compilation)
@@ -51,19 +68,22 @@ class Timer:
         self.sync()
         times, start = [], time.perf_counter()
         while len(times) < self.max_reps and (len(times) < self.min_reps or time.perf_counter() - start < self.min_time):
-            state = setup() if setup else None
-            if self.device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn(state)
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fn(state)
-                times.append((time.perf_counter() - t0) * 1e3)
+            times.append(self.once_ms(fn, setup() if setup else None))
         return statistics.median(times), len(times)
+
+    def medians_in_rounds(self, fns):
+        """Each of fns timed once per round, round after round (at least min_reps rounds, and min_time per
+        callable): a drift of the machine's speed reaches all of them alike. Returns (median ms, reps) each."""
+        for _ in range(2):
+            for fn in fns:
+                fn(None)
+        self.sync()
+        times, start = [[] for _ in fns], time.perf_counter()
+        while len(times[0]) < self.max_reps and (len(times[0]) < self.min_reps or
+                                                 time.perf_counter() - start < self.min_time * len(fns)):
+            for fn, t in zip(fns, times):
+                t.append(self.once_ms(fn))
+        return [(statistics.median(t), len(t)) for t in times]
 
 
 def copy_bandwidth_gbps(device, timer, nbytes):
@@ -121,6 +141,7 @@ class _native_stderr_silenced:
 
 # ------------------------------------------------------------------------------------------ runner
 def run_case(case: Case, timer: Timer, device, rotate: int, want_memory: bool):
+    """fwd, bwd and fwd+bwd of every implementation of a case, one implementation after another."""
     out = []
     for impl in case.impls:
         sets = [impl.make() for _ in range(rotate)]
@@ -162,16 +183,13 @@ def run_case(case: Case, timer: Timer, device, rotate: int, want_memory: bool):
             backward(state[1])
 
         try:
-            if case.modes == ("step",):
-                t = {"step": timer.median_ms(lambda _: nxt().step())}
-            else:
-                t = {
-                    "fwd": timer.median_ms(lambda _: nxt().fwd()),
-                    "bwd": timer.median_ms(bwd, setup=setup_bwd),
-                    "fwd+bwd": timer.median_ms(fwd_bwd),
-                }
+            t = {
+                "fwd": timer.median_ms(lambda _: nxt().fwd()),
+                "bwd": timer.median_ms(bwd, setup=setup_bwd),
+                "fwd+bwd": timer.median_ms(fwd_bwd),
+            }
             mem = {}
-            if want_memory and case.modes != ("step",):
+            if want_memory:
                 if device.type == "cpu":  # one profiled step first, so the profiler sizes the release of its grads
                     for _ in sets:
                         peak_extra_mb(device, lambda: fwd_bwd(None))
@@ -181,7 +199,7 @@ def run_case(case: Case, timer: Timer, device, rotate: int, want_memory: bool):
                 mem["bwd"] = mem["fwd+bwd"]
             error = None
         except Exception as exc:  # a baseline that cannot run this case is reported, not fatal
-            t, mem, error = {m: (math.nan, 0) for m in case.modes}, {}, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            t, mem, error = {m: (math.nan, 0) for m in case.modes}, {}, _error(exc)
         for mode in case.modes:
             ms, reps = t[mode]
             out.append(dict(op=case.op, impl=impl.name, mode=mode, shape_name=case.shape_name, batch=case.batch,
@@ -190,6 +208,37 @@ def run_case(case: Case, timer: Timer, device, rotate: int, want_memory: bool):
                             peak_mem_mb=mem.get(mode), error=error, **case.extra))
         sets.clear()  # frees this impl's inputs before the next impl makes its own
     return out
+
+
+def run_steps(cases: List[Case], timer: Timer, device):
+    """Cases of mode "step" (whole training steps): every implementation of every case is built first and
+    all are timed in rounds (Timer.medians_in_rounds), since the steps of different methods are compared
+    with each other and a step's time drifts with the machine by more than those differences."""
+    built, records = [], []
+    for case in cases:
+        for impl in case.impls:
+            try:
+                built.append((case, impl, impl.make().step, None))
+            except Exception as exc:  # reported, not fatal
+                built.append((case, impl, None, _error(exc)))
+    live = [b for b in built if b[2] is not None]
+    try:
+        timed = dict(zip((id(b) for b in live), timer.medians_in_rounds([lambda _, f=b[2]: f() for b in live])))
+    except Exception as exc:
+        timed, err = {}, _error(exc)
+        built = [(c, i, None, e or err) for c, i, _, e in built]
+    for b in built:
+        case, impl, _, error = b
+        ms, reps = timed.get(id(b), (math.nan, 0)) if error is None else (math.nan, 0)
+        records.append(dict(op=case.op, impl=impl.name, mode="step", shape_name=case.shape_name, batch=case.batch,
+                            dtype=str(case.dtype).replace("torch.", ""), device=device_name(device), median_ms=ms,
+                            reps=reps, min_bytes=case.min_bytes["step"], upstream=case.upstream, peak_mem_mb=None,
+                            error=error, **case.extra))
+    return records
+
+
+def _error(exc):
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
 def finish_records(records, copy_gbps, meta):
@@ -323,14 +372,25 @@ def main(argv=None):
         mod = importlib.import_module(f"suites.{name}")
         cases += mod.cases(args, device)
     records = []
+    steps = [c for c in cases if c.modes == ("step",)]
     for i, case in enumerate(cases, 1):
+        print(f"[{i}/{len(cases)}] {case.op} {case.shape_name} B={case.batch} {str(case.dtype)[6:]} "
+              f"({', '.join(im.name for im in case.impls)})" + (" (timed below, in rounds)" if case in steps else ""),
+              flush=True)
+        if case in steps:
+            continue
         total = max(case.min_bytes.values())
         # GPU: enough input sets that consecutive calls do not hit in L2 (~50 MB on H100/H200)
         rotate = min(8, max(1, math.ceil(200e6 / max(total, 1)))) if gpu else 1
-        print(f"[{i}/{len(cases)}] {case.op} {case.shape_name} B={case.batch} {str(case.dtype)[6:]} "
-              f"({', '.join(im.name for im in case.impls)})", flush=True)
         t0 = time.perf_counter()
         records += run_case(case, timer, device, rotate, want_memory=not args.no_memory)
+        print(f"    done in {time.perf_counter() - t0:.1f} s", flush=True)
+    if steps:
+        print(f"{len(steps)} training-step cases, every implementation timed in rounds", flush=True)
+        t0 = time.perf_counter()
+        # more rounds than an op's reps: a step's time scatters by about 10% from one call to the next here
+        step_timer = Timer(device, min_time=0.0, min_reps=3 if args.quick else 20, max_reps=200)
+        records += run_steps(steps, step_timer, device)
         print(f"    done in {time.perf_counter() - t0:.1f} s", flush=True)
     finish_records(records, copy_gbps, meta)
     print_table(records, copy_gbps)

@@ -36,3 +36,20 @@ def test_the_target_table_has_one_row_per_target():
     path = os.path.join(os.path.dirname(__file__), "..", "bench", "results", "cpu.json")
     text = report.render_targets(path)
     assert text.count("\n| ") == len(targets.CPU_TARGETS) + 1  # header row + one per target
+
+
+def test_step_table_pairs_each_method_with_its_released_step_and_the_kd_step(tmp_path):
+    def step(method, impl, ms):
+        return {"op": "train_step", "shape_name": f"c:{method}", "batch": 64, "dtype": "float32", "mode": "step",
+                "impl": impl, "median_ms": ms, "img_per_s": 64 / (ms * 1e-3), "speedup_vs": {}, "error": None}
+
+    meta = {"device": "cpu", "torch": "t", "date": "2026-01-01", "copy_gbps": 1.0}
+    records = [step("kd", "ours", 200.0), step("fam", "ours", 250.0), step("fam", "eager_released", 500.0),
+               step("ce", "ours", 100.0)]
+    path = tmp_path / "r.json"
+    path.write_text(__import__("json").dumps({"meta": meta, "records": records}))
+    rows = [r for r in report.render_steps(str(path)).splitlines() if r.startswith("| c |")]
+    assert rows == ["| c | 64 | kd | 200 | 320.0 | - | - | 1.00 |",
+                    "| c | 64 | fam | 250 | 256.0 | 500 | 2.00x | 1.25 |",
+                    "| c | 64 | ce | 100 | 640.0 | - | - | 0.50 |"]
+    assert report.render_steps(str(path)) in report.render_all(str(path))

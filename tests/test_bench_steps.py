@@ -1,0 +1,40 @@
+"""bench/run.py's training-step timing: every implementation of every step case built first and timed
+in rounds, one call each per round, so that a drift of the machine's speed reaches all alike; a case
+whose implementation cannot be built is reported with its error, not fatal."""
+
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+
+import run as bench_run  # noqa: E402
+
+from common import Case, Impl, Prepared  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def test_steps_are_timed_in_rounds_and_failures_reported():
+    calls = []
+
+    def impl(name):
+        return Impl(name, lambda: Prepared(fwd=None, leaves=[], step=lambda: calls.append(name)))
+
+    def broken():
+        raise RuntimeError("no such method here")
+
+    cases = [Case(op="train_step", shape_name=f"s:{m}", batch=4, dtype=torch.float32, min_bytes={"step": 0},
+                  impls=[impl(f"{m}/ours"), impl(f"{m}/released")] if m != "c" else [Impl("ours", broken)],
+                  modes=("step",)) for m in ("a", "b", "c")]
+    timer = bench_run.Timer(CPU, min_time=0.0, min_reps=5, max_reps=5)
+    recs = bench_run.run_steps(cases, timer, CPU)
+    live = ["a/ours", "a/released", "b/ours", "b/released"]
+    assert calls == live * 7  # two warm-up rounds, then five timed ones, each one call per implementation
+    assert [(r["shape_name"], r["impl"], r["mode"]) for r in recs] == [
+        ("s:a", "a/ours", "step"), ("s:a", "a/released", "step"), ("s:b", "b/ours", "step"),
+        ("s:b", "b/released", "step"), ("s:c", "ours", "step")]
+    assert all(r["reps"] == 5 and r["median_ms"] >= 0 and r["error"] is None for r in recs[:4])
+    assert math.isnan(recs[4]["median_ms"]) and recs[4]["error"] == "RuntimeError: no such method here"
