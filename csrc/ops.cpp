@@ -1,7 +1,8 @@
-// The op schemas of dctkd_ext's C++ kernels (the spectral filters' in csrc/spectral.cpp); kernels
-// register under CPU (csrc/cpu/) and CUDA (csrc/cuda/), fake kernels and autograd from Python
-// (dctkd_ext/ops/). One op of the namespace, fam_global, is a Python custom_op built from these
-// (dctkd_ext/ops/spectral.py).
+// The op schemas of dctkd_ext's C++ kernels (those of the spectral filters in csrc/spectral.cpp, of the
+// CPU FAM layer in csrc/fam_layer.cpp, of local_attention in csrc/local_attention.cpp); kernels register
+// under CPU (csrc/cpu/) and CUDA (csrc/cuda/), fake kernels and autograd from Python (dctkd_ext/ops/).
+// Two ops of the namespace, fam_global and fam_layer, are Python custom_ops built from these
+// (dctkd_ext/ops/fam_global.py, dctkd_ext/ops/fam.py).
 #include <torch/library.h>
 
 #ifndef DCTKD_NO_PYTHON  // the CMake (libtorch) build has no Python module

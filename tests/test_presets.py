@@ -1,4 +1,4 @@
-"""The presets of dct_at_loss pinned: their option values as documented (README, docs/DESIGN.md §3.3), and the
+"""The presets of dct_at_loss pinned: their option values as documented (docs/DESIGN.md §3.3), and the
 loss of every backend against an independent numpy/scipy statement of the formula (not the
 reference module, which reads the same PRESETS table as the kernels)."""
 
@@ -12,7 +12,7 @@ from dctkd_ext import reference as ref
 
 from conftest import features
 
-# The documented table (README "Presets"), written out: a change of PRESETS must change this too.
+# The documented table (docs/DESIGN.md §3.3), written out: a change of PRESETS must change this too.
 DOCUMENTED = {
     "dct": dict(p=2.0, map_norm="minmax", center=True, transform="dct", coef_abs=True, coef_norm="minmax",
                 distance="l2", eps=1e-8),
