@@ -268,6 +268,20 @@ def device_name(device):
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def cpu_model():
+    """The host CPU's model name and its widest x86 vector extension (the C++ kernels dispatch on it), from
+    /proc/cpuinfo; the platform's processor string elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+    return f"{name}, {isa}"
+
+
 def print_table(records, copy_gbps):
     print(f"\ncopy bandwidth: {copy_gbps:.1f} GB/s")
     head = f"{'op':<14}{'shape':<18}{'B':>5} {'dtype':<9}{'mode':<8}{'impl':<20}{'ms':>10}{'GB/s':>9}{'bw%':>7}{'MiB':>9}  speed-up of ours"
@@ -359,8 +373,9 @@ def main(argv=None):
     meta = dict(device=device_name(device), torch=torch.__version__, triton=triton_version,
                 dctkd_ext=dctkd_ext.__version__, backend=dctkd_ext.get_backend(), threads=torch.get_num_threads(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                quick=args.quick, python=platform.python_version())
-    print(f"dctkd_ext bench on {meta['device']}; torch {meta['torch']}, triton {meta['triton']}", flush=True)
+                quick=args.quick, python=platform.python_version(), cpu=cpu_model())
+    print(f"dctkd_ext bench on {meta['device']} ({meta['cpu']}); torch {meta['torch']}, triton {meta['triton']}",
+          flush=True)
     copy_gbps = copy_bandwidth_gbps(device, timer, (1 << 30) if gpu else (256 << 20))
     meta["copy_gbps"] = copy_gbps
     print(f"device copy bandwidth: {copy_gbps:.1f} GB/s", flush=True)
