@@ -67,6 +67,7 @@ def tops():
 
     return triton_backend.load()
 
+
 # Relative-norm error of a correct kernel accumulating in fp32 / fp64, against the float64 reference.
 ACC_TOL = {torch.float64: 1e-10, torch.float32: 5e-6}
 # Relative-norm error of a computation that itself runs in half precision (autocast's convolutions, whose

@@ -17,7 +17,6 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 
-from dctkd_train.models import build_model  # noqa: E402
 from dctkd_train.train import evaluate_checkpoint  # noqa: E402
 
 from conftest import assert_same_nested as assert_same  # noqa: E402
@@ -38,13 +37,10 @@ def torchrun(*args, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def test_ddp_two_processes_on_cpu(tmp_path):
+def test_ddp_two_processes_on_cpu(tmp_path, teacher_ckpt):
     pytest.importorskip("dctkd_ext")
-    torch.manual_seed(0)
-    teacher = tmp_path / "teacher.pt"
-    torch.save({"arch": "resnet8", "num_classes": 4, "model": build_model("resnet8", 4).state_dict()}, teacher)
     out = tmp_path / "ddp"
-    common = ["train", "--data", DATA, "--model", "resnet8", "--method", "dct", "--teacher", str(teacher),
+    common = ["train", "--data", DATA, "--model", "resnet8", "--method", "dct", "--teacher", teacher_ckpt,
               "--batch-size", "8", "--device", "cpu", "--out", str(out), "--no-progress"]
     p = torchrun(*common, "--epochs", "1")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -107,15 +103,6 @@ def plain_teacher(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def bn_teacher(tmp_path_factory):
-    """A teacher checkpoint of the models as they are (with BatchNorm)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save({"arch": "resnet8", "num_classes": 4, "model": build_model("resnet8", 4).state_dict()}, path)
-    return str(path)
-
-
 EQUIVALENCE_METHODS = ["dct", "fam", "kd", "at", "dct+kd"]
 
 
@@ -175,7 +162,7 @@ def assert_same_checkpoint(a: Path, b: Path, what: str):
             assert x[k] == y[k], f"{what}: epoch {x['epoch']} {k}"
 
 
-def test_ddp_workers_killed_or_stopped_restart_under_torchrun_and_resume_exactly(tmp_path, bn_teacher):
+def test_ddp_workers_killed_or_stopped_restart_under_torchrun_and_resume_exactly(tmp_path, teacher_ckpt):
     """torchrun --max-restarts, three runs in turn (ce, dct, fam; BatchNorm kept): rank 1 of the ce run is
     SIGKILLed, rank 1 of the dct run gets SIGTERM (both ranks finish the step, save and exit 75), rank 0
     of the fam run is SIGKILLed, each at a random step; every restarted worker resumes its job's last.pt
@@ -184,7 +171,7 @@ def test_ddp_workers_killed_or_stopped_restart_under_torchrun_and_resume_exactly
     steps = 8  # 64 images / 2 processes / batch 8 = 4 steps an epoch, 2 epochs
     plan = {"ce": ("SIGKILL", 1), "dct": ("SIGTERM", 1), "fam": ("SIGKILL", 0)}
     at = {m: random.randint(1, steps - 1) for m in plan}  # conftest seeds random: replayable
-    base = {"data": DATA, "model": "resnet8", "teacher": bn_teacher, "epochs": 2, "lr": 0.1, "batch_size": 8,
+    base = {"data": DATA, "model": "resnet8", "teacher": teacher_ckpt, "epochs": 2, "lr": 0.1, "batch_size": 8,
             "device": "cpu", "quiet": True, "progress": False, "eval_teacher": False, "seed": 5,
             "deterministic": True, "save_every": 3, "schedule": "step", "milestones": [1]}
     ref = [dict(base, method=m, out=str(tmp_path / "ref" / m), _driver={"batch_norm": True}) for m in plan]
