@@ -11,8 +11,10 @@ import argparse
 import json
 
 
-def _cpu(meta):
-    return f" on {meta['cpu']}" if meta.get("cpu") else ""
+def _run_line(meta):
+    """Where and when the run was made: device (and CPU model where recorded), torch, date."""
+    cpu = f" on {meta['cpu']}" if meta.get("cpu") else ""
+    return f"{meta['device']}{cpu}, torch {meta['torch']}, {meta['date'][:10]}"
 
 
 def render(path, mode="fwd+bwd", op=None):
@@ -22,7 +24,7 @@ def render(path, mode="fwd+bwd", op=None):
     rows = [r for r in records if r["impl"] == "ours" and r["mode"] == mode and (op is None or r["op"] == op)]
     others = list(dict.fromkeys(k for r in rows for k in r["speedup_vs"]))
     lines = [
-        f"{meta['device']}{_cpu(meta)}, torch {meta['torch']}, {meta['date'][:10]}; copy bandwidth {meta['copy_gbps']:.1f} GB/s; "
+        f"{_run_line(meta)}; copy bandwidth {meta['copy_gbps']:.1f} GB/s; "
         f"mode {mode}; source `{path}`",
         "",
         "| op | shape | B | dtype | ours ms | GB/s | of copy bw | peak extra MiB | " + " | ".join(f"vs {o}" for o in others) + " |",
@@ -97,7 +99,7 @@ def render_steps(path):
     steps = [r for r in records if r["op"] == "train_step" and r["mode"] == "step"]
     if not steps:
         return ""
-    lines = [f"{meta['device']}{_cpu(meta)}, torch {meta['torch']}, {meta['date'][:10]}; one SGD step; source `{path}`", "",
+    lines = [f"{_run_line(meta)}; one SGD step; source `{path}`", "",
              "| shape | B | method | ours ms | ours img/s | released ms | ours vs released | ours / ours kd |",
              "|---|---|---|---|---|---|---|---|"]
 

@@ -201,11 +201,7 @@ def run_case(case: Case, timer: Timer, device, rotate: int, want_memory: bool):
         except Exception as exc:  # a baseline that cannot run this case is reported, not fatal
             t, mem, error = {m: (math.nan, 0) for m in case.modes}, {}, _error(exc)
         for mode in case.modes:
-            ms, reps = t[mode]
-            out.append(dict(op=case.op, impl=impl.name, mode=mode, shape_name=case.shape_name, batch=case.batch,
-                            dtype=str(case.dtype).replace("torch.", ""), device=device_name(device),
-                            median_ms=ms, reps=reps, min_bytes=case.min_bytes[mode], upstream=case.upstream,
-                            peak_mem_mb=mem.get(mode), error=error, **case.extra))
+            out.append(_record(case, impl, mode, device, *t[mode], mem.get(mode), error))
         sets.clear()  # frees this impl's inputs before the next impl makes its own
     return out
 
@@ -214,7 +210,7 @@ def run_steps(cases: List[Case], timer: Timer, device):
     """Cases of mode "step" (whole training steps): every implementation of every case is built first and
     all are timed in rounds (Timer.medians_in_rounds), since the steps of different methods are compared
     with each other and a step's time drifts with the machine by more than those differences."""
-    built, records = [], []
+    built = []  # (case, impl, step or None, error or None)
     for case in cases:
         for impl in case.impls:
             try:
@@ -223,18 +219,22 @@ def run_steps(cases: List[Case], timer: Timer, device):
                 built.append((case, impl, None, _error(exc)))
     live = [b for b in built if b[2] is not None]
     try:
-        timed = dict(zip((id(b) for b in live), timer.medians_in_rounds([lambda _, f=b[2]: f() for b in live])))
-    except Exception as exc:
-        timed, err = {}, _error(exc)
+        timed = timer.medians_in_rounds([lambda _, f=b[2]: f() for b in live])
+    except Exception as exc:  # one failing step stops the rounds: every live implementation reports it
+        err = _error(exc)
         built = [(c, i, None, e or err) for c, i, _, e in built]
-    for b in built:
-        case, impl, _, error = b
-        ms, reps = timed.get(id(b), (math.nan, 0)) if error is None else (math.nan, 0)
-        records.append(dict(op=case.op, impl=impl.name, mode="step", shape_name=case.shape_name, batch=case.batch,
-                            dtype=str(case.dtype).replace("torch.", ""), device=device_name(device), median_ms=ms,
-                            reps=reps, min_bytes=case.min_bytes["step"], upstream=case.upstream, peak_mem_mb=None,
-                            error=error, **case.extra))
-    return records
+        timed = []
+    medians = iter(timed)  # in the order of `live`
+    return [_record(case, impl, "step", device, *(next(medians) if step is not None else (math.nan, 0)), None, error)
+            for case, impl, step, error in built]
+
+
+def _record(case, impl, mode, device, ms, reps, peak_mem_mb, error):
+    """One result record of `impl` on `case` in `mode`."""
+    return dict(op=case.op, impl=impl.name, mode=mode, shape_name=case.shape_name, batch=case.batch,
+                dtype=str(case.dtype).replace("torch.", ""), device=device_name(device), median_ms=ms, reps=reps,
+                min_bytes=case.min_bytes[mode], upstream=case.upstream, peak_mem_mb=peak_mem_mb, error=error,
+                **case.extra)
 
 
 def _error(exc):

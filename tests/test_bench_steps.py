@@ -38,3 +38,17 @@ def test_steps_are_timed_in_rounds_and_failures_reported():
         ("s:b", "b/released", "step"), ("s:c", "ours", "step")]
     assert all(r["reps"] == 5 and r["median_ms"] >= 0 and r["error"] is None for r in recs[:4])
     assert math.isnan(recs[4]["median_ms"]) and recs[4]["error"] == "RuntimeError: no such method here"
+
+
+def test_a_step_that_fails_in_the_rounds_is_reported_for_every_implementation():
+    def fails():
+        raise ValueError("diverged")
+
+    ok = Impl("ours", lambda: Prepared(fwd=None, leaves=[], step=lambda: None))
+    bad = Impl("released", lambda: Prepared(fwd=None, leaves=[], step=fails))
+    case = Case(op="train_step", shape_name="s:a", batch=4, dtype=torch.float32, min_bytes={"step": 0},
+                impls=[ok, bad], modes=("step",))
+    recs = bench_run.run_steps([case], bench_run.Timer(CPU, min_time=0.0, min_reps=2, max_reps=2), CPU)
+    assert [(r["impl"], r["error"], r["reps"]) for r in recs] == [("ours", "ValueError: diverged", 0),
+                                                                  ("released", "ValueError: diverged", 0)]
+    assert all(math.isnan(r["median_ms"]) for r in recs)
