@@ -345,15 +345,17 @@ def test_large_gradients_from_reused_buffers(fused_grad, layout, gen):
     # Student gradients of 1 MiB and more come from buffers that are reused once their tensor dies
     # (csrc/cpu/grad_buffers.cpp): a gradient still alive never shares memory with a new one, a
     # reused buffer is fully rewritten, and the layout is the student's. Each case has a byte size of
-    # its own (1.28 to 1.38 MiB), so the cache holds no buffer of that size when it starts.
+    # its own (1.28 to 1.38 MiB), so the cache holds no buffer of that size when it starts. The preset
+    # is fft-real-minmax: the paper preset's min of |Re FFT2| over 4096 coefficients can meet one within
+    # fp32 rounding of the centred DC's zero, and fp32 then takes the minimum's gradient elsewhere.
     c = {("nchw", True): 41, ("nchw", False): 42, ("channels_last", True): 43, ("channels_last", False): 44}
     s = [feats(gen, (2, c[layout, fused_grad], 64, 64), torch.float32, layout, requires_grad=True)]
     t = [feats(gen, (2, 24, 64, 64), torch.float32, layout)]
-    _, (want,) = reference_loss_and_grads(s, t, preset="paper")
+    _, (want,) = reference_loss_and_grads(s, t, preset="fft-real-minmax")
 
     def step():
         s[0].grad = None
-        dctkd_ext.dct_at_loss(s, t, preset="paper", fused_grad=fused_grad).backward()
+        dctkd_ext.dct_at_loss(s, t, preset="fft-real-minmax", fused_grad=fused_grad).backward()
         return s[0].grad
 
     g1 = step()
