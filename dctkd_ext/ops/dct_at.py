@@ -164,21 +164,34 @@ def _fused_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _fused_saved(ctx):
+    """What _fused_setup saved: (grad_maps, student, d_student, grad_scale)."""
+    n, saved = ctx.levels, ctx.saved_tensors
+    return list(saved[:n]), list(saved[n : 2 * n]), list(saved[2 * n : -1]), saved[-1]
+
+
+def _hand_over(d_student, ratio=1.0):
+    """The saved dS as the student's gradient, times `ratio` (a float or a (B, 1, 1, 1) tensor). A
+    retained graph may run the backward again: then .grad must not share dS's memory (the next
+    accumulation into .grad would change the saved dS), and dS must not be scaled in place."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    shared = keep_graph is None or keep_graph()
+    if _is_one(ratio):
+        return [d.clone() for d in d_student] if shared else d_student
+    if shared:
+        return [d * _as_factor(ratio, d) for d in d_student]
+    return [d.mul_(_as_factor(ratio, d)) for d in d_student]
+
+
 def _fused_backward(ctx, grad_loss, _grad_of_grad_maps=None, _grad_of_d_student=None):
     n = ctx.levels
     if grad_loss is None:
         return ([None] * n, [None] * n) + (None,) * 10
-    saved = ctx.saved_tensors
-    grad_maps, student = list(saved[:n]), list(saved[n : 2 * n])
-    d_student, grad_scale = list(saved[2 * n : -1]), saved[-1]
+    grad_maps, student, d_student, grad_scale = _fused_saved(ctx)
     if wants_graph():  # create_graph=True: a backward that can be differentiated again
         d_student = _loss_grads_through_reference(ctx, student, grad_loss)
     elif ctx.fused and not _traced(grad_loss) and torch.equal(grad_loss, grad_scale):
-        # A retained graph may run this again: then .grad must not share dS's memory, or the
-        # next accumulation into .grad would change the saved dS.
-        keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-        if keep_graph is None or keep_graph():
-            d_student = [d.clone() for d in d_student]
+        d_student = _hand_over(d_student)
     else:
         d_student = _ops.dct_at_loss_backward(grad_loss, grad_maps, student, ctx.p)
     # student, teacher (a constant), the non-tensor options, grad_scale
@@ -221,9 +234,7 @@ class _FusedLossEager(torch.autograd.Function):
         n = ctx.levels
         if grad_out is None:
             return (None, None) + (None,) * n
-        saved = ctx.saved_tensors
-        grad_maps, student = list(saved[:n]), list(saved[n : 2 * n])
-        d_student, grad_scale = list(saved[2 * n : -1]), saved[-1]
+        grad_maps, student, d_student, grad_scale = _fused_saved(ctx)
         sw, b = ctx.sample_weight, student[0].shape[0]
         if ctx.reduction == "none":
             upstream = grad_out if sw is None else grad_out * sw.to(grad_out.dtype)
@@ -246,16 +257,7 @@ class _FusedLossEager(torch.autograd.Function):
         elif ratio is None or not (_is_one(ratio) or _exact_scaling(ratio, d_student)):
             d_student = _ops.dct_at_loss_backward(upstream, grad_maps, student, ctx.p)
         else:
-            # A retained graph may run this again: then .grad must not share dS's memory (the next
-            # accumulation into .grad would change the saved dS), and dS must not be scaled in place.
-            keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-            shared = keep_graph is None or keep_graph()
-            if _is_one(ratio):
-                d_student = [d.clone() for d in d_student] if shared else d_student
-            elif shared:
-                d_student = [d * _as_factor(ratio, d) for d in d_student]
-            else:
-                d_student = [d.mul_(_as_factor(ratio, d)) for d in d_student]
+            d_student = _hand_over(d_student, ratio)
         return (None, None, *d_student)
 
 
