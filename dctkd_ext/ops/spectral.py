@@ -29,6 +29,7 @@ def resolve_backend(device: torch.device) -> str:
     """The backend the spectral ops run on for tensors on `device` ("cpu", "cuda", "triton", "reference")."""
     return _backend.select(device, _FAMILY)
 
+
 # ------------------------------------------------------------------------------------------- checks
 def _check_complex(t, name: str, ndim: int, layout: str) -> None:
     if not isinstance(t, torch.Tensor):
