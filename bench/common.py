@@ -11,6 +11,7 @@ ones: a weighted loss or a GradScaler's scale) or "mse" (the gradient a mean-squ
 the output gives: 2 (y - target) / numel, values near 1e-7 at real sizes). A case of mode "step"
 times Prepared.step, a whole training step, instead of fwd / bwd / fwd+bwd."""
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -62,3 +63,41 @@ class Case:
     extra: Dict[str, object] = field(default_factory=dict)  # copied into each record
     modes: tuple = FWD_BWD_MODES  # or ("step",)
     upstream: str = "ones"  # the backward's upstream gradient (see upstream_gradient)
+
+
+# ------------------------------------------------------------------------------ what suites share
+CPU_BATCH = 8  # the batch of a --full grid on the CPU unless --batches
+
+
+def wants_fp32(args) -> bool:
+    """Whether --dtypes (if given) asks for float32."""
+    dtypes = getattr(args, "dtypes", None)
+    if not dtypes:
+        return True
+    names = {str(d).replace("torch.", "") for d in dtypes}
+    return bool(names & {"float32", "fp32", "f32"})
+
+
+def grid_batches(args, default: int, device: torch.device) -> List[int]:
+    """The batches of a --full grid: --batches, else the recipe's batch on the GPU and CPU_BATCH on the
+    CPU (so that a full run stays minutes long)."""
+    batches = getattr(args, "batches", None)
+    if batches:
+        return [int(b) for b in batches]
+    return [CPU_BATCH] if device.type == "cpu" else [default]
+
+
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def on_backend(name: str, fn: Callable) -> Callable:
+    """fn(*args) run under dctkd_ext.use_backend(name): the backend is chosen when the forward runs, and
+    the backward follows the op the forward used."""
+    import dctkd_ext
+
+    def run(*args):
+        with dctkd_ext.use_backend(name):
+            return fn(*args)
+
+    return run

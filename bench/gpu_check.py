@@ -15,7 +15,7 @@ one after another, each with its own time limit, the whole under --budget second
              compute-sanitizer on small shapes of every CUDA kernel (tests/gpu/sanitize_cases.py)
   bench      bench/run.py on the headline grid (dct_at_loss at ResNet-50 -> ResNet-18, B = 16 and
              128, bf16), ours on the CUDA and on the Triton backend, into bench/results/<gpu>.json
-  bench_fam  bench/run.py --quick --suites fam (CUDA and Triton), into bench/results/<gpu>-fam.json
+  bench_fam  bench/run.py --quick --suites spectral,fam_layer (CUDA and Triton), into bench/results/<gpu>-fam.json
   tests      the rest of the test suite on the GPU, in the time left
 
 A failing or timed-out step is recorded and the next one runs. Everything goes under OUT_DIR:
@@ -90,7 +90,8 @@ def plan(out: str, python: str = sys.executable, sanitizer=None):
         ("bench", 100, py + [os.path.join("bench", "run.py"), "--quick", "--suites", "dct_at", "--batches", "16,128",
                              "--dtypes", "bfloat16", "--compile-mode", "default", "--out", res + ".json"],
          "bench/run.py: dct_at_loss headline cases, ours on the CUDA and Triton backends vs eager and compiled", {}),
-        ("bench_fam", 50, py + [os.path.join("bench", "run.py"), "--quick", "--suites", "fam", "--out", res + "-fam.json"],
+        ("bench_fam", 50, py + [os.path.join("bench", "run.py"), "--quick", "--suites", "spectral,fam_layer",
+                                 "--out", res + "-fam.json"],
          "bench/run.py: FAM quick cases (CUDA and Triton)", {}),
         ("tests", 300, py + ["-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider",
                              os.path.join("tests", "test_dct_at.py"), os.path.join("tests", "test_triton_dct_at.py"),

@@ -11,12 +11,14 @@ Chosen by the environment variable DCTKD_BACKEND, `set_backend(name)` or `with u
 
 What else lives here, so that no op family repeats it:
 - run_on(device, family): the backend an op family runs on for tensors on a device and its op
-  namespace (select() and kernels() below, the two steps);
+  namespace (select() and kernels() below, the two steps); the families are named as their files in
+  dctkd_ext/ops: "dct_at", "spectral", "fam_layer", "local_attention";
 - kernels(backend): the op namespace that runs it (torch.ops.dctkd_ext, or torch.ops.dctkd_ext_triton
   with the Triton ops defined: triton is imported once, on first use, so the package works without it);
-- register_family(family, register_autograd): each module of dctkd_ext/ops hands over the function
-  that registers its autograd formulas on an op namespace; it runs for dctkd_ext at once and for
-  dctkd_ext_triton when the Triton ops are loaded (both namespaces share the schemas and formulas).
+- register_family(family, register_autograd): each module of dctkd_ext/ops whose ops have Triton twins
+  hands over the function that registers their autograd formulas on an op namespace; it runs for
+  dctkd_ext at once and for dctkd_ext_triton when the Triton ops are loaded (both namespaces share the
+  schemas and formulas).
 
 Layering: this module imports the compiled library (_extension) and, lazily, dctkd_ext.triton; it
 never imports dctkd_ext.ops or dctkd_ext.reference (see CONTRIBUTING.md, "Layers").

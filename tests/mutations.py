@@ -219,11 +219,11 @@ def _():
            "tests/test_spectral.py::test_frequency_attention_depthwise",
            "tests/test_fam_layer.py::test_composite_equals_cpu_kernels"])
 def _():
-    from dctkd_ext.ops import fam_global
+    from dctkd_ext.ops import spectral
 
-    original = getattr(fam_global, "_c2r_multiplicity", None)
+    original = getattr(spectral, "c2r_multiplicity", None)
     if original is None:
-        raise NotApplicable("dctkd_ext.ops.fam_global has no _c2r_multiplicity")
+        raise NotApplicable("dctkd_ext.ops.spectral has no c2r_multiplicity")
 
     def c2r_multiplicity(s, device, dtype):
         m = original(s, device, dtype)

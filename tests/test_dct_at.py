@@ -203,6 +203,32 @@ def test_loss_weights_sample_weight_reduction(device, reduction, gen):
     assert_close(loss, expect, torch.float32, "weights")
 
 
+def _half_features(b, c, s, dtype, device, gen):
+    # what a conv under autocast hands the loss: half-precision maps
+    return (torch.randn(b, c, s, s, generator=gen, dtype=torch.float64) + 0.1).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("preset", ["dct", "paper"])
+def test_dct_at_loss_under_autocast_at_7_14_28(preset, dtype, device, gen):
+    # three levels as a ResNet-50 -> ResNet-18 pair at 224 px gives them (28, 14, 7), channels differ
+    s = [_half_features(4, c, k, dtype, device, gen).requires_grad_(True) for c, k in ((32, 28), (64, 14), (128, 7))]
+    t = [_half_features(4, c, k, dtype, device, gen) for c, k in ((64, 28), (128, 14), (256, 7))]
+    with torch.autocast(device, dtype=dtype):
+        loss = dctkd_ext.dct_at_loss(s, t, preset=preset)
+    assert loss.dtype == torch.float32
+    ref_loss = ref.dct_at_loss([f.detach().double() for f in s], [f.double() for f in t], preset=preset)
+    # the loss accumulates in fp32 from the half features: the fp32 bound against the float64 reference
+    assert_close(loss, ref_loss, dtype, f"dct_at_loss {preset} under autocast", factor=2)
+    loss.backward()
+    s64 = [f.detach().double().requires_grad_(True) for f in s]
+    ref.dct_at_loss(s64, [f.double() for f in t], preset=preset).backward()
+    for i, (a, b) in enumerate(zip(s, s64)):
+        assert a.grad.dtype == dtype
+        assert_close(a.grad, b.grad, dtype, f"level {i}: gradient under autocast", factor=20)
+
+
 def test_paper_preset_equals_released_code(gen):
     # the literal eager re-statement of the authors' formula, in fp32, as they run it
     s, t = make_levels("square", torch.float32, "cpu", False, gen)

@@ -1,9 +1,10 @@
-"""The whole FAM layer as one spectral GEMM (dctkd_ext.ops.fam.fam_layer, the channel-mixing
+"""The whole FAM layer as one spectral GEMM (dctkd_ext.ops.fam_layer.fam_layer, the channel-mixing
 nn.FrequencyAttention): output and every gradient against the FAM-KD authors' formulation in float64
 (even, odd and rectangular sizes, every cuton), chunked weights, partial gradients, the GPU composite
 (run here on the CPU kernels and, under the Triton interpreter, on the Triton ones), gradcheck, opcheck,
 torch.compile, autocast and bad input."""
 
+import importlib
 import os
 
 import pytest
@@ -14,10 +15,12 @@ import dctkd_ext
 from dctkd_ext import _backend
 from dctkd_ext import reference as R
 from dctkd_ext.nn import FrequencyAttention
-from dctkd_ext.ops import fam as fam_op
 
 from conftest import ACC_TOL as TOL
 from conftest import rel_err as _rel_err_real
+
+# the family's module (the attribute dctkd_ext.ops.fam_layer is the function it exports)
+fam_op = importlib.import_module("dctkd_ext.ops.fam_layer")
 
 HAS_CUDA = torch.cuda.is_available()
 PARAMS = ("x", "weights1", "w0_weight", "w0_bias", "rate1", "rate2")

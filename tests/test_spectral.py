@@ -16,7 +16,7 @@ import dctkd_ext
 from dctkd_ext import _backend
 from dctkd_ext import reference as R
 from dctkd_ext.nn import FrequencyAttention, GlobalFilter
-from dctkd_ext.ops import fam_global as fg
+from dctkd_ext.ops import spectral as fg
 
 from conftest import ACC_TOL, HAS_CUDA, HAS_TRITON, TRITON_DEVICE, crandn, in_layout, rel_err
 

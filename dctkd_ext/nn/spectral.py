@@ -9,10 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from .._shapes import FUSED_MAX_SIZE, fused_tiles
-from ..ops import fam as _fl
-from ..ops import fam_global as _fg
 from ..ops import spectral as _sp
 from ..ops._checks import check_cuton
+from ..ops.fam_layer import fam_layer as _fam_layer
+from ..ops.fam_layer import resolve_backend as _fam_layer_backend
 
 PATHS = ("auto", "fft", "fused")
 
@@ -21,7 +21,7 @@ PATHS = ("auto", "fft", "fused")
 # channels with elementwise FMAs, while the FFT path uses cuFFT plus tensor-core GEMMs but pays ~5
 # launches and the (B, C, S, S//2+1) complex intermediates; so the rule takes the fused kernel only where
 # its estimated work is small (launch-bound layers). FUSED_MAX_FLOPS is that estimate's threshold, to be
-# set from the crossover bench/suites/fam.py records on a GPU ("ours_fft" and "ours_fused" side by side).
+# set from the crossover bench/suites/fam_layer.py records on a GPU ("ours_fft" and "ours_fused" side by side).
 # Override per module with path=..., or globally with DCTKD_FAM_PATH=fft|fused|auto.
 # On the CPU "auto" is always the rfft path (pocketfft + the tiled C++ spectral_conv); there is no fused
 # C++ kernel: on 2 CPU threads the forward DFT alone done as matmuls (x @ [cos|sin], then the complex
@@ -82,7 +82,7 @@ class FrequencyAttention(nn.Module):
     half-plane weight W' (docs/DESIGN.md §3.4): half the FFT work and memory. Any S, odd included. The 1x1
     branch and both rates fold into the frequency weight (a 1x1 conv is the same matrix at every
     frequency): forward = irfft2((rate1 W' + rate2 w0^T) rfft2(x)) + rate2 b, one spectral GEMM for the
-    whole layer (dctkd_ext.ops.fam.fam_layer).
+    whole layer (dctkd_ext.ops.fam_layer).
 
     mix="depthwise": the paper's own description (a GFNet-style per-channel filter, in == out):
     weights1 (in, S, S) complex64, initialised (1/in) * rand (so the global branch has the scale of
@@ -151,14 +151,16 @@ class FrequencyAttention(nn.Module):
     def choose_path(self, x: Tensor) -> str:
         """"fft" or "fused" for this input (see the class docstring and FUSED_MAX_FLOPS)."""
         path = self.path or _default_path()
+        # the backend of the op this module runs: fam_global (depthwise) or fam_layer (channel mixing)
+        backend = (_sp.resolve_backend if self.mix == "depthwise" else _fam_layer_backend)(x.device)
         fused_ok = (x.dtype in (torch.float32, torch.float16, torch.bfloat16) and self.size <= FUSED_MAX_SIZE
-                    and _fg.fused_available(x.device) and _fg.resolve_backend(x.device) in ("cuda", "triton"))
+                    and _sp.fused_available(x.device) and backend in ("cuda", "triton"))
         if path == "fused":
             if not fused_ok:
                 raise ValueError(
                     f"path='fused' needs size <= {FUSED_MAX_SIZE}, float32 (or half) features and Triton on a "
                     f"CUDA device (or TRITON_INTERPRET=1) with the cuda/triton backend; got size {self.size}, "
-                    f"{x.dtype} on {x.device}, backend {_fg.resolve_backend(x.device)!r}"
+                    f"{x.dtype} on {x.device}, backend {backend!r}"
                 )
             return "fused"
         if path == "fft" or not fused_ok or x.device.type != "cuda":
@@ -175,7 +177,7 @@ class FrequencyAttention(nn.Module):
     def global_branch(self, x: Tensor, cuton: Optional[float] = None) -> Tensor:
         """Re(ifft2(M * mix(fft2(x, ortho), weights1), ortho)): (B, in, S, S) -> (B, out, S, S)."""
         depthwise = self.mix == "depthwise"
-        return self._in_full_precision(x, cuton, lambda xg, w, c, fused: _fg.fam_global(xg, w, c, depthwise, fused))
+        return self._in_full_precision(x, cuton, lambda xg, w, c, fused: _sp.fam_global(xg, w, c, depthwise, fused))
 
     def forward(self, x, cuton: Optional[float] = None) -> Tensor:
         if isinstance(x, tuple):  # the released module's forward((x, cuton))
@@ -192,11 +194,11 @@ class FrequencyAttention(nn.Module):
 
     def _folded(self, x: Tensor, cuton: Optional[float]) -> Tensor:
         # Channel mixing: the 1x1 branch and both rates fold into the frequency weight, one spectral GEMM
-        # (dctkd_ext/ops/fam.py).
+        # (dctkd_ext/ops/fam_layer.py).
         def layer(xg, w, c, fused):
             rdt, bias = xg.dtype, self.w0.bias
-            return _fl.fam_layer(xg, w, self.w0.weight.to(rdt), None if bias is None else bias.to(rdt),
-                                 self.rate1.to(rdt), self.rate2.to(rdt), c, fused)
+            return _fam_layer(xg, w, self.w0.weight.to(rdt), None if bias is None else bias.to(rdt),
+                              self.rate1.to(rdt), self.rate2.to(rdt), c, fused)
 
         return self._in_full_precision(x, cuton, layer)
 

@@ -1,9 +1,8 @@
 """The Python face of every op: argument checks, fake (meta) kernels for torch.compile, autograd
 registration, and the backend choice (dctkd_ext._backend). One module per op family."""
 
-from . import fam_global  # noqa: F401  (the FAM global-branch ops: fake kernels, autograd)
 from .dct_at import attention_map, dct2d, dct_at_loss, idct2d
-from .fam import fam_layer
+from .fam_layer import fam_layer
 from .local_attention import local_attention
 from .spectral import global_filter, spectral_conv
 

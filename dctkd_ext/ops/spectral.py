@@ -1,23 +1,33 @@
-"""global_filter and spectral_conv, the spectral filters of FAM-KD / GFNet (docs/DESIGN.md §3.4): argument checks,
-fake kernels, autograd (PyTorch's conjugate convention), backend choice. The FAM pieces built on them
-(the half-plane weight, the fused small-map filter, fam_global) are in fam_global.py.
+"""The spectral family of FAM-KD / GFNet (docs/DESIGN.md §3.4): the Fourier-domain filters global_filter and
+spectral_conv, FAM's symmetrised half-plane weight fam_half_weight, the fused small-map filter
+fam_filter_fused (Triton) and the custom op fam_global (FAM's global branch) that chains them; argument
+checks, fake kernels, autograd (PyTorch's conjugate convention), backend choice (family "spectral").
 
-Kernels: torch.ops.dctkd_ext.{global_filter, spectral_conv}[_backward] (CPU: csrc/cpu/spectral.cpp,
-CUDA: csrc/cuda/spectral.cu), their Triton twins torch.ops.dctkd_ext_triton.* (same schemas;
-dctkd_ext/triton/spectral.py, loaded on first use), the reference in dctkd_ext/reference.py. The
-autograd formulas are registered on both namespaces (dctkd_ext._backend.register_family)."""
+Kernels: torch.ops.dctkd_ext.{global_filter, spectral_conv, fam_half_weight}[_backward] (CPU:
+csrc/cpu/spectral.cpp, CUDA: csrc/cuda/spectral.cu), their Triton twins torch.ops.dctkd_ext_triton.* (same
+schemas) and dctkd_ext_triton::fam_filter_fused (dctkd_ext/triton/spectral.py, loaded on first use), the
+reference in dctkd_ext/reference.py. The autograd formulas are registered on both namespaces
+(dctkd_ext._backend.register_family). The whole FAM layer is its own family (ops/fam_layer.py)."""
 
+import os
 from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .. import _backend, reference
+from .._shapes import fam_mask_radius, spectrum_channels_last  # noqa: F401  (fam_mask_radius: part of the face)
+from ._checks import check_cuton
 from ._higher_order import grads_through, wants_graph
 
 _ops = torch.ops.dctkd_ext
 _FAMILY = "spectral"
 _COMPLEX = (torch.complex64, torch.complex128)
+
+
+def resolve_backend(device: torch.device) -> str:
+    """The backend the spectral ops run on for tensors on `device` ("cpu", "cuda", "triton", "reference")."""
+    return _backend.select(device, _FAMILY)
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -63,13 +73,8 @@ def _check_w(w, xf: Tensor, ndim: int, layout: str, expected) -> None:
 
 
 # ------------------------------------------------------------------------------------ fake kernels
-def _gf_channels_last(xf: Tensor) -> bool:
-    # the rule of csrc/spectral_common.h: a permuted (B, H, K, C)-contiguous tensor that is not NCHW-contiguous
-    return xf.dim() == 4 and not xf.is_contiguous() and xf.permute(0, 2, 3, 1).is_contiguous()
-
-
 def _gf_out_like(xf: Tensor) -> Tensor:
-    if _gf_channels_last(xf):
+    if spectrum_channels_last(xf):
         b, c, h, k = xf.shape
         return xf.new_empty((b, h, k, c)).permute(0, 3, 1, 2)
     return xf.new_empty(xf.shape)
@@ -83,7 +88,7 @@ def _gf_backward_fake(grad, xf, w, mask, need_xf, need_w):
     dx = _gf_out_like(xf) if need_xf else xf.new_empty((0,))
     if not need_w:
         return dx, w.new_empty((0,))
-    if _gf_channels_last(xf):
+    if spectrum_channels_last(xf):
         c, h, k = w.shape
         return dx, w.new_empty((h, k, c)).permute(2, 0, 1)
     return dx, w.new_empty(w.shape)
@@ -105,7 +110,7 @@ torch.library.register_fake("dctkd_ext::spectral_conv")(_sc_fake)
 torch.library.register_fake("dctkd_ext::spectral_conv_backward")(_sc_backward_fake)
 
 
-# ------------------------------------------------------------------------------------------ autograd
+# ---------------------------------------------------------------------- autograd of global_filter / spectral_conv
 def _save(ctx, inputs, output):
     xf, w, mask = inputs
     ctx.save_for_backward(xf, w, mask)
@@ -134,9 +139,97 @@ def _make_backward(backward_op, forward_op, formula):
     return backward
 
 
+# ------------------------------------------------------------------------------ the half-plane weight
+def _half_weight_fake(w, cuton):
+    return w.new_empty(tuple(w.shape[:-1]) + (w.shape[-1] // 2 + 1,))
+
+
+def _half_weight_backward_fake(grad, cuton, width):
+    return grad.new_empty(tuple(grad.shape[:-1]) + (width,))
+
+
+torch.library.register_fake("dctkd_ext::fam_half_weight")(_half_weight_fake)
+torch.library.register_fake("dctkd_ext::fam_half_weight_backward")(_half_weight_backward_fake)
+
+
+def fam_half_weight(weights: Tensor, cuton: float) -> Tensor:
+    """W'(k) = (M(k) W(k) + conj(M(-k) W(-k))) / 2 on the rfft half plane (docs/DESIGN.md §3.4), one pass each way,
+    differentiable in weights. weights: (..., S_h, S_w) complex -> (..., S_h, S_w//2+1). Equals
+    reference.fam_half_weight."""
+    if isinstance(weights, torch.Tensor) and weights.dim() < 2:
+        raise ValueError(f"weights: expected at least 2 dims (..., H, W), got shape {tuple(weights.shape)}")
+    _check_complex(weights, "weights", getattr(weights, "ndim", 2), "(..., H, W)")
+    check_cuton(cuton)
+    ops = _backend.run_on(weights.device, _FAMILY)[1]
+    if ops is None:
+        return reference.fam_half_weight(weights, cuton)
+    return ops.fam_half_weight(weights, float(cuton))
+
+
+# ------------------------------------------------------------------------------ the fused small-map filter
+# rfft2 -> filter -> irfft2 in one Triton kernel: dctkd_ext_triton::fam_filter_fused.
+def c2r_multiplicity(s: int, device, dtype) -> Tensor:
+    """(s // 2 + 1,) weights of the rfft half-plane columns in irfft's backward: 2 on the columns that stand
+    for two conjugate frequencies, 1 on column 0 and (even s) the Nyquist column s / 2."""
+    mult = torch.full((s // 2 + 1,), 2.0, dtype=dtype, device=device)
+    mult[0] = 1.0
+    if s % 2 == 0:
+        mult[-1] = 1.0
+    return mult
+
+
+def _fam_fused_setup(ctx, inputs, output):
+    x, w, depthwise, adjoint = inputs
+    ctx.save_for_backward(x, w)
+    ctx.depthwise, ctx.adjoint = depthwise, adjoint
+
+
+def _fam_fused_backward(ctx, grad):
+    x, w = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    dx = dw = None
+    if need_x:  # the map is linear in x: its adjoint is the same filter, conjugated and transposed
+        dx = _backend.triton_ops().fam_filter_fused(grad.contiguous(), w, ctx.depthwise, not ctx.adjoint)
+    if need_w:
+        if ctx.adjoint:
+            raise RuntimeError("fam_filter_fused: the weight gradient of the adjoint (double backward) is not supported")
+        s = x.shape[-1]
+        xf = torch.fft.rfft2(x, norm="ortho")
+        gf = torch.fft.rfft2(grad, norm="ortho") * c2r_multiplicity(s, grad.device, grad.dtype)
+        kern = spectral_kernels(x.device)
+        if ctx.depthwise:
+            dw = _backward_w(kern.global_filter_backward, reference.global_filter, gf, xf, w)
+        else:
+            dw = _backward_w(kern.spectral_conv_backward, reference.spectral_conv, gf, xf, w)
+    return dx, dw, None, None
+
+
+def _backward_w(backward_op, ref, grad, xf, w):
+    if backward_op is None:  # reference backend
+        with torch.enable_grad():
+            wr = w.detach().requires_grad_()
+            return torch.autograd.grad(ref(xf, wr), wr, grad)[0]
+    return backward_op(grad, xf, w, None, False, True)[1]
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether the fused small-map kernel can run on `device` (Triton on CUDA, or the interpreter)."""
+    if not _backend.triton_installed():
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fam_filter_fused(x: Tensor, w_half: Tensor, depthwise: bool = False) -> Tensor:
+    """irfft2(mix(w_half, rfft2(x, ortho)), s=(S, S), ortho) for x (B, I, S, S) float32, S <= 32, in one
+    Triton kernel; w_half (I, O, S, S//2+1) complex64 (channel mixing) or (C, S, S//2+1) (depthwise)."""
+    return _backend.triton_ops().fam_filter_fused(x, w_half, depthwise, False)
+
+
+# ------------------------------------------------------------------------------------------ autograd
 def register_autograd(ns: str) -> None:
-    """Register the backward formulas of the spectral ops on torch.ops.<ns>: the C++ ops ("dctkd_ext")
-    and the Triton ops ("dctkd_ext_triton", same schemas) share them."""
+    """Register the backward formulas of the family's ops on torch.ops.<ns>: global_filter, spectral_conv and
+    fam_half_weight on both namespaces (the C++ ops "dctkd_ext" and the Triton ops "dctkd_ext_triton", same
+    schemas), fam_filter_fused (Triton only) on dctkd_ext_triton."""
     ops = getattr(torch.ops, ns)
     torch.library.register_autograd(
         f"{ns}::global_filter", _make_backward(ops.global_filter_backward, ops.global_filter, reference.global_filter),
@@ -145,10 +238,28 @@ def register_autograd(ns: str) -> None:
         f"{ns}::spectral_conv", _make_backward(ops.spectral_conv_backward, ops.spectral_conv, reference.spectral_conv),
         setup_context=_save)
 
-# -------------------------------------------------------------------------------------- backends
+    def half_weight_setup(ctx, inputs, output):
+        w, cuton = inputs
+        ctx.cuton, ctx.width = cuton, w.shape[-1]
+        ctx.w_shape, ctx.w_dtype = w.shape, w.dtype
+
+    def half_weight_backward(ctx, g):
+        if wants_graph():  # linear in the weight: its adjoint as a graph, at any point (zeros)
+            w0 = torch.zeros(ctx.w_shape, dtype=ctx.w_dtype, device=g.device, requires_grad=True)
+            (dw,) = grads_through(lambda w: reference.fam_half_weight(w, ctx.cuton), [w0], [True], g)
+            return dw, None
+        return ops.fam_half_weight_backward(g, ctx.cuton, ctx.width), None
+
+    torch.library.register_autograd(f"{ns}::fam_half_weight", half_weight_backward, setup_context=half_weight_setup)
+    if ns == _backend.NAMESPACES[1]:
+        torch.library.register_autograd(f"{ns}::fam_filter_fused", _fam_fused_backward,
+                                        setup_context=_fam_fused_setup)
+
+
 _backend.register_family(_FAMILY, register_autograd)
 
 
+# -------------------------------------------------------------------------------------- backends
 class SpectralKernels(NamedTuple):
     """The spectral ops of one backend; the backward ops are None on the reference backend (autograd)."""
 
@@ -158,9 +269,9 @@ class SpectralKernels(NamedTuple):
     spectral_conv_backward: Optional[Callable]
 
 
-def spectral_kernels(device: torch.device, family: str = _FAMILY) -> SpectralKernels:
-    """The spectral ops of the backend that op `family` runs on for tensors on `device`."""
-    _, ops = _backend.run_on(device, family)
+def spectral_kernels(device: torch.device) -> SpectralKernels:
+    """The spectral ops of the backend this family runs on for tensors on `device`."""
+    _, ops = _backend.run_on(device, _FAMILY)
     if ops is None:
         return SpectralKernels(reference.global_filter, None, reference.spectral_conv, None)
     return SpectralKernels(ops.global_filter, ops.global_filter_backward, ops.spectral_conv, ops.spectral_conv_backward)
@@ -194,3 +305,98 @@ def spectral_conv(xf: Tensor, w: Tensor, mask: Optional[Tensor] = None) -> Tenso
     _check_w(w, xf, 4, "(I, O, H, K)", (i, None, h, k))
     mask = _check_mask(mask, xf)
     return spectral_kernels(xf.device).spectral_conv(xf, w, mask)
+
+
+# ---------------------------------------------------------------------------------- the FAM global branch
+# One custom op for the whole filter x -> irfft2(mix(W', rfft2(x))), W' = fam_half_weight(weights, cuton),
+# so that autograd keeps only x and weights (which exist anyway): W', rfft2(x) and the spectra are
+# transients, recomputed in the backward (one gather for W', one rfft2 of x). The backward:
+#   dx = irfft2(mix^H(W', rfft2(dg)))                   (the adjoint; the fused kernel with adjoint=True)
+#   dW' = sum_b conj(rfft2(x)) * rfft2(dg) * c_k         (c_k = 2 on the columns that stand for two)
+#   dweights = fam_half_weight_backward(dW')
+def _half_impl(device):
+    return _backend.run_on(device, _FAMILY)[1].fam_half_weight
+
+
+def _half_backward_impl(device):
+    return _backend.run_on(device, _FAMILY)[1].fam_half_weight_backward
+
+
+@torch.library.custom_op("dctkd_ext::fam_global", mutates_args=())
+def _fam_global(x: Tensor, weights: Tensor, cuton: float, depthwise: bool, fused: bool) -> Tensor:
+    s = x.shape[-1]
+    w_half = _half_impl(x.device)(weights, cuton)
+    if fused:
+        return _backend.triton_ops().fam_filter_fused(x.contiguous(), w_half, depthwise, False)
+    kern = spectral_kernels(x.device)
+    xf = torch.fft.rfft2(x, norm="ortho")
+    yf = kern.global_filter(xf, w_half, None) if depthwise else kern.spectral_conv(xf, w_half, None)
+    return torch.fft.irfft2(yf, s=(s, s), norm="ortho")
+
+
+@torch.library.register_fake("dctkd_ext::fam_global")
+def _(x, weights, cuton, depthwise, fused):
+    b, i, s, _ = x.shape
+    o = i if depthwise else weights.shape[1]
+    return x.new_empty((b, o, s, s))
+
+
+def _fam_global_setup(ctx, inputs, output):
+    x, weights, cuton, depthwise, fused = inputs
+    ctx.save_for_backward(x, weights)
+    ctx.cuton, ctx.depthwise, ctx.fused = cuton, depthwise, fused
+
+
+def _reference_fam_global(x, weights, cuton, depthwise):
+    s = x.shape[-1]
+    w_half = reference.fam_half_weight(weights, cuton)
+    xf = torch.fft.rfft2(x, norm="ortho")
+    yf = reference.global_filter(xf, w_half) if depthwise else reference.spectral_conv(xf, w_half)
+    return torch.fft.irfft2(yf, s=(s, s), norm="ortho")
+
+
+def _fam_global_backward(ctx, dg):
+    x, weights = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    if wants_graph():  # create_graph=True: a backward that can be differentiated again
+        dx, dweights = grads_through(lambda a, b: _reference_fam_global(a, b, ctx.cuton, ctx.depthwise),
+                                     [x, weights], [need_x, need_w], dg)
+        return dx, dweights, None, None, None
+    s = x.shape[-1]
+    k = s // 2 + 1
+    kern = spectral_kernels(x.device)
+    backward = kern.global_filter_backward if ctx.depthwise else kern.spectral_conv_backward
+    w_half = _half_impl(x.device)(weights, ctx.cuton)
+    dg = dg.contiguous()
+    dx = dweights = gf = None
+    if need_x:
+        if ctx.fused:
+            dx = _backend.triton_ops().fam_filter_fused(dg, w_half, ctx.depthwise, True)
+        else:
+            gf = torch.fft.rfft2(dg, norm="ortho")
+            # only the shape of xf matters when its gradient alone is asked for
+            xf_shape = gf.new_zeros(()).expand(x.shape[0], x.shape[1], s, k)
+            dxf, _ = backward(gf, xf_shape, w_half, None, True, False)
+            dx = torch.fft.irfft2(dxf, s=(s, s), norm="ortho")
+    if need_w:
+        if gf is None:
+            gf = torch.fft.rfft2(dg, norm="ortho")
+        xf = torch.fft.rfft2(x, norm="ortho")
+        mult = c2r_multiplicity(s, x.device, x.dtype).expand(s, k)
+        _, dw_half = backward(gf, xf, w_half, mult, False, True)
+        dweights = _half_backward_impl(x.device)(dw_half, ctx.cuton, s)
+    return dx, dweights, None, None, None
+
+
+torch.library.register_autograd("dctkd_ext::fam_global", _fam_global_backward, setup_context=_fam_global_setup)
+
+
+def fam_global(x: Tensor, weights: Tensor, cuton: float, depthwise: bool = False, fused: bool = False) -> Tensor:
+    """FAM's global branch Re(ifft2(M * mix(weights, fft2(x, ortho)), ortho)), computed exactly as
+    irfft2(mix(W', rfft2(x))) (docs/DESIGN.md §3.4). x: (B, I, S, S) float32 (float64 for testing); weights:
+    (I, O, S, S) complex (channel mixing) or (C, S, S) (depthwise), of x's complex dtype. fused=True:
+    the fused small-map Triton kernel (float32, S <= 32). Differentiable in x and weights; autograd keeps
+    only x and weights. On the "reference" backend: plain autograd of the reference formulas."""
+    if resolve_backend(x.device) == "reference":
+        return _reference_fam_global(x, weights, float(cuton), depthwise)
+    return _ops.fam_global(x, weights, float(cuton), bool(depthwise), bool(fused))

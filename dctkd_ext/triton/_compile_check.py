@@ -223,7 +223,7 @@ def drive_spectral(full: bool = False, batch: int = 4) -> None:
         for mask in (None, m):
             spectral_conv(xf, w2, mask)
             spectral_conv_backward(torch.randn(batch, 5, 7, 4, dtype=dt), xf, w2, mask, True, True)
-        # benchmark shapes: (batch, in = out channels, S) of the FAM-KD stages (bench/suites/fam.py)
+        # benchmark shapes: (batch, in = out channels, S) of the FAM-KD stages (SC_SHAPES of bench/suites/spectral.py)
         for b, c, s in ((64 + batch, 32, 32), (64 + batch, 256, 8), (128 + batch, 128, 28)):
             k = s // 2 + 1
             xf = torch.empty(b, c, s, k, dtype=dt)

@@ -1,7 +1,7 @@
 """Triton kernels of the spectral filters (docs/DESIGN.md §3.4) and their launchers.
 
 - global_filter forward / backward: one streaming pass over (B, C, H, K) complex data, NCHW or
-  channels-last (GFNet's layout); the backward reads dy, xf once, writes dxf and reduces dw over the
+  channels-last (GFNet's layout; the rule of dctkd_ext._shapes.spectrum_channels_last); the backward reads dy, xf once, writes dxf and reduces dw over the
   batch in a fixed order (per-split partial sums, then one sum).
 - spectral_conv (forward and both gradients): a batched complex GEMM over the H*K frequencies,
   out[m, n, f] = mask[f] * sum_k opA(A[m, k, f]) opB(B[k, n, f]); one program per (frequency,
@@ -13,7 +13,8 @@
 
 The ops are torch.ops.dctkd_ext_triton.{global_filter, global_filter_backward, spectral_conv,
 spectral_conv_backward, fam_half_weight, fam_half_weight_backward} (the schemas of the C++ ops) and
-fam_filter_fused (Triton only), defined by _common.define_op when this module is imported;
+fam_filter_fused (Triton only): the launchers below, defined as ops by _common.define_op when this
+module is imported (their type hints give the schemas);
 dctkd_ext.triton.load() imports it, and the backend registry
 (dctkd_ext._backend) registers the autograd formulas of dctkd_ext/ops on the ops. Under TRITON_INTERPRET=1 the kernels run on CPU tensors (tests),
 in fp32/fp64. `python -m dctkd_ext.triton._compile_check --family spectral` compiles every kernel variant
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._shapes import fam_mask_radius, fused_tiles, next_pow2
+from .._shapes import fam_mask_radius, fused_tiles, next_pow2, spectrum_channels_last
 from . import _common
 
 # fp32 tl.dot precision on the GPU: "tf32x3" (tensor cores, ~fp32 accuracy), "ieee" (exact fp32 FMA,
@@ -128,11 +129,11 @@ def _gf_bwd_kernel(g_ptr, x_ptr, w_ptr, m_ptr, dx_ptr, dw_ptr, B, N, HK, C, b_pe
         tl.store(dw_ptr + dwo, tl.join(acc_r * m, acc_i * m).to(w.dtype), mask=valid[:, None])
 
 
-def _gf_plan(xf: torch.Tensor):
-    """(channels_last, B, C, H, K, N) and the kernel-order view of a (B, C, H, K) logical tensor."""
-    cl = xf.dim() == 4 and not xf.is_contiguous() and xf.permute(0, 2, 3, 1).is_contiguous()
+def _gf_layout(xf: Tensor):
+    """(channels_last, B, C, H, K, N = C*H*K) of a (B, C, H, K) spectrum: whether the kernels read it (and
+    write its outputs) channels-last, by the one rule of _shapes.spectrum_channels_last, and its sizes."""
     b, c, h, k = xf.shape
-    return cl, b, c, h, k, c * h * k
+    return spectrum_channels_last(xf), b, c, h, k, c * h * k
 
 
 def _gf_data(t: torch.Tensor, cl: bool) -> torch.Tensor:
@@ -157,8 +158,8 @@ def _mask_arg(mask, xf):
     return mask.to(dtype=xf.real.dtype).contiguous()
 
 
-def global_filter(xf: torch.Tensor, w: torch.Tensor, mask=None) -> torch.Tensor:
-    cl, b, c, h, k, n = _gf_plan(xf)
+def global_filter(xf: Tensor, w: Tensor, mask: Optional[Tensor]) -> Tensor:
+    cl, b, c, h, k, n = _gf_layout(xf)
     y = _gf_new_data(xf.shape, cl, xf)
     if y.numel() == 0:
         return y
@@ -181,8 +182,9 @@ def _num_sms(device) -> int:
     return 4
 
 
-def global_filter_backward(grad, xf, w, mask, need_xf: bool, need_w: bool):
-    cl, b, c, h, k, n = _gf_plan(xf)
+def global_filter_backward(grad: Tensor, xf: Tensor, w: Tensor, mask: Optional[Tensor], need_xf: bool,
+                           need_w: bool) -> Tuple[Tensor, Tensor]:
+    cl, b, c, h, k, n = _gf_layout(xf)
     dx = _gf_new_data(xf.shape, cl, xf) if need_xf else xf.new_empty((0,))
     if need_w:
         dw = torch.empty((h, k, c), dtype=w.dtype, device=w.device).permute(2, 0, 1) if cl else \
@@ -310,7 +312,7 @@ def _cgemm_freq(a, sAm, sAk, b, sBk, sBn, mask, out, M, N, K, F, conj_a, conj_b)
     return out
 
 
-def spectral_conv(xf, w, mask=None):
+def spectral_conv(xf: Tensor, w: Tensor, mask: Optional[Tensor]) -> Tensor:
     b, i, h, k = xf.shape
     o = w.shape[1]
     f = h * k
@@ -319,7 +321,8 @@ def spectral_conv(xf, w, mask=None):
     return _cgemm_freq(x, i * f, f, wc, o * f, f, m, y, b, o, i, f, False, False)
 
 
-def spectral_conv_backward(grad, xf, w, mask, need_xf: bool, need_w: bool):
+def spectral_conv_backward(grad: Tensor, xf: Tensor, w: Tensor, mask: Optional[Tensor], need_xf: bool,
+                           need_w: bool) -> Tuple[Tensor, Tensor]:
     b, i, h, k = xf.shape
     o = w.shape[1]
     f = h * k
@@ -448,7 +451,7 @@ def _fam_fused_kernel(x_ptr, w_ptr, y_ptr, basis_ptr, I, O, S, K, sWi, sWo, inv_
     tl.store(y_ptr + y_off, y, mask=o_ok[:, None, None] & map_msk[None, :, :])
 
 
-def fam_filter_fused(x: torch.Tensor, w: torch.Tensor, depthwise: bool, adjoint: bool) -> torch.Tensor:
+def fam_filter_fused(x: Tensor, w: Tensor, depthwise: bool, adjoint: bool) -> Tensor:
     """x (B, I, S, S) float32 -> (B, O, S, S) float32: irfft2(mix(W, rfft2(x, ortho)), s=(S, S), ortho).
     w: (I, O, S, S//2+1) complex64 (channel mixing) or (C, S, S//2+1) (depthwise). adjoint=True applies
     the adjoint map (the input gradient): the weight read as conj(w) with in/out swapped."""
@@ -531,7 +534,7 @@ def _half_weight_bwd_kernel(g_ptr, o_ptr, total, H, W, K, RH, RW, BLOCK: tl.cons
     tl.store(o_ptr + idx[:, None] * 2 + two[None, :], out, mask=valid[:, None])
 
 
-def fam_half_weight(w: torch.Tensor, cuton: float) -> torch.Tensor:
+def fam_half_weight(w: Tensor, cuton: float) -> Tensor:
     w = w.resolve_conj().resolve_neg().contiguous()
     h, wd = w.shape[-2:]
     k = wd // 2 + 1
@@ -545,8 +548,8 @@ def fam_half_weight(w: torch.Tensor, cuton: float) -> torch.Tensor:
     return out
 
 
-def fam_half_weight_backward(g: torch.Tensor, cuton: float, width: int) -> torch.Tensor:
-    g = g.resolve_conj().resolve_neg().contiguous()
+def fam_half_weight_backward(grad: Tensor, cuton: float, width: int) -> Tensor:
+    g = grad.resolve_conj().resolve_neg().contiguous()
     h = g.shape[-2]
     k = width // 2 + 1
     out = torch.empty(g.shape[:-1] + (width,), dtype=g.dtype, device=g.device)
@@ -560,46 +563,10 @@ def fam_half_weight_backward(g: torch.Tensor, cuton: float, width: int) -> torch
 
 
 # ---------------------------------------------------------------------------------------------- the ops
-# torch.ops.dctkd_ext_triton.*: the schemas of the C++ ops (csrc/spectral.cpp), plus the fused filter.
-def _op_global_filter(xf: Tensor, w: Tensor, mask: Optional[Tensor]) -> Tensor:
-    return global_filter(xf, w, mask)
-
-
-def _op_global_filter_backward(grad: Tensor, xf: Tensor, w: Tensor, mask: Optional[Tensor], need_xf: bool,
-                               need_w: bool) -> Tuple[Tensor, Tensor]:
-    return global_filter_backward(grad, xf, w, mask, need_xf, need_w)
-
-
-def _op_spectral_conv(xf: Tensor, w: Tensor, mask: Optional[Tensor]) -> Tensor:
-    return spectral_conv(xf, w, mask)
-
-
-def _op_spectral_conv_backward(grad: Tensor, xf: Tensor, w: Tensor, mask: Optional[Tensor], need_xf: bool,
-                               need_w: bool) -> Tuple[Tensor, Tensor]:
-    return spectral_conv_backward(grad, xf, w, mask, need_xf, need_w)
-
-
-def _op_fam_half_weight(w: Tensor, cuton: float) -> Tensor:
-    return fam_half_weight(w, cuton)
-
-
-def _op_fam_half_weight_backward(grad: Tensor, cuton: float, width: int) -> Tensor:
-    return fam_half_weight_backward(grad, cuton, width)
-
-
-def _op_fam_filter_fused(x: Tensor, w: Tensor, depthwise: bool, adjoint: bool) -> Tensor:
-    return fam_filter_fused(x, w, depthwise, adjoint)
-
-
+# torch.ops.dctkd_ext_triton.*: the launchers above, with the schemas of the C++ ops (csrc/spectral.cpp, from
+# their type hints), plus the fused filter.
 OPS = {
-    name: _common.define_op(name, fn)
-    for name, fn in (
-        ("global_filter", _op_global_filter),
-        ("global_filter_backward", _op_global_filter_backward),
-        ("spectral_conv", _op_spectral_conv),
-        ("spectral_conv_backward", _op_spectral_conv_backward),
-        ("fam_half_weight", _op_fam_half_weight),
-        ("fam_half_weight_backward", _op_fam_half_weight_backward),
-        ("fam_filter_fused", _op_fam_filter_fused),
-    )
+    fn.__name__: _common.define_op(fn.__name__, fn)
+    for fn in (global_filter, global_filter_backward, spectral_conv, spectral_conv_backward, fam_half_weight,
+               fam_half_weight_backward, fam_filter_fused)
 }

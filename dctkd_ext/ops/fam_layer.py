@@ -1,5 +1,5 @@
-"""The whole FAM layer (global spectral filter + 1x1 conv + rates) as one op (docs/DESIGN.md §3.4): argument
-checks, fake kernels, autograd, backend choice.
+"""The fam_layer family: the whole FAM layer (global spectral filter + 1x1 conv + rates) as one op
+(docs/DESIGN.md §3.4): argument checks, fake kernels, autograd, backend choice (family "fam_layer").
 
 A 1x1 conv is the same real matrix at every frequency, so it commutes with the FFT exactly
 (w0 * x = irfft2(w0 rfft2(x))) and folds into the frequency weight:
@@ -18,8 +18,8 @@ half-plane columns (1 on column 0 and, for even W, W/2; 2 elsewhere) and dWc = c
 Kernels: CPU torch.ops.dctkd_ext.fam_layer_forward / fam_layer_backward (csrc/cpu/fam_layer.cpp:
 frequency-major spectra, the GEMMs through torch's BLAS, the combined weight formed a chunk of rows at a
 time). CUDA / Triton: this file's composite over the backend's fam_half_weight and spectral_conv (or the
-fused small-map Triton kernel), with Wc formed once per call. Reference backend: plain autograd of
-dctkd_ext.reference formulas."""
+fused small-map Triton kernel), with Wc formed once per call; the spectral ops are those of the backend
+this family resolves to. Reference backend: plain autograd of dctkd_ext.reference formulas."""
 
 import math
 from typing import Optional, Tuple
@@ -30,9 +30,15 @@ from torch import Tensor
 from .. import _backend, reference
 from ._checks import check_cuton
 from ._higher_order import grads_through, wants_graph
-from .fam_global import _FAMILY, _c2r_multiplicity, resolve_backend
+from .spectral import c2r_multiplicity
 
 _ops = torch.ops.dctkd_ext
+_FAMILY = "fam_layer"
+
+
+def resolve_backend(device: torch.device) -> str:
+    """The backend fam_layer runs on for tensors on `device` ("cpu", "cuda", "triton", "reference")."""
+    return _backend.select(device, _FAMILY)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -136,7 +142,7 @@ def _composite_backward(ops, grad, x, weights1, w0_weight, w0_bias, rate1, rate2
         if gf is None:
             gf = torch.fft.rfft2(grad, norm="ortho")
         xf = torch.fft.rfft2(x, norm="ortho")
-        mult = _c2r_multiplicity(w, x.device, x.dtype).expand(h, k)
+        mult = c2r_multiplicity(w, x.device, x.dtype).expand(h, k)
         _, dwc = ops.spectral_conv_backward(gf, xf, wc, mult, False, True)
         if need_w1:
             dw1 = rate1 * ops.fam_half_weight_backward(dwc, float(cuton), w)
