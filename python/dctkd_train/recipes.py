@@ -165,18 +165,19 @@ def apply_recipe(cfg: dict, raw: dict, world_size: int = 1) -> None:
                 raise UserError(f"recipe {name}: its batch of {settings['batch_size']} does not split over "
                                 f"{world_size} processes; pass --batch-size (images per process)")
             cfg["batch_size"] = settings["batch_size"] // world_size
-        if "guide" in recipe and "guide" not in given:
-            from .methods import GUIDE_METHODS
+        if "guide" in recipe and "guide" not in given and _uses_guide(cfg.get("method")):
+            cfg["guide"] = recipe["guide"]
 
-            if cfg.get("method") in GUIDE_METHODS:
-                cfg["guide"] = recipe["guide"]
+
+def _uses_guide(method: str | None) -> bool:
+    from .methods import REGISTRY
+
+    return method in REGISTRY and REGISTRY[method].uses_guide
 
 
 def apply_fam_pair(cfg: dict, raw: dict) -> None:
-    """For ``fam``: the pair's released weight, student taps and loss levels, and (without a recipe
+    """For ``fam`` (its Method.fill_config): the pair's released weight, student taps and loss levels, and (without a recipe
     that sets it) its warm-up scaled to ``cfg["epochs"]``, for every option ``raw`` leaves unset."""
-    if cfg.get("method") != "fam":
-        return
     given = {k for k, v in raw.items() if v is not None}
     if "fam_mid_channels" in given:
         raise UserError("--fam-mid-channels sets the fusion width of fam-abf; fam uses the student's widths at "
@@ -197,9 +198,12 @@ def paper_recipes_for(method: str, spec: str) -> tuple[str, ...]:
     scene recipes, everything else the CIFAR ones."""
     folder = data_kind(spec) == "imagefolder"
     fam, dct = ("famkd-imagenet" if folder else "famkd-cifar"), ("dctkd-scenes" if folder else "dctkd-cifar")
-    if method.startswith("fam"):
+    from .methods import REGISTRY
+
+    paper = REGISTRY[method].paper if method in REGISTRY else None
+    if paper == "famkd":
         return (fam,)
-    if method.startswith("dct"):
+    if paper == "dctkd":
         return (dct,)
     return (dct, fam) if folder else (fam, dct)
 
@@ -223,9 +227,7 @@ def paper_recipe_note(cfg: dict, world_size: int, amp: str, data_transform: dict
     for k, v in target["settings"].items():
         if ours.get(k) is not None and ours[k] != v:
             differs[k] = [ours[k], v]
-    from .methods import GUIDE_METHODS
-
-    if "guide" in target and cfg["method"] in GUIDE_METHODS and bool(cfg.get("guide")) != target["guide"]:
+    if "guide" in target and _uses_guide(cfg["method"]) and bool(cfg.get("guide")) != target["guide"]:
         differs["guide"] = [bool(cfg.get("guide")), target["guide"]]
     released = target.get("data", {}).get(data_kind(cfg["data"]), {})
     for k, v in released.items():  # augment (a name), mean, std (triples)

@@ -42,7 +42,7 @@ from .errors import TrainingStopped, UserError
 from .external_models import adapt_state_dict, make_deterministic, stage_layers
 from .fam_head import count_real_parameters
 from .features import FeatureHooks, probe_feature_shapes
-from .methods import METHODS, Method, MethodConfig, parse_loss_options
+from .methods import Method, MethodConfig, method_class, parse_loss_options
 from .models import build_model, count_parameters, model_family
 from .plots import plot_curves
 from .preemption import (
@@ -56,7 +56,7 @@ from .preemption import (
     position_record,
 )
 from .progress import Progress
-from .recipes import apply_fam_pair, apply_recipe, data_kind, paper_recipe_note, recipe_transform
+from .recipes import apply_recipe, data_kind, paper_recipe_note, recipe_transform
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -108,8 +108,7 @@ def resolve_config(raw: dict, world_size: int = 1) -> dict:
         raise UserError("--data is required")
     if not cfg["model"]:
         raise UserError("--model is required")
-    if cfg["method"] not in METHODS:
-        raise UserError(f"unknown method {cfg['method']!r}; methods: {', '.join(METHODS)}")
+    method = method_class(cfg["method"])
     if cfg["amp"] not in ("auto", "bf16", "fp16", "none"):
         raise UserError(f"--amp must be auto, bf16, fp16 or none, not {cfg['amp']!r}")
     if cfg["device"] not in ("auto", "cpu", "cuda") and not str(cfg["device"]).startswith("cuda:"):
@@ -133,17 +132,11 @@ def resolve_config(raw: dict, world_size: int = 1) -> dict:
     if cfg["milestones"] is None:
         cfg["milestones"] = sorted({max(1, int(round(f * cfg["epochs"]))) for f in recipe["milestone_fractions"]})
     cfg["milestones"] = [int(m) for m in cfg["milestones"]]
-    apply_fam_pair(cfg, raw)  # fam: the released per-pair weight, taps, loss levels and warm-up
-    if cfg["feat_warmup"] is None:
-        # FAM-KD / ReviewKD warm the feature weight up over 20 of 240 epochs; keep that fraction on short runs.
-        cfg["feat_warmup"] = min(20, max(0, round(cfg["epochs"] * 20 / 240))) if cfg["method"] == "fam-abf" else 0
+    method.fill_config(cfg, raw)  # e.g. fam: the released per-pair weight, taps, loss levels and warm-up
     mc = make_method_config(cfg)
     cfg["ce_weight"], cfg["kd_weight"], cfg["feat_weight"] = mc.ce_weight, mc.kd_weight, mc.feat_weight
     cfg["guide"], cfg["loss_preset"] = mc.guide, mc.preset
-    if mc.feature_kind == "fam":
-        cfg["fam_mid_channels"] = mc.fam_mid_channels if mc.name == "fam-abf" else None
-        cfg["fam_student_preact"], cfg["fam_pooled_target"] = (
-            (mc.fam_student_preact, mc.fam_pooled_target) if mc.name == "fam" else (None, None))
+    method.record_config(mc, cfg)
     if mc.needs_teacher and not cfg["teacher"]:
         raise UserError(f"method {cfg['method']!r} needs a teacher: --teacher CKPT (train one with --method ce)")
     if cfg["out"] is None:
