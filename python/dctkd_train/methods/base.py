@@ -256,10 +256,10 @@ class Method:
         if self.cfg.kd_weight > 0:
             terms["kd"] = kd_loss(s_logits, t_logits, self.cfg.temperature)
         if self.cfg.feat_weight > 0:
-            terms.update(self.feature_terms(labels, s_feats, head_out, t_logits, t_feats, epoch))
+            terms.update(self.feature_terms(labels, s_logits, s_feats, head_out, t_logits, t_feats, epoch))
         return terms
 
-    def feature_terms(self, labels, s_feats, head_out, t_logits, t_feats, epoch: int) -> dict[str, torch.Tensor]:
+    def feature_terms(self, labels, s_logits, s_feats, head_out, t_logits, t_feats, epoch: int) -> dict[str, torch.Tensor]:
         """The method's FEAT term(s), by name (none here)."""
         return {}
 

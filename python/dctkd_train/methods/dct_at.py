@@ -28,7 +28,7 @@ class DctAtMethod(Method):
             return False
         return True
 
-    def feature_terms(self, labels, s_feats, head_out, t_logits, t_feats, epoch: int) -> dict[str, torch.Tensor]:
+    def feature_terms(self, labels, s_logits, s_feats, head_out, t_logits, t_feats, epoch: int) -> dict[str, torch.Tensor]:
         c = self.cfg
         pairs = [match_spatial(s, t.detach()) for s, t in zip(s_feats, t_feats)]
         sw = (t_logits.argmax(1) == labels).float() if c.guide else None

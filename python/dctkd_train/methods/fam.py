@@ -36,7 +36,7 @@ class FamMethod(Method):
         cfg["fam_mid_channels"] = None
         cfg["fam_student_preact"], cfg["fam_pooled_target"] = None, None
 
-    def feature_terms(self, labels, s_feats, head_out, t_logits, t_feats, epoch: int) -> dict[str, torch.Tensor]:
+    def feature_terms(self, labels, s_logits, s_feats, head_out, t_logits, t_feats, epoch: int) -> dict[str, torch.Tensor]:
         loss = 0.0
         for fused, t in zip(head_out, t_feats):
             if fused is not None:  # None: a level left out of the loss
