@@ -43,7 +43,7 @@ from .external_models import adapt_state_dict, make_deterministic, stage_layers
 from .fam_head import count_real_parameters
 from .features import FeatureHooks, probe_feature_shapes
 from .methods import Method, MethodConfig, method_class, parse_loss_options
-from .models import build_model, count_parameters, model_family
+from .models import build_model, count_parameters
 from .plots import plot_curves
 from .preemption import (
     StopSignals,
@@ -56,7 +56,7 @@ from .preemption import (
     position_record,
 )
 from .progress import Progress
-from .recipes import apply_recipe, data_kind, paper_recipe_note, recipe_transform
+from .recipes import apply_defaults, apply_recipe, data_kind, paper_recipe_note, recipe_transform
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -81,22 +81,6 @@ DEFAULTS: dict[str, Any] = {
 RESUME_MUTABLE = {"epochs", "workers", "device", "progress", "compile", "out", "resume", "overwrite", "quiet",
                   "eval_teacher", "save_every"}
 
-RECIPES = {
-    # RepDistiller / mdistiller CIFAR-100: SGD 0.05, momentum 0.9, wd 5e-4, batch 64, 240 epochs,
-    # x0.1 at 150/180/210 (milestones scale with --epochs).
-    "cifar": {"lr": 0.05, "weight_decay": 5e-4, "batch_size": 64, "epochs": 240,
-              "milestone_fractions": (150 / 240, 180 / 240, 210 / 240)},
-    # ImageNet-style (torchvision models, image folders): SGD 0.1 per 256 images, wd 1e-4, 100 epochs,
-    # x0.1 at 30/60/90.
-    "imagenet": {"lr_per_256": 0.1, "weight_decay": 1e-4, "batch_size": 64, "epochs": 100,
-                 "milestone_fractions": (0.3, 0.6, 0.9)},
-}
-
-
-def _is_imagefolder(spec: str) -> bool:
-    return str(spec).split(":", 1)[0].strip().lower() == "imagefolder"
-
-
 def resolve_config(raw: dict, world_size: int = 1) -> dict:
     """Fill the defaults of a run from the recipe; raise :class:`UserError` for bad values."""
     unknown = set(raw) - set(DEFAULTS)
@@ -116,22 +100,7 @@ def resolve_config(raw: dict, world_size: int = 1) -> dict:
     if cfg["schedule"] not in ("step", "cosine"):
         raise UserError(f"--schedule must be step or cosine, not {cfg['schedule']!r}")
     apply_recipe(cfg, raw, world_size)  # --recipe NAME: the papers' settings, under the flags given
-    recipe_name = "imagenet" if (_is_imagefolder(cfg["data"]) or model_family(cfg["model"]) == "imagenet") else "cifar"
-    recipe = RECIPES[recipe_name]
-    cfg["recipe"] = cfg["recipe"] or recipe_name
-    for k in ("batch_size", "epochs", "weight_decay"):
-        if cfg[k] is None:
-            cfg[k] = recipe[k]
-    if int(cfg["epochs"]) < 1 or int(cfg["batch_size"]) < 1:
-        raise UserError("--epochs and --batch-size must be >= 1")
-    cfg["epochs"], cfg["batch_size"] = int(cfg["epochs"]), int(cfg["batch_size"])
-    if cfg["lr"] is None:
-        cfg["lr"] = recipe["lr"] if "lr" in recipe else recipe["lr_per_256"] * cfg["batch_size"] * world_size / 256
-    if float(cfg["lr"]) <= 0:
-        raise UserError("--lr must be > 0")
-    if cfg["milestones"] is None:
-        cfg["milestones"] = sorted({max(1, int(round(f * cfg["epochs"]))) for f in recipe["milestone_fractions"]})
-    cfg["milestones"] = [int(m) for m in cfg["milestones"]]
+    apply_defaults(cfg, world_size)  # what is still unset: the recipe's, or the trainer's own for the data
     method.fill_config(cfg, raw)  # e.g. fam: the released per-pair weight, taps, loss levels and warm-up
     mc = make_method_config(cfg)
     cfg["ce_weight"], cfg["kd_weight"], cfg["feat_weight"] = mc.ce_weight, mc.kd_weight, mc.feat_weight
