@@ -221,26 +221,7 @@ def _train_epoch(run: Run, epoch: int) -> dict:
     for x, y in _epoch_batches(run, mine):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        if run.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        t_logits = t_feats = None
-        with autocast(device, run.amp_dtype):
-            if run.teacher is not None:
-                with torch.no_grad():
-                    t_logits = run.run_teacher(x)
-                    t_feats = run.t_hooks.pop() if run.t_hooks is not None else None
-            s_logits, s_feats, head_out = run.model(x)
-        s_logits = s_logits.float()
-        ce = F.cross_entropy(s_logits, y)
-        with timer():
-            terms = method.distill_terms(y, s_logits, s_feats, head_out,
-                                         t_logits.float() if t_logits is not None else None, t_feats, epoch)
-        loss = method.total(ce, terms, epoch)
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-
+        loss, ce, terms, s_logits = _train_step(run, x, y, epoch)
         b = y.numel()
         with torch.no_grad():
             for k, v in (("loss", loss), ("ce", ce), *method.unweighted(terms, epoch).items()):
@@ -255,8 +236,39 @@ def _train_epoch(run: Run, epoch: int) -> dict:
         _after_step(run, epoch, step, steps, sums, n_seen, correct, t0)
     train_time = time.perf_counter() - t0
     bar.close()
-    loss_time, loss_calls = timer.collect()
+    return _epoch_row(run, epoch, lr, sums, n_seen, correct, train_time)
 
+
+def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor, epoch: int):
+    """One SGD step on the batch (x, y): (loss, CE, the distillation terms, the student's logits)."""
+    device, method = run.device, run.method
+    if run.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    t_logits = t_feats = None
+    with autocast(device, run.amp_dtype):
+        if run.teacher is not None:
+            with torch.no_grad():
+                t_logits = run.run_teacher(x)
+                t_feats = run.t_hooks.pop() if run.t_hooks is not None else None
+        s_logits, s_feats, head_out = run.model(x)
+    s_logits = s_logits.float()
+    ce = F.cross_entropy(s_logits, y)
+    with run.timer():
+        terms = method.distill_terms(y, s_logits, s_feats, head_out,
+                                     t_logits.float() if t_logits is not None else None, t_feats, epoch)
+    loss = method.total(ce, terms, epoch)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return loss, ce, terms, s_logits
+
+
+def _epoch_row(run: Run, epoch: int, lr: float, sums: dict, n_seen: int, correct: torch.Tensor,
+               train_time: float) -> dict:
+    """The epoch's row of metrics from this process's sums, reduced over the processes."""
+    env, device = run.env, run.device
+    loss_time, _ = run.timer.collect()
     # reduce the epoch's statistics over processes
     keys = sorted(sums)
     vec = torch.stack([sums[k] for k in keys] + [torch.tensor(float(n_seen), dtype=torch.float64, device=device),
