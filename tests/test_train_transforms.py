@@ -64,7 +64,7 @@ def _write_image_folder(root: Path, sizes=((300, 260), (257, 400), (224, 224), (
 
 
 def _bundle_as_trained(spec: str, recipe):
-    """The data of a run, built as train._setup builds it from the resolved configuration."""
+    """The data of a run, built as state.setup builds it from the resolved configuration."""
     cfg = resolve_config({"data": spec, "model": "resnet8", "out": "o", "recipe": recipe})
     b = D.build_data(cfg["data"], image_size=cfg.get("image_size"), seed=3,
                      transform=recipe_transform(cfg["recipe"], cfg["data"]))

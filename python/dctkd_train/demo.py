@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import atomic_write, write_json
 from .errors import UserError
-from .methods import METHODS, method_available
+from .methods import REGISTRY, method_available
 
 # The demo's fixed setting. The budget scales the training set (and so the images seen); the
 # epochs stay fixed so the schedules keep their shape.
@@ -80,21 +80,21 @@ def run_demo(out: str = "runs/demo", budget: float = 1.0, device: str = "auto", 
     plan = demo_plan(budget, seed, teacher_model, student_model, epochs)
     if methods:
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
-        bad = [m for m in wanted if m not in METHODS]
+        bad = [m for m in wanted if m not in REGISTRY]
         if bad:
-            raise UserError(f"unknown method(s) {', '.join(bad)}; methods: {', '.join(METHODS)}")
+            raise UserError(f"unknown method(s) {', '.join(bad)}; methods: {', '.join(REGISTRY)}")
     else:
         wanted = list(DEFAULT_METHODS)
     skipped = [m for m in wanted if not method_available(m)]
     if skipped and not quiet:
-        fam_only = set(skipped) <= {"fam", "fam-abf"}
+        fam_only = all(REGISTRY[m].feature_kind == "fam" for m in skipped)
         print(f"demo: skipping {', '.join(skipped)} (not available in this install: "
               f"{'fam needs dctkd_ext.nn.FrequencyAttention' if fam_only else 'dctkd_ext is not built'})")
     if skipped and methods:
         # asked for explicitly: say why it cannot run
         raise UserError(f"demo: method(s) {', '.join(skipped)} cannot run in this install"
                         + (" (fam needs dctkd_ext.nn.FrequencyAttention, which the installed dctkd_ext does not provide)"
-                           if {"fam", "fam-abf"} & set(skipped) else ""))
+                           if any(REGISTRY[m].feature_kind == "fam" for m in skipped) else ""))
     wanted = [m for m in wanted if m not in skipped]
 
     out_dir = Path(out).expanduser()

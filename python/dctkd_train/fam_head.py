@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .errors import UserError
 
-try:  # the trainer runs ce / kd without the extension; this head needs it (methods.py reports its absence)
+try:  # the trainer runs ce / kd without the extension; this head needs it (methods/fam.py reports its absence)
     import dctkd_ext
 except Exception:  # pragma: no cover - depends on the install
     dctkd_ext = None

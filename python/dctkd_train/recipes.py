@@ -1,4 +1,6 @@
-"""The papers' training recipes in one flag (``--recipe NAME``), and FAM-KD's per-pair settings.
+"""The training recipes: the papers' (``--recipe NAME``), the trainer's own defaults (``cifar``,
+``imagenet``, for a run without ``--recipe``), and FAM-KD's per-pair settings. ``RECIPES`` is the one
+table; a resolved configuration's ``recipe`` names the entry it was filled from.
 
 A recipe fills every option the user did not give: optimiser (always SGD), learning rate, batch,
 epochs, schedule, weight decay, warm-ups, precision (fp32) and image size; explicit flags win. When
@@ -20,6 +22,10 @@ Sources (read from the released code):
   150/180/210, feature warm-up 20 epochs, CE weight 1, no KD).
 * ``famkd-imagenet``: the same repository, ``configs/imagenet/r34_r18/fam_kd.yaml`` (lr 0.1, batch
   128, 100 epochs, x0.1 at 30/60/90, wd 1e-4, warm-up 1 epoch).
+
+The trainer's own defaults fill only what is still unset after the flags (and a paper recipe, if
+named): batch, epochs, weight decay, learning rate (``lr``, or ``lr_per_256`` per 256 images of the
+global batch) and the milestones (``milestone_fractions`` of the epochs).
 """
 from __future__ import annotations
 
@@ -40,7 +46,23 @@ from .errors import UserError
 _RELEASED_CIFAR100 = {"mean": RELEASED_CIFAR100_MEAN, "std": RELEASED_CIFAR100_STD}
 
 RECIPES: dict[str, dict[str, Any]] = {
+    # The trainer's defaults. RepDistiller / mdistiller CIFAR-100: SGD 0.05, momentum 0.9, wd 5e-4, batch
+    # 64, 240 epochs, x0.1 at 150/180/210 (milestones scale with --epochs).
+    "cifar": {
+        "paper": False,
+        "settings": {"lr": 0.05, "weight_decay": 5e-4, "batch_size": 64, "epochs": 240},
+        "milestone_fractions": (150 / 240, 180 / 240, 210 / 240),
+    },
+    # ImageNet-style (torchvision models, image folders): SGD 0.1 per 256 images, wd 1e-4, 100 epochs,
+    # x0.1 at 30/60/90.
+    "imagenet": {
+        "paper": False,
+        "settings": {"weight_decay": 1e-4, "batch_size": 64, "epochs": 100},
+        "lr_per_256": 0.1, "milestone_fractions": (0.3, 0.6, 0.9),
+    },
+    # The papers' released settings (--recipe NAME).
     "dctkd-scenes": {
+        "paper": True,
         "settings": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 128, "epochs": 70,
                      "schedule": "step", "milestones": [25, 50], "lr_decay": 0.1, "warmup_epochs": 0,
                      "nesterov": False, "amp": "none", "image_size": 224, "kd_temperature": 4.0},
@@ -52,6 +74,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                   "Config/Distillation/config_DFT.yaml, Scripts/Run_Train.sh",
     },
     "dctkd-cifar": {
+        "paper": True,
         "settings": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128, "epochs": 240,
                      "schedule": "step", "milestones": [150, 180, 210], "lr_decay": 0.1, "warmup_epochs": 0,
                      "nesterov": False, "amp": "none", "kd_temperature": 4.0},
@@ -61,6 +84,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                   "Scripts/Run_TrainNew.sh (CIFAR100 line, PRED_GUIDE=False)",
     },
     "famkd-cifar": {
+        "paper": True,
         "settings": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 64, "epochs": 240,
                      "schedule": "step", "milestones": [150, 180, 210], "lr_decay": 0.1, "warmup_epochs": 0,
                      "nesterov": False, "amp": "none", "feat_warmup": 20},
@@ -68,6 +92,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "source": "cuong-pv/FAM-KD: configs/cifar100/FAM_KD/*.yaml, engine/cfg.py",
     },
     "famkd-imagenet": {
+        "paper": True,
         "settings": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 128, "epochs": 100,
                      "schedule": "step", "milestones": [30, 60, 90], "lr_decay": 0.1, "warmup_epochs": 0,
                      "nesterov": False, "amp": "none", "image_size": 224, "feat_warmup": 1},
@@ -108,6 +133,47 @@ def data_kind(spec: str) -> str:
     return "synthetic-scenes" if name in ("synthetic-scenes", "synthetic", "scenes") else name
 
 
+def recipe(name: str) -> dict[str, Any]:
+    """The entry ``name`` of RECIPES; :class:`UserError` for an unknown name."""
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r}; recipes: {', '.join(paper_recipes())}")
+    return RECIPES[name]
+
+
+def paper_recipes() -> list[str]:
+    """The names of the papers' recipes (what --recipe takes)."""
+    return [n for n, r in RECIPES.items() if r["paper"]]
+
+
+def default_recipe(data: str, model: str) -> str:
+    """The trainer's own recipe for a run without --recipe: ``imagenet`` for image folders and
+    ImageNet-family models, else ``cifar``."""
+    from .models import model_family
+
+    return "imagenet" if (data_kind(data) == "imagefolder" or model_family(model) == "imagenet") else "cifar"
+
+
+def apply_defaults(cfg: dict, world_size: int = 1) -> None:
+    """Fill batch, epochs, weight decay, learning rate and milestones still unset in ``cfg`` from the
+    recipe ``cfg["recipe"]`` (the trainer's own for the data and model when there is none; the name
+    is then recorded in ``cfg["recipe"]``)."""
+    cfg["recipe"] = cfg.get("recipe") or default_recipe(cfg["data"], cfg["model"])
+    r = recipe(cfg["recipe"])
+    for k in ("batch_size", "epochs", "weight_decay"):
+        if cfg[k] is None:
+            cfg[k] = r["settings"][k]
+    if int(cfg["epochs"]) < 1 or int(cfg["batch_size"]) < 1:
+        raise UserError("--epochs and --batch-size must be >= 1")
+    cfg["epochs"], cfg["batch_size"] = int(cfg["epochs"]), int(cfg["batch_size"])
+    if cfg["lr"] is None:
+        cfg["lr"] = r["settings"]["lr"] if "lr" in r["settings"] else r["lr_per_256"] * cfg["batch_size"] * world_size / 256
+    if float(cfg["lr"]) <= 0:
+        raise UserError("--lr must be > 0")
+    if cfg["milestones"] is None:
+        cfg["milestones"] = sorted({max(1, int(round(f * cfg["epochs"]))) for f in r["milestone_fractions"]})
+    cfg["milestones"] = [int(m) for m in cfg["milestones"]]
+
+
 def recipe_transform(recipe: str | None, spec: str) -> dict | None:
     """The recipe's released data transform for this kind of data (augment, mean, std), or None: the
     trainer's own (no recipe, or one whose release has no loader for this kind of data)."""
@@ -143,14 +209,9 @@ def apply_recipe(cfg: dict, raw: dict, world_size: int = 1) -> None:
     (what the user gave) leaves unset."""
     given = {k for k, v in raw.items() if v is not None}
     name = cfg.get("recipe")
-    recipe = None
-    if name in ("cifar", "imagenet"):  # the trainer's own defaults, as a resolved config names them
-        return
-    if name is not None:
-        if name not in RECIPES:
-            raise UserError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
-        recipe = RECIPES[name]
-        settings = recipe["settings"]
+    if name is not None and recipe(name)["paper"]:  # the trainer's own defaults come after (apply_defaults)
+        entry = recipe(name)
+        settings = entry["settings"]
         for k, v in settings.items():
             if k not in given:
                 cfg[k] = list(v) if isinstance(v, list) else v
@@ -165,18 +226,19 @@ def apply_recipe(cfg: dict, raw: dict, world_size: int = 1) -> None:
                 raise UserError(f"recipe {name}: its batch of {settings['batch_size']} does not split over "
                                 f"{world_size} processes; pass --batch-size (images per process)")
             cfg["batch_size"] = settings["batch_size"] // world_size
-        if "guide" in recipe and "guide" not in given:
-            from .methods import GUIDE_METHODS
+        if "guide" in entry and "guide" not in given and _uses_guide(cfg.get("method")):
+            cfg["guide"] = entry["guide"]
 
-            if cfg.get("method") in GUIDE_METHODS:
-                cfg["guide"] = recipe["guide"]
+
+def _uses_guide(method: str | None) -> bool:
+    from .methods import REGISTRY
+
+    return method in REGISTRY and REGISTRY[method].uses_guide
 
 
 def apply_fam_pair(cfg: dict, raw: dict) -> None:
-    """For ``fam``: the pair's released weight, student taps and loss levels, and (without a recipe
+    """For ``fam`` (its Method.fill_config): the pair's released weight, student taps and loss levels, and (without a recipe
     that sets it) its warm-up scaled to ``cfg["epochs"]``, for every option ``raw`` leaves unset."""
-    if cfg.get("method") != "fam":
-        return
     given = {k for k, v in raw.items() if v is not None}
     if "fam_mid_channels" in given:
         raise UserError("--fam-mid-channels sets the fusion width of fam-abf; fam uses the student's widths at "
@@ -197,9 +259,12 @@ def paper_recipes_for(method: str, spec: str) -> tuple[str, ...]:
     scene recipes, everything else the CIFAR ones."""
     folder = data_kind(spec) == "imagefolder"
     fam, dct = ("famkd-imagenet" if folder else "famkd-cifar"), ("dctkd-scenes" if folder else "dctkd-cifar")
-    if method.startswith("fam"):
+    from .methods import REGISTRY
+
+    paper = REGISTRY[method].paper if method in REGISTRY else None
+    if paper == "famkd":
         return (fam,)
-    if method.startswith("dct"):
+    if paper == "dctkd":
         return (dct,)
     return (dct, fam) if folder else (fam, dct)
 
@@ -214,7 +279,7 @@ def paper_recipe_note(cfg: dict, world_size: int, amp: str, data_transform: dict
     settings that differ from it. ``amp``: the precision the run uses (bf16, fp16 or none);
     ``data_transform``: the run's training augmentation and normalisation (augment, mean, std)."""
     name = cfg.get("recipe")
-    if name in RECIPES:
+    if name in RECIPES and RECIPES[name]["paper"]:
         return {"is_paper_recipe": True, "recipe": name}
     candidates = paper_recipes_for(cfg["method"], cfg["data"])
     target = RECIPES[candidates[0]]
@@ -223,9 +288,7 @@ def paper_recipe_note(cfg: dict, world_size: int, amp: str, data_transform: dict
     for k, v in target["settings"].items():
         if ours.get(k) is not None and ours[k] != v:
             differs[k] = [ours[k], v]
-    from .methods import GUIDE_METHODS
-
-    if "guide" in target and cfg["method"] in GUIDE_METHODS and bool(cfg.get("guide")) != target["guide"]:
+    if "guide" in target and _uses_guide(cfg["method"]) and bool(cfg.get("guide")) != target["guide"]:
         differs["guide"] = [bool(cfg.get("guide")), target["guide"]]
     released = target.get("data", {}).get(data_kind(cfg["data"]), {})
     for k, v in released.items():  # augment (a name), mean, std (triples)
