@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from recipes import local_attention_layout, ref_leaf
+
 from conftest import BACKEND_FACTOR, INTERPRET, TRITON_DEVICE, assert_close, features, in_layout, require_triton_kernels
 
 require_triton_kernels()
@@ -30,20 +32,10 @@ def formula(q, k, v, rel, kernel_size):
     return (attn * vu).sum(2)
 
 
-def f64(t):
-    return t.detach().to("cpu", torch.float64).requires_grad_()
-
-
 def inputs(gen, shape, kernel_size, dtype, layout="contiguous", rel_dtype=None):
     q, k, v = (features(*shape, dtype=dtype, device=DEVICE, generator=gen, layout=layout) for _ in range(3))
     rel = torch.randn(shape[1], kernel_size * kernel_size, dtype=torch.float64, generator=gen)
     return q, k, v, rel.to(device=DEVICE, dtype=rel_dtype or dtype)
-
-
-def expected_strides(q):
-    fmt = torch.channels_last if (not q.is_contiguous() and q.is_contiguous(memory_format=torch.channels_last)) \
-        else torch.contiguous_format
-    return torch.empty(q.shape, memory_format=fmt).stride()
 
 
 def check(out, ref, dtype, what):
@@ -54,9 +46,9 @@ def run_and_check(tops, gen, q, k, v, rel, kernel_size, need=(True, True, True, 
     """Forward and the asked-for gradients (random upstream gradient) against the float64 formula."""
     dtype = q.dtype
     out = tops.local_attention(q, k, v, rel, kernel_size)
-    refs = [f64(t) for t in (q, k, v, rel)]
+    refs = [ref_leaf(t).requires_grad_() for t in (q, k, v, rel)]
     ref = formula(*refs, kernel_size)
-    assert out.dtype == dtype and out.stride() == expected_strides(q)
+    assert out.dtype == dtype and out.stride() == local_attention_layout(q)
     check(out, ref, dtype, "out")
     g = in_layout(torch.randn(q.shape, dtype=torch.float64, generator=gen).to(device=DEVICE, dtype=dtype), "transposed")
     grads = tops.local_attention_backward(g, q, k, v, rel, kernel_size, *need)
@@ -65,7 +57,7 @@ def run_and_check(tops, gen, q, k, v, rel, kernel_size, need=(True, True, True, 
         if not asked:
             assert got.shape == (0,) and got.dtype == dtype, f"d{name}: expected an empty tensor"
             continue
-        assert got.dtype == dtype and got.stride() == expected_strides(q), f"d{name}: dtype / layout"
+        assert got.dtype == dtype and got.stride() == local_attention_layout(q), f"d{name}: dtype / layout"
         check(got, want, dtype, f"d{name}")
     drel = grads[3]
     if not need[3]:

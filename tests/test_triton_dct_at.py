@@ -42,11 +42,6 @@ def check(out, ref, dtype, what):
     assert_close(out, ref, dtype, what, factor=BACKEND_FACTOR["triton"])
 
 
-def ref_copy(x):
-    """float64 CPU leaf copy of x for the reference."""
-    return x.detach().to("cpu", torch.float64).requires_grad_(x.requires_grad)
-
-
 # ----------------------------------------------------------------------------------- attention_map
 SHAPES = [(2, 3, 1, 1), (2, 5, 7, 7), (1, 4, 5, 9), (2, 3, 14, 14), (1, 2, 56, 56)]
 
@@ -63,7 +58,7 @@ def test_attention_map(gen, shape, channels_last, dtype):
 def test_attention_map_p1_and_strided(gen, tops):
     # p = 1 (|x|, sign gradient) and a layout that is neither NCHW nor channels_last (copied)
     x = features(2, 6, 5, 4, device=DEVICE, generator=gen).permute(0, 1, 3, 2).requires_grad_()
-    xr = ref_copy(x)
+    xr = recipes.ref_leaf(x)
     out = tops.attention_map(x, 1.0, "mean")
     ref = reference.attention_map(xr, 1.0, "mean")
     check(out, ref, torch.float32, "attention_map p=1")
@@ -195,7 +190,7 @@ def test_loss_float64_exact(gen, tops):
 def test_loss_sample_weight_and_reductions(gen):
     s, t = level_feats(gen, TWO_LEVELS, batch=3)
     sw = torch.tensor([1.0, 0.0, 1.0], device=DEVICE)
-    sr, tr = [ref_copy(x) for x in s], [ref_copy(x) for x in t]
+    sr, tr = [recipes.ref_leaf(x) for x in s], [recipes.ref_leaf(x) for x in t]
     for reduction in ("mean", "sum"):
         with dctkd_ext.use_backend("triton"):
             out = dctkd_ext.dct_at_loss(s, t, preset="paper", sample_weight=sw, reduction=reduction)
