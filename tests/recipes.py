@@ -4,8 +4,9 @@ The core (compare_with_reference): run the public op on the backend given (use_b
 output and its gradients, for a random upstream gradient, with the float64 reference on the same inputs
 (float64 CPU leaf copies), within conftest's error bounds (assert_close / error_bound) times the backend's
 BACKEND_FACTOR; on the kernels' backends it also checks the output's and the gradients' dtype and layout.
-The loss family's checks (check_attention_map, check_dct2d, check_loss) and local_attention's
-(check_local_attention) are this core with the family's dtype and layout rules.
+check_family applies it with a family's dtype and layout rules, from the family's spec: the loss family's
+ATTENTION_MAP and DCT_AT_LOSS (check_attention_map, check_loss; check_dct2d is the core on dct2d and
+idct2d) and LOCAL_ATTENTION (check_local_attention).
 
 A family's standard tests come from a small spec, Family, through family_tests(spec), whose result a
 test module adds to its globals (`globals().update(recipes.family_tests(SPEC))`):
@@ -38,7 +39,8 @@ The spec (all callables take plain tensors; `case` is whatever spec.cases holds)
     out_dtype       args -> the output's dtype (default: the first tensor's)
     out_layout      args -> the output's stride on the kernels' backends, or None for no check
     grad_layout     (i, tensor, args) -> the stride of the i-th gradient, or None for no check
-    grad_names      names of the differentiable inputs, for messages
+    grad_names      names of the differentiable inputs (or args -> names), for messages
+    wrt             args -> the tensors to differentiate (default: every tensor in args that requires grad)
     rounded_upstream  the reference gets the upstream gradient rounded to the op's dtype (an op whose
                     gradients take differences of it, which would amplify that rounding)
     oracle          an independent float64 formulation (same signature as reference), or None
@@ -173,6 +175,7 @@ class Family:
     bad_call: Optional[Callable] = None
     bad_inputs: Sequence = ()
     skip_backend: Optional[Callable] = None
+    wrt: Optional[Callable] = None
 
 
 def dtype_id(dtype):
@@ -190,8 +193,9 @@ def check_family(spec, backend, args, gen, kwargs=None, factor=1.0, what=None):
         out_dtype=spec.out_dtype(args) if spec.out_dtype else _tensors(args)[0].dtype,
         out_layout=spec.out_layout(args) if spec.out_layout else None,
         grad_layout=(lambda i, t: spec.grad_layout(i, t, args)) if spec.grad_layout else None,
-        grad_names=spec.grad_names or None, rounded_upstream=spec.rounded_upstream, factor=factor,
-        what=what or spec.name)
+        grad_names=spec.grad_names(args) if callable(spec.grad_names) else (spec.grad_names or None),
+        rounded_upstream=spec.rounded_upstream, factor=factor, what=what or spec.name,
+        wrt=spec.wrt(args) if spec.wrt else None)
 
 
 def _param_values(values, ids):
@@ -315,12 +319,30 @@ def _acc_out_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _map_make_args(case, dtype, layout, device, gen):
+    b, c, h, w, p, reduce = case
+    return (features(b, c, h, w, dtype, device, generator=gen, layout=layout, requires_grad=True), p, reduce), {}
+
+
+ATTENTION_MAP = Family(
+    name="attention_map",
+    op=dctkd_ext.attention_map,
+    reference=reference.attention_map,
+    make_args=_map_make_args,
+    cases=[(3, 11, 1, 1, 2.0, "mean"), (3, 11, 5, 9, 2.0, "mean"), (2, 13, 6, 5, 1.5, "sum"),
+           (3, 11, 56, 56, 2.0, "mean")],  # (B, C, H, W, p, reduce)
+    case_id=lambda c: "x".join(map(str, c[:4])) + f"-p{c[4]}-{c[5]}",
+    dtypes=[torch.float32, torch.float16, torch.bfloat16, torch.float64],
+    layouts=["contiguous", "channels_last", "sliced", "transposed"],
+    out_dtype=lambda args: _acc_out_dtype(args[0].dtype),
+    grad_layout=lambda i, t, args: kernel_layout_like(t).stride(),
+    grad_names=["x"],
+)
+
+
 def check_attention_map(backend, x, gen, p=2.0, reduce="mean", factor=1.0, what="attention_map"):
     """attention_map(x) and its gradient; the gradient in the kernels' layout (kernel_layout_like)."""
-    return compare_with_reference(
-        backend, dctkd_ext.attention_map, reference.attention_map, (x, p, reduce), gen,
-        out_dtype=_acc_out_dtype(x.dtype), grad_layout=lambda i, t: kernel_layout_like(t).stride(),
-        grad_names=["x"], factor=factor, what=what)
+    return check_family(ATTENTION_MAP, backend, (x, p, reduce), gen, factor=factor, what=what)
 
 
 def check_dct2d(backend, a, gen, factor=1.0):
@@ -332,14 +354,36 @@ def check_dct2d(backend, a, gen, factor=1.0):
     return y
 
 
+def _loss_make_args(case, dtype, layout, device, gen):
+    """case: ((B, Cs, H, W), Ct) per level -> (student (requires grad), teacher), with the case's options."""
+    levels, options = case
+    s = [features(*sh, dtype, device, generator=gen, layout=layout, requires_grad=True) for sh, _ in levels]
+    t = [features(sh[0], ct, sh[2], sh[3], dtype, device, generator=gen, layout=layout) for sh, ct in levels]
+    return (s, t), dict(reduction="none", **options)
+
+
+DCT_AT_LOSS = Family(
+    name="dct_at_loss",
+    op=dctkd_ext.dct_at_loss,
+    reference=reference.dct_at_loss,
+    make_args=_loss_make_args,
+    cases=[([((3, 8, 7, 7), 5), ((3, 16, 4, 4), 32)], dict(preset=p)) for p in ("dct", "paper", "at")],
+    case_id=lambda c: "-".join(f"{k}={v}" for k, v in c[1].items()),
+    dtypes=[torch.float32, torch.float16, torch.bfloat16, torch.float64],
+    layouts=["contiguous", "channels_last", "sliced", "transposed"],
+    out_dtype=lambda args: _acc_out_dtype(args[0][0].dtype),
+    grad_layout=lambda i, t, args: kernel_layout_like(t).stride(),
+    grad_names=lambda args: [f"S[{l}]" for l in range(len(args[0]))],
+    # the students only: a teacher that requires grad gets none
+    wrt=lambda args: args[0],
+)
+
+
 def check_loss(backend, student, teacher, gen, what="dct_at_loss", factor=1.0, reduction="none", **kwargs):
     """The loss (per sample by default) and the students' gradients for a random upstream gradient (per
     sample with reduction="none": a backward that mixes samples fails)."""
-    return compare_with_reference(
-        backend, dctkd_ext.dct_at_loss, reference.dct_at_loss, (student, teacher), gen,
-        dict(reduction=reduction, **kwargs), out_dtype=_acc_out_dtype(student[0].dtype),
-        grad_layout=lambda i, t: kernel_layout_like(t).stride(), grad_names=[f"S[{l}]" for l in range(len(student))],
-        wrt=student, factor=factor, what=what)
+    return check_family(DCT_AT_LOSS, backend, (student, teacher), gen, dict(reduction=reduction, **kwargs),
+                        factor=factor, what=what)
 
 
 # ---------------------------------------------------------------------------------- local_attention family
