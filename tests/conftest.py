@@ -47,6 +47,10 @@ if HAS_TRITON and (HAS_CUDA or INTERPRET):
 if HAS_CUDA and dctkd_ext.BUILD_INFO.get("with_cuda"):
     BACKENDS.append(("cuda", "cuda"))
 BACKEND_IDS = [b for b, _ in BACKENDS]
+# The backends with kernels: every one above but the plain-PyTorch reference, which the tests compare them
+# with (a `reference` case compared with the reference cannot fail).
+KERNEL_BACKENDS = [(b, d) for b, d in BACKENDS if b != "reference"]
+KERNEL_BACKEND_IDS = [b for b, _ in KERNEL_BACKENDS]
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -62,10 +66,11 @@ def require_triton_kernels():
 
 @pytest.fixture(scope="module")
 def tops():
-    """torch.ops.dctkd_ext_triton with the Triton ops defined."""
-    from dctkd_ext import triton as triton_backend
+    """torch.ops.dctkd_ext_triton with the Triton ops defined and their autograd registered (a test that
+    differentiates through them passes when run alone, too)."""
+    from dctkd_ext import _backend
 
-    return triton_backend.load()
+    return _backend.triton_ops()
 
 
 # Relative-norm error of a correct kernel accumulating in fp32 / fp64, against the float64 reference.
@@ -175,10 +180,16 @@ def error_bound(out_dtype: torch.dtype, ref: torch.Tensor, acc: torch.dtype, fac
 def assert_close(out, ref, dtype, what="", factor=1.0):
     """out (any dtype) against a float64 reference; `dtype` is the inputs' dtype, which sets the
     accumulation precision (fp64 for fp64 inputs, else fp32)."""
+    assert_rel_close(out, ref, error_bound(out.dtype, ref, acc_dtype_of(dtype), factor), what)
+
+
+def assert_rel_close(out, ref, bound, what=""):
+    """out against ref: the same shape, finite (an element left unwritten in a poisoned output is NaN),
+    and rel_err(out, ref) <= bound. assert_close gives the bound from the dtypes; a test with a bound of
+    its own (the GPU validation's) passes it here."""
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     assert torch.isfinite(_real(out)).all(), f"{what}: non-finite values in the output"
     err = rel_err(out, ref)
-    bound = error_bound(out.dtype, ref, acc_dtype_of(dtype), factor)
     assert err <= bound, f"{what}: relative error {err:.3e} > bound {bound:.2e} ({out.dtype} output)"
 
 
@@ -258,9 +269,7 @@ def crandn(*shape, dtype=torch.complex64, device="cpu", generator=None, requires
     return t.requires_grad_(requires_grad)
 
 
-@pytest.fixture(params=BACKENDS, ids=BACKEND_IDS)
-def backend(request):
-    """(name, device) of each backend, selected with use_backend for the test's duration."""
+def _use_backend(request):
     name, device = request.param
     if name == "triton":
         from dctkd_ext import _backend
@@ -268,6 +277,18 @@ def backend(request):
         _backend.triton_ops()
     with dctkd_ext.use_backend(name):
         yield name, device
+
+
+@pytest.fixture(params=BACKENDS, ids=BACKEND_IDS)
+def backend(request):
+    """(name, device) of each backend, selected with use_backend for the test's duration."""
+    yield from _use_backend(request)
+
+
+@pytest.fixture(params=KERNEL_BACKENDS, ids=KERNEL_BACKEND_IDS)
+def kernel_backend(request):
+    """backend, without the reference: for tests that compare with the reference."""
+    yield from _use_backend(request)
 
 
 def assert_same_nested(a, b, what):

@@ -1,19 +1,74 @@
-"""The test recipe of each op family, shared by the tests of every backend: run the public op on the
-backend given (use_backend), and compare its outputs and its gradients, for a random upstream gradient,
-with the float64 reference on the same inputs, within conftest's error bounds (ACC_TOL / error_bound)
-times the backend's BACKEND_FACTOR. The tests parametrise shapes, dtypes, layouts and options; the
-recipe is the same for all of them."""
+"""The test recipe of each op family, shared by the tests of every backend.
 
+The core (compare_with_reference): run the public op on the backend given (use_backend) and compare its
+output and its gradients, for a random upstream gradient, with the float64 reference on the same inputs
+(float64 CPU leaf copies), within conftest's error bounds (assert_close / error_bound) times the backend's
+BACKEND_FACTOR; on the kernels' backends it also checks the output's and the gradients' dtype and layout.
+check_family applies it with a family's dtype and layout rules, from the family's spec: the loss family's
+ATTENTION_MAP and DCT_AT_LOSS (check_attention_map, check_loss; check_dct2d is the core on dct2d and
+idct2d) and LOCAL_ATTENTION (check_local_attention).
+
+A family's standard tests come from a small spec, Family, through family_tests(spec), whose result a
+test module adds to its globals (`globals().update(recipes.family_tests(SPEC))`):
+
+    test_matches_reference[backend-dtype-case]   every kernel backend present (cpu; triton, in Triton's
+                                                 interpreter without a GPU; cuda where there is one) x
+                                                 spec.dtypes x spec.cases, fresh random data, outputs
+                                                 poisoned (conftest.poison_outputs: NaN until written)
+    test_layouts[backend-dtype-layout]           spec.layout_case in each of spec.layouts, for spec.layout_dtypes
+    test_reference_matches_oracle[case]          the reference against spec.oracle, an independent float64
+                                                 formulation (the `reference` backend is never compared
+                                                 with itself), where the family has one
+    test_gradcheck_float64[i]                    torch.autograd.gradcheck of the op on spec.gradcheck_cases
+    test_opcheck[i]                              torch.library.opcheck on spec.opcheck_args(gen)
+    test_torch_compile_fullgraph                 torch.compile(fullgraph=True, aot_eager) of a step through the
+                                                 op: the same output and gradients as eager
+    test_bad_input[id]                           each of spec.bad_inputs raises its exception, whose message
+                                                 names the argument
+
+The spec (all callables take plain tensors; `case` is whatever spec.cases holds):
+
+    name            the op's name, for messages
+    op              op(*args, **kwargs): the public op
+    reference       reference(*args, **kwargs) on float64 CPU copies of the tensors (dctkd_ext.reference)
+    make_args       make_args(case, dtype, layout, device, gen) -> (args, kwargs): fresh random inputs,
+                    differentiable tensors as leaves with requires_grad
+    cases, dtypes   the sweep of test_matches_reference (pytest.param values keep their marks)
+    case_id         case -> test id
+    layouts, layout_case, layout_dtypes   the sweep of test_layouts (conftest.LAYOUTS names)
+    out_dtype       args -> the output's dtype (default: the first tensor's)
+    out_layout      args -> the output's stride on the kernels' backends, or None for no check
+    grad_layout     (i, tensor, args) -> the stride of the i-th gradient, or None for no check
+    grad_names      names of the differentiable inputs (or args -> names), for messages
+    wrt             args -> the tensors to differentiate (default: every tensor in args that requires grad)
+    rounded_upstream  the reference gets the upstream gradient rounded to the op's dtype (an op whose
+                    gradients take differences of it, which would amplify that rounding)
+    oracle          an independent float64 formulation (same signature as reference), or None
+    gradcheck_cases (case, layout) pairs for gradcheck, in float64
+    opcheck_args    gen -> [(torch.ops overload, args)]
+    compile_case    (case, layout) of the torch.compile test, or None
+    bad_args        gen -> the keyword arguments of a good call; bad_call(kwargs) makes the call
+    bad_inputs      [(id, change(kwargs) in place, exception type, message regex)]
+    skip_backend    backend name -> a reason to skip it, or None
+
+Special cases of a family (the backward op's flags, autocast, determinism, NaN propagation) stay plain
+tests in the family's file.
+"""
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import pytest
 import torch
 
 import dctkd_ext
 from dctkd_ext import reference
 from dctkd_ext.ops.dct_at import kernel_layout_like
 
-from conftest import BACKEND_FACTOR, assert_close
+from conftest import ACC_TOL, BACKEND_FACTOR, KERNEL_BACKENDS, assert_close, features, in_layout, rel_err
 
 
-def _ref_leaf(x):
+def ref_leaf(x):
     """float64 CPU leaf copy of x for the reference."""
     return x.detach().to("cpu", torch.float64).requires_grad_(x.requires_grad)
 
@@ -28,64 +83,307 @@ def _upstream(shape, gen, like):
     return g, g.to(device=like.device, dtype=like.dtype)
 
 
+def _map_tensors(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+# ------------------------------------------------------------------------------------------ the core
+def compare_with_reference(backend, op, ref_op, args, gen, kwargs=None, *, dtype=None, out_dtype=None,
+                           out_layout=None, grad_layout=None, grad_names=None, rounded_upstream=False,
+                           factor=1.0, what="op", wrt=None):
+    """op(*args, **kwargs) on `backend` against ref_op on float64 CPU leaf copies of the tensors in args
+    (nested lists included), and the gradients of every tensor in args that requires grad, for a random
+    upstream gradient. dtype: the inputs' dtype that sets the bound (default: the first tensor's);
+    out_dtype: the output's expected dtype; out_layout: its expected stride on the kernels' backends;
+    grad_layout(i, tensor): the i-th gradient's expected stride there (None: not checked); wrt: the
+    tensors to differentiate (default: those in args that require grad)."""
+    kwargs = kwargs or {}
+    factor *= BACKEND_FACTOR.get(backend, 1.0)
+    tensors = _tensors(args)
+    dtype = dtype or tensors[0].dtype
+    leaves = {}
+
+    def leaf(t):
+        leaves[id(t)] = ref_leaf(t)
+        return leaves[id(t)]
+
+    ref_args = _map_tensors(args, leaf)
+    with dctkd_ext.use_backend(backend):
+        out = op(*args, **kwargs)
+    ref = ref_op(*ref_args, **{k: _map_tensors(v, _ref_arg) for k, v in kwargs.items()})
+    kernels = backend != "reference"
+    if out_dtype is not None:
+        assert out.dtype == out_dtype, f"{what}: dtype {out.dtype}, expected {out_dtype}"
+    if kernels and out_layout is not None:
+        assert out.stride() == out_layout, f"{what}: layout {out.stride()}, expected {out_layout}"
+    assert_close(out, ref, dtype, what, factor)
+    g64, g = _upstream(ref.shape, gen, out)
+    if rounded_upstream:
+        g64 = g.detach().to("cpu", torch.float64)
+    wrt = [t for t in tensors if t.requires_grad] if wrt is None else list(wrt)
+    if not wrt:
+        return out
+    grads = torch.autograd.grad(out, wrt, g)
+    grads_ref = torch.autograd.grad(ref, [leaves[id(t)] for t in wrt], g64)
+    names = grad_names or [f"[{i}]" for i in range(len(wrt))]
+    for i, (name, d, dr, t) in enumerate(zip(names, grads, grads_ref, wrt)):
+        assert d.dtype == t.dtype and d.shape == t.shape, f"{what} d{name}: {d.dtype} {tuple(d.shape)}"
+        if kernels and grad_layout is not None:
+            want = grad_layout(i, t)
+            assert want is None or d.stride() == want, f"{what} d{name}: layout {d.stride()}"
+        assert_close(d, dr, dtype, f"{what} d{name}", factor)
+    return out
+
+
+# ------------------------------------------------------------------------------ a family's standard tests
+@dataclasses.dataclass
+class Family:
+    """The spec of an op family's standard tests (see the module docstring)."""
+
+    name: str
+    op: Callable
+    reference: Callable
+    make_args: Callable
+    cases: Sequence
+    dtypes: Sequence
+    case_id: Callable = str
+    layouts: Sequence = ("contiguous",)
+    layout_case: Any = None
+    layout_dtypes: Sequence = (torch.float32,)
+    out_dtype: Optional[Callable] = None
+    out_layout: Optional[Callable] = None
+    grad_layout: Optional[Callable] = None
+    grad_names: Sequence = ()
+    rounded_upstream: bool = False
+    oracle: Optional[Callable] = None
+    gradcheck_cases: Sequence = ()
+    opcheck_args: Optional[Callable] = None
+    compile_case: Any = None
+    bad_args: Optional[Callable] = None
+    bad_call: Optional[Callable] = None
+    bad_inputs: Sequence = ()
+    skip_backend: Optional[Callable] = None
+    wrt: Optional[Callable] = None
+
+
+def dtype_id(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _on_device(args, device):
+    return _map_tensors(args, lambda t: t.detach().to(device).requires_grad_(t.requires_grad))
+
+
+def check_family(spec, backend, args, gen, kwargs=None, factor=1.0, what=None):
+    """The core on one call of a family's op, with the spec's dtype and layout rules."""
+    return compare_with_reference(
+        backend, spec.op, spec.reference, args, gen, kwargs,
+        out_dtype=spec.out_dtype(args) if spec.out_dtype else _tensors(args)[0].dtype,
+        out_layout=spec.out_layout(args) if spec.out_layout else None,
+        grad_layout=(lambda i, t: spec.grad_layout(i, t, args)) if spec.grad_layout else None,
+        grad_names=spec.grad_names(args) if callable(spec.grad_names) else (spec.grad_names or None),
+        rounded_upstream=spec.rounded_upstream, factor=factor, what=what or spec.name,
+        wrt=spec.wrt(args) if spec.wrt else None)
+
+
+def _param_values(values, ids):
+    out = []
+    for v in values:
+        if isinstance(v, type(pytest.param(None))):
+            out.append(pytest.param(*v.values, marks=v.marks, id=v.id or ids(v.values[0])))
+        else:
+            out.append(pytest.param(v, id=ids(v)))
+    return out
+
+
+def family_tests(spec: Family) -> dict:
+    """The standard tests of a family, by name, for a test module's globals."""
+    backends = [pytest.param(b, id=b[0]) for b in KERNEL_BACKENDS]
+    tests = {}
+
+    def use(backend):
+        name, device = backend
+        reason = spec.skip_backend(name) if spec.skip_backend else None
+        if reason:
+            pytest.skip(reason)
+        return name, device
+
+    @pytest.mark.parametrize("case", _param_values(spec.cases, spec.case_id))
+    @pytest.mark.parametrize("dtype", spec.dtypes, ids=dtype_id)
+    @pytest.mark.parametrize("backend", backends)
+    def test_matches_reference(backend, dtype, case, gen, poison_outputs):
+        name, device = use(backend)
+        args, kwargs = spec.make_args(case, dtype, "contiguous", device, gen)
+        check_family(spec, name, args, gen, kwargs, what=f"{spec.name} {spec.case_id(case)}")
+
+    tests["test_matches_reference"] = test_matches_reference
+
+    if len(spec.layouts) > 1 or spec.layout_case is not None:
+        layout_case = spec.layout_case if spec.layout_case is not None else spec.cases[0]
+
+        @pytest.mark.parametrize("layout", spec.layouts)
+        @pytest.mark.parametrize("dtype", spec.layout_dtypes, ids=dtype_id)
+        @pytest.mark.parametrize("backend", backends)
+        def test_layouts(backend, dtype, layout, gen, poison_outputs):
+            name, device = use(backend)
+            args, kwargs = spec.make_args(layout_case, dtype, layout, device, gen)
+            check_family(spec, name, args, gen, kwargs, what=f"{spec.name} {layout}")
+
+        tests["test_layouts"] = test_layouts
+
+    if spec.oracle is not None:
+        @pytest.mark.parametrize("case", _param_values(spec.cases, spec.case_id))
+        def test_reference_matches_oracle(case, gen):
+            # the reference (what every backend is compared with) against an independent formulation
+            args, kwargs = spec.make_args(case, torch.float64, "contiguous", "cpu", gen)
+            compare_with_reference("reference", spec.oracle, spec.reference, args, gen, kwargs,
+                                   out_dtype=torch.float64, grad_names=spec.grad_names or None,
+                                   what=f"{spec.name} oracle {spec.case_id(case)}")
+            with dctkd_ext.use_backend("reference"):
+                out = spec.op(*args, **kwargs)  # the `reference` backend is the reference module
+            assert rel_err(out, spec.reference(*args, **kwargs)) <= ACC_TOL[torch.float64]
+
+        tests["test_reference_matches_oracle"] = test_reference_matches_oracle
+
+    if spec.gradcheck_cases:
+        @pytest.mark.parametrize("i", range(len(spec.gradcheck_cases)))
+        def test_gradcheck_float64(i, gen):
+            case, layout = spec.gradcheck_cases[i]
+            args, kwargs = spec.make_args(case, torch.float64, layout, "cpu", gen)
+            tensors = _tensors(args)
+            wrt = [t for t in tensors if t.requires_grad]
+
+            def fn(*xs):
+                swap = dict(zip(map(id, wrt), xs))
+                return spec.op(*_map_tensors(args, lambda t: swap.get(id(t), t)), **kwargs)
+
+            assert torch.autograd.gradcheck(fn, wrt)
+
+        tests["test_gradcheck_float64"] = test_gradcheck_float64
+
+    if spec.opcheck_args is not None:
+        def test_opcheck(gen, poison_outputs):
+            for op, args in spec.opcheck_args(gen):
+                torch.library.opcheck(op, args)
+
+        tests["test_opcheck"] = test_opcheck
+
+    if spec.compile_case is not None:
+        def test_torch_compile_fullgraph(gen):
+            torch._dynamo.reset()
+            case, layout = spec.compile_case
+            args, kwargs = spec.make_args(case, torch.float32, layout, "cpu", gen)
+            wrt = [t for t in _tensors(args) if t.requires_grad]
+
+            def step(*xs):
+                swap = dict(zip(map(id, wrt), xs))
+                return (spec.op(*_map_tensors(args, lambda t: swap.get(id(t), t)), **kwargs) * 1.5).sum()
+
+            compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+            got = torch.autograd.grad(compiled(*wrt), wrt)
+            want = torch.autograd.grad(step(*wrt), wrt)
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+        tests["test_torch_compile_fullgraph"] = test_torch_compile_fullgraph
+
+    if spec.bad_inputs:
+        @pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in spec.bad_inputs])
+        def test_bad_input(case, gen):
+            _, change, exc, msg = case
+            kwargs = spec.bad_args(gen)
+            change(kwargs)
+            with pytest.raises(exc, match=msg):
+                spec.bad_call(kwargs)
+
+        tests["test_bad_input"] = test_bad_input
+
+    for name, fn in tests.items():
+        fn.__name__ = fn.__qualname__ = name
+    return tests
+
+
 # ------------------------------------------------------------------------------------- dct_at family
+def _acc_out_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _map_make_args(case, dtype, layout, device, gen):
+    b, c, h, w, p, reduce = case
+    return (features(b, c, h, w, dtype, device, generator=gen, layout=layout, requires_grad=True), p, reduce), {}
+
+
+ATTENTION_MAP = Family(
+    name="attention_map",
+    op=dctkd_ext.attention_map,
+    reference=reference.attention_map,
+    make_args=_map_make_args,
+    cases=[(3, 11, 1, 1, 2.0, "mean"), (3, 11, 5, 9, 2.0, "mean"), (2, 13, 6, 5, 1.5, "sum"),
+           (3, 11, 56, 56, 2.0, "mean")],  # (B, C, H, W, p, reduce)
+    case_id=lambda c: "x".join(map(str, c[:4])) + f"-p{c[4]}-{c[5]}",
+    dtypes=[torch.float32, torch.float16, torch.bfloat16, torch.float64],
+    layouts=["contiguous", "channels_last", "sliced", "transposed"],
+    out_dtype=lambda args: _acc_out_dtype(args[0].dtype),
+    grad_layout=lambda i, t, args: kernel_layout_like(t).stride(),
+    grad_names=["x"],
+)
+
+
 def check_attention_map(backend, x, gen, p=2.0, reduce="mean", factor=1.0, what="attention_map"):
     """attention_map(x) and its gradient; the gradient in the kernels' layout (kernel_layout_like)."""
-    factor *= BACKEND_FACTOR.get(backend, 1.0)
-    xr = _ref_leaf(x)
-    with dctkd_ext.use_backend(backend):
-        out = dctkd_ext.attention_map(x, p, reduce)
-    ref = reference.attention_map(xr, p, reduce)
-    assert out.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
-    assert_close(out, ref, x.dtype, what, factor)
-    g64, g = _upstream(ref.shape, gen, out)
-    (dx,) = torch.autograd.grad(out, x, g)
-    (dxr,) = torch.autograd.grad(ref, xr, g64)
-    assert dx.dtype == x.dtype and dx.shape == x.shape
-    if backend != "reference":  # the kernels' layout; the reference's is autograd's
-        assert dx.stride() == kernel_layout_like(x).stride(), f"{what} backward: layout {dx.stride()}"
-    assert_close(dx, dxr, x.dtype, f"{what} backward", factor)
-    return out
+    return check_family(ATTENTION_MAP, backend, (x, p, reduce), gen, factor=factor, what=what)
 
 
 def check_dct2d(backend, a, gen, factor=1.0):
     """dct2d(a) and idct2d(a) in a's dtype, and dct2d's gradient (idct2d of the upstream gradient)."""
-    factor *= BACKEND_FACTOR.get(backend, 1.0)
-    ar = _ref_leaf(a)
-    with dctkd_ext.use_backend(backend):
-        y = dctkd_ext.dct2d(a)
-        yi = dctkd_ext.idct2d(a.detach())
-    assert y.dtype == a.dtype and yi.dtype == a.dtype
-    yr = reference.dct2d(ar)
-    assert_close(y, yr, a.dtype, "dct2d", factor)
-    assert_close(yi, reference.idct2d(ar.detach()), a.dtype, "idct2d", factor)
-    g64, g = _upstream(y.shape, gen, y)
-    (da,) = torch.autograd.grad(y, a, g)
-    (dar,) = torch.autograd.grad(yr, ar, g64)
-    assert_close(da, dar, a.dtype, "dct2d backward", factor)
+    y = compare_with_reference(backend, dctkd_ext.dct2d, reference.dct2d, (a,), gen, out_dtype=a.dtype,
+                               grad_names=["a"], factor=factor, what="dct2d")
+    compare_with_reference(backend, dctkd_ext.idct2d, reference.idct2d, (a.detach(),), gen, out_dtype=a.dtype,
+                           factor=factor, what="idct2d")
     return y
+
+
+def _loss_make_args(case, dtype, layout, device, gen):
+    """case: ((B, Cs, H, W), Ct) per level -> (student (requires grad), teacher), with the case's options."""
+    levels, options = case
+    s = [features(*sh, dtype, device, generator=gen, layout=layout, requires_grad=True) for sh, _ in levels]
+    t = [features(sh[0], ct, sh[2], sh[3], dtype, device, generator=gen, layout=layout) for sh, ct in levels]
+    return (s, t), dict(reduction="none", **options)
+
+
+DCT_AT_LOSS = Family(
+    name="dct_at_loss",
+    op=dctkd_ext.dct_at_loss,
+    reference=reference.dct_at_loss,
+    make_args=_loss_make_args,
+    cases=[([((3, 8, 7, 7), 5), ((3, 16, 4, 4), 32)], dict(preset=p)) for p in ("dct", "paper", "at")],
+    case_id=lambda c: "-".join(f"{k}={v}" for k, v in c[1].items()),
+    dtypes=[torch.float32, torch.float16, torch.bfloat16, torch.float64],
+    layouts=["contiguous", "channels_last", "sliced", "transposed"],
+    out_dtype=lambda args: _acc_out_dtype(args[0][0].dtype),
+    grad_layout=lambda i, t, args: kernel_layout_like(t).stride(),
+    grad_names=lambda args: [f"S[{l}]" for l in range(len(args[0]))],
+    # the students only: a teacher that requires grad gets none
+    wrt=lambda args: args[0],
+)
 
 
 def check_loss(backend, student, teacher, gen, what="dct_at_loss", factor=1.0, reduction="none", **kwargs):
     """The loss (per sample by default) and the students' gradients for a random upstream gradient (per
     sample with reduction="none": a backward that mixes samples fails)."""
-    factor *= BACKEND_FACTOR.get(backend, 1.0)
-    dtype = student[0].dtype
-    sr, tr = [_ref_leaf(x) for x in student], [_ref_leaf(x) for x in teacher]
-    with dctkd_ext.use_backend(backend):
-        out = dctkd_ext.dct_at_loss(student, teacher, reduction=reduction, **kwargs)
-    ref = reference.dct_at_loss(sr, tr, reduction=reduction, **{k: _ref_arg(v) for k, v in kwargs.items()})
-    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert_close(out, ref, dtype, f"{what} loss", factor)
-    g64, g = _upstream(ref.shape, gen, out)
-    grads = torch.autograd.grad(out, student, g)
-    refs = torch.autograd.grad(ref, sr, g64)
-    for l, (a, b) in enumerate(zip(grads, refs)):
-        assert a.dtype == student[l].dtype and a.shape == student[l].shape
-        if backend != "reference":
-            assert a.stride() == kernel_layout_like(student[l]).stride(), f"{what} grad[{l}]: layout {a.stride()}"
-        assert_close(a, b, dtype, f"{what} grad[{l}]", factor)
-    return out
+    return check_family(DCT_AT_LOSS, backend, (student, teacher), gen, dict(reduction=reduction, **kwargs),
+                        factor=factor, what=what)
 
 
 # ---------------------------------------------------------------------------------- local_attention family
@@ -95,27 +393,122 @@ def local_attention_layout(q):
     return torch.empty(q.shape, memory_format=torch.channels_last if cl else torch.contiguous_format).stride()
 
 
+def local_attention_inputs(b, c, h, w, kernel_size, gen, dtype=torch.float32, layout=None, rel_dtype=None,
+                           scale=1.0, device="cpu"):
+    """q, k, v (B, C, H, W) in dtype and layout, rel (C, K*K) (float32 unless q is float64), as leaves
+    on `device`; q and k scaled by `scale` (larger logits)."""
+    q, k, v = (features(b, c, h, w, dtype, generator=gen, layout=layout) for _ in range(3))
+    if scale != 1.0:
+        q, k = (t.mul(scale).to(dtype) for t in (q, k))
+        if layout is not None:
+            q, k = in_layout(q, layout), in_layout(k, layout)
+    if rel_dtype is None:
+        rel_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    rel = torch.randn(c, kernel_size * kernel_size, generator=gen, dtype=torch.float64).to(rel_dtype)
+    return [t.to(device).requires_grad_() for t in (q, k, v, rel)]
+
+
+def _la_grad_layout(i, t, args):
+    return local_attention_layout(args[0]) if i < 3 else None
+
+
 def check_local_attention(backend, q, k, v, rel, kernel_size, gen, factor=1.0, what="local_attention"):
     """local_attention(q, k, v, rel) in q's dtype and its four gradients for a random upstream gradient,
-    against the float64 reference; on the kernels' backends, the outputs' layout."""
-    factor *= BACKEND_FACTOR.get(backend, 1.0)
-    inputs = (q, k, v, rel)
-    leaves = [_ref_leaf(t) for t in inputs]
-    with dctkd_ext.use_backend(backend):
-        out = dctkd_ext.local_attention(q, k, v, rel, kernel_size)
-    ref = reference.local_attention(*leaves, kernel_size)
-    assert out.dtype == q.dtype and out.shape == q.shape
-    if backend != "reference":
-        assert out.stride() == local_attention_layout(q), f"{what}: layout {out.stride()}"
-    assert_close(out, ref, q.dtype, what, factor)
-    _, g = _upstream(ref.shape, gen, out)
-    # the reference gets the upstream gradient the op gets (rounded to a half dtype): dq, dk and drel take
-    # differences (v_j - out) of it, which would amplify its rounding beyond the bound of one final rounding
-    grads = torch.autograd.grad(out, inputs, g)
-    grads_ref = torch.autograd.grad(ref, leaves, g.detach().to("cpu", torch.float64))
-    for name, d, dr, t in zip(("q", "k", "v", "rel"), grads, grads_ref, inputs):
-        assert d.dtype == t.dtype and d.shape == t.shape, f"{what} d{name}: {d.dtype} {tuple(d.shape)}"
-        if backend != "reference" and name != "rel":
-            assert d.stride() == local_attention_layout(q), f"{what} d{name}: layout {d.stride()}"
-        assert_close(d, dr, q.dtype, f"{what} d{name}", factor)
-    return out
+    against the float64 reference; on the kernels' backends, the layout of the output and of dq, dk, dv."""
+    return check_family(LOCAL_ATTENTION, backend, (q, k, v, rel, kernel_size), gen, factor=factor, what=what)
+
+
+def _la_make_args(case, dtype, layout, device, gen):
+    *bchw, kernel_size = case
+    q, k, v, rel = local_attention_inputs(*bchw, kernel_size, gen, dtype, layout=layout, device=device)
+    return (q, k, v, rel, kernel_size), {}
+
+
+def _la_skip(name):
+    from dctkd_ext import _backend
+
+    if name == "triton" and not hasattr(_backend.triton_ops(), "local_attention"):
+        return "the triton backend has no local_attention kernels in this checkout"
+    return None
+
+
+def _la_opcheck_args(gen):
+    ops = torch.ops.dctkd_ext
+    q, k, v, rel = local_attention_inputs(2, 3, 5, 4, 3, gen)
+    qc, kc, vc = (in_layout(t, "channels_last") for t in (q, k, v))
+    grad = torch.randn(q.shape, generator=gen)
+    cases = [
+        (ops.local_attention.default, (q, k, v, rel, 3)),
+        (ops.local_attention.default, (qc.requires_grad_(), kc, vc, rel.detach(), 3)),
+        (ops.local_attention.default, (q.detach().half(), k.detach().half(), v.detach().half(), rel.detach()[:, :1], 1)),
+    ]
+    d = [t.detach() for t in (q, k, v, rel)]
+    for need in ((True, True, True, True), (False, True, False, True), (True, False, True, False)):
+        cases.append((ops.local_attention_backward.default, (grad, *d, 3, *need)))
+        cases.append((ops.local_attention_backward.default,
+                      (in_layout(grad, "channels_last"), qc.detach(), kc, vc, d[3], 3, *need)))
+    return cases
+
+
+def _la_bad_args(gen):
+    q, k, v, rel = (t.detach() for t in local_attention_inputs(2, 4, 5, 5, 3, gen))
+    return dict(q=q, k=k, v=v, rel=rel, kernel_size=3)
+
+
+def _set(**new):
+    return lambda a: a.update({n: (f(a[n]) if callable(f) else f) for n, f in new.items()})
+
+
+LOCAL_ATTENTION = Family(
+    name="local_attention",
+    op=dctkd_ext.local_attention,
+    reference=reference.local_attention,
+    oracle=reference.released_local_attention,  # the FAM-KD head's stacking code, written independently
+    make_args=_la_make_args,
+    cases=[  # (B, C, H, W, K)
+        (1, 1, 1, 1, 3),  # 1x1: every neighbour is padding
+        (2, 3, 5, 7, 1),  # K = 1: softmax of one logit, out = v
+        (2, 3, 5, 7, 3),  # odd, non-square
+        (1, 2, 6, 4, 5),
+        (1, 2, 3, 2, 7),  # K larger than the image
+        (2, 4, 8, 8, 3),  # the CIFAR head's deepest level size
+        (1, 3, 9, 20, 5),  # wider than one vector step per row
+    ],
+    case_id=lambda s: "x".join(map(str, s)),
+    dtypes=[torch.float32, torch.float64, torch.bfloat16, torch.float16],
+    layouts=["contiguous", "channels_last", "sliced", "transposed"],
+    layout_case=(2, 5, 6, 9, 3),
+    layout_dtypes=[torch.float32, torch.bfloat16],
+    out_dtype=lambda args: args[0].dtype,
+    out_layout=lambda args: local_attention_layout(args[0]),
+    grad_layout=_la_grad_layout,
+    grad_names=["q", "k", "v", "rel"],
+    # dq, dk and drel take differences (v_j - out) of the upstream gradient, which would amplify its
+    # rounding (to a half dtype) beyond the bound of one final rounding: the reference gets the op's
+    rounded_upstream=True,
+    gradcheck_cases=[((1, 2, 4, 5, 3), "contiguous"), ((1, 1, 3, 2, 5), "contiguous"),
+                     ((1, 2, 4, 5, 3), "channels_last"), ((1, 1, 3, 2, 5), "channels_last")],
+    opcheck_args=_la_opcheck_args,
+    compile_case=((2, 4, 6, 5, 3), "channels_last"),
+    bad_args=_la_bad_args,
+    bad_call=lambda a: dctkd_ext.local_attention(**a),
+    bad_inputs=[  # (id, change, exception, message)
+        ("q-numpy", _set(q=lambda t: t.numpy()), TypeError, r"q: expected a torch.Tensor"),
+        ("q-int", _set(q=lambda t: t.int()), TypeError, r"q: expected a real floating"),
+        ("q-3d", _set(q=lambda t: t[0]), ValueError, r"q: expected a 4-D"),
+        ("k-shape", _set(k=lambda t: t[..., :3]), ValueError, r"k: expected shape \(2, 4, 5, 5\) like q"),
+        ("k-dtype", _set(k=lambda t: t.double()), TypeError, r"k: expected dtype torch.float32 like q"),
+        ("v-meta", _set(v=lambda t: t.to("meta")), ValueError, r"v: expected a tensor on cpu"),
+        ("v-5d", _set(v=lambda t: t[:, :, :, :, None]), ValueError, r"v: expected a 4-D"),
+        ("rel-shape", _set(rel=lambda t: t[:, :4]), ValueError, r"rel: expected shape \(4, 9\)"),
+        ("rel-half", _set(rel=lambda t: t.half()), TypeError, r"rel: expected float32, float64 or q's dtype"),
+        ("rel-long", _set(rel=lambda t: t.long()), TypeError, r"rel: expected a real floating"),
+        ("rel-3d", _set(rel=lambda t: t[None]), ValueError, r"rel: expected a 2-D"),
+        ("K-even", _set(kernel_size=4), ValueError, r"kernel_size: expected an odd int >= 1, got 4"),
+        ("K-zero", _set(kernel_size=0), ValueError, r"kernel_size: expected an odd int"),
+        ("K-float", _set(kernel_size=3.0), ValueError, r"kernel_size: expected an odd int"),
+        ("K-bool", _set(kernel_size=True), ValueError, r"kernel_size: expected an odd int"),
+        ("empty-map", _set(**{n: torch.empty(2, 4, 0, 5) for n in "qkv"}), ValueError, r"q: expected H, W >= 1"),
+    ],
+    skip_backend=_la_skip,
+)

@@ -22,25 +22,13 @@ def dtype_id(dtype):
 SHAPES = [(1, 1), (7, 7), (5, 9), (14, 14), (56, 56)]
 
 
-def poison_allocator(device, nbytes=1 << 22):
-    """Fill memory the allocator will hand out next with NaN, so an output element a kernel forgets
-    to write shows up (reliable with the CUDA caching allocator; best effort with CPU malloc)."""
-    t = torch.full((nbytes // 4,), float("nan"), device=device)
-    del t
-
-
-def ref_inputs(xs):
-    return [x.detach().double().requires_grad_(x.requires_grad) for x in xs]
-
-
 # ---------------------------------------------------------------------------------- attention_map
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("hw", SHAPES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_attention_map_matches_reference(device, dtype, hw, channels_last, gen):
+def test_attention_map_matches_reference(device, dtype, hw, channels_last, gen, poison_outputs_warn_only):
     x = features(3, 11, *hw, dtype=dtype, device=device, channels_last=channels_last, generator=gen, requires_grad=True)
-    poison_allocator(device)
     recipes.check_attention_map("auto", x, gen)
     assert x.is_contiguous(memory_format=torch.channels_last) == channels_last or hw == (1, 1)
 
@@ -48,15 +36,9 @@ def test_attention_map_matches_reference(device, dtype, hw, channels_last, gen):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("p,reduce", [(1.0, "mean"), (3.0, "sum"), (1.5, "mean"), (2.0, "sum")])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_attention_map_p_and_reduce(device, p, reduce, channels_last, gen):
+def test_attention_map_p_and_reduce(device, p, reduce, channels_last, gen, poison_outputs_warn_only):
     x = features(2, 13, 6, 5, device=device, channels_last=channels_last, generator=gen, requires_grad=True)
-    a = dctkd_ext.attention_map(x, p=p, reduce=reduce)
-    (xr,) = ref_inputs([x])
-    ar = ref.attention_map(xr, p, reduce)
-    assert_close(a, ar, torch.float32, f"attention_map p={p}")
-    (dx,) = torch.autograd.grad(a.sum(), x)
-    (dxr,) = torch.autograd.grad(ar.sum(), xr)
-    assert_close(dx, dxr, torch.float32, f"attention_map backward p={p}")
+    recipes.check_attention_map("auto", x, gen, p, reduce, what=f"attention_map p={p} {reduce}")
 
 
 def test_attention_map_strided_input(gen):
@@ -91,9 +73,8 @@ def test_dct_matrix_matches_numpy_formula():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("hw", [(1, 1), (7, 7), (5, 9), (56, 56)])
-def test_dct2d_dtypes_roundtrip_and_grad(device, dtype, hw, gen):
+def test_dct2d_dtypes_roundtrip_and_grad(device, dtype, hw, gen, poison_outputs_warn_only):
     a = torch.randn(4, *hw, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
-    poison_allocator(device)
     c = dctkd_ext.dct2d(a)
     assert c.dtype == dtype
     assert_close(c, ref.dct2d(a.detach().double()), dtype, "dct2d")
@@ -144,7 +125,7 @@ LOSS_OPTION_IDS = [p + "".join(f"-{k}={v}" for k, v in o.items()) for p, o in LO
 @pytest.mark.parametrize("kind", ["tiny", "square", "odd", "big"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_loss_matches_reference(device, preset, over, kind, dtype, channels_last, gen):
+def test_loss_matches_reference(device, preset, over, kind, dtype, channels_last, gen, poison_outputs_warn_only):
     if preset == "paper" and kind == "tiny":
         pytest.skip("1x1 maps: (A - min) / max is 0/0 with the released code's eps = 0 (NaN by design)")
     s, t = make_levels(kind, dtype, device, channels_last, gen)
@@ -352,7 +333,7 @@ def test_torch_compile_inductor_forward_backward(gen):
     fn = torch.compile(lambda a, b: dctkd_ext.dct_at_loss([a], [b], preset="paper"), fullgraph=True)
     loss = fn(s[0], t[0])
     (g,) = torch.autograd.grad(loss, s)
-    lr = ref.dct_at_loss(ref_inputs(s), ref_inputs(t), preset="paper")
+    lr = ref.dct_at_loss([recipes.ref_leaf(x) for x in s], [recipes.ref_leaf(x) for x in t], preset="paper")
     assert rel_err(loss, lr) < 1e-5 and torch.isfinite(g).all()
 
 
@@ -408,24 +389,18 @@ def test_auto_routes_to_the_cpu_kernels(gen):
 
 
 @pytest.mark.parametrize("layout", ["sliced", "transposed", "channels_last"])
-def test_every_op_accepts_strided_inputs(backend, layout, gen):
+def test_every_op_accepts_strided_inputs(kernel_backend, layout, gen, poison_outputs_warn_only):
     """Views with offsets and strides (slices, transposes) give the results of contiguous copies,
-    forward and backward, on every backend."""
-    name, device = backend
+    forward and backward, on every kernel backend."""
+    name, device = kernel_backend
     x = in_layout(features(2, 5, 6, 7, device=device, generator=gen), layout).requires_grad_()
     recipes.check_attention_map(name, x, gen, 1.5, what=f"attention_map {layout}")
 
     m = in_layout(torch.randn(3, 6, 7, generator=gen, dtype=torch.float64).to(device, torch.float32),
                   layout if layout != "channels_last" else "sliced").requires_grad_()
     for fn, rfn in ((dctkd_ext.dct2d, ref.dct2d), (dctkd_ext.idct2d, ref.idct2d)):
-        c = fn(m)
-        mr = m.detach().double().cpu().requires_grad_()
-        cr = rfn(mr)
-        assert_close(c, cr, torch.float32, f"{fn.__name__} {layout}")
-        g = torch.randn(c.shape, dtype=torch.float64, generator=gen)
-        (dm,) = torch.autograd.grad(c, m, g.to(device, c.dtype))
-        (dmr,) = torch.autograd.grad(cr, mr, g)
-        assert_close(dm, dmr, torch.float32, f"{fn.__name__} backward {layout}")
+        recipes.compare_with_reference(name, fn, rfn, (m,), gen, out_dtype=torch.float32,
+                                       what=f"{fn.__name__} {layout}")
 
     s = [in_layout(features(3, 4, 7, 7, device=device, generator=gen), layout).requires_grad_(),
          in_layout(features(3, 6, 5, 3, device=device, generator=gen), layout).requires_grad_()]

@@ -1,7 +1,10 @@
-"""local_attention (docs/DESIGN.md §3.5): every backend against the float64 reference over shapes (1x1, odd,
-non-square, K = 1..7, K larger than the image, the FAM-KD heads' sizes), dtypes and layouts, with poisoned
-outputs; the released head's formulation as an independent oracle; the backward op's need_* flags;
-gradcheck and double backward in float64; opcheck; torch.compile; autocast; determinism; bad input."""
+"""local_attention (docs/DESIGN.md §3.5). The family's standard tests come from its spec,
+recipes.LOCAL_ATTENTION (tests/recipes.py): every kernel backend against the float64 reference over shapes
+(1x1, odd, non-square, K = 1..7, K larger than the image, the FAM-KD heads' sizes), dtypes and layouts,
+with poisoned outputs; the reference against the released head's formulation; gradcheck in float64;
+opcheck; torch.compile; bad input. Here besides: the heads' real sizes, mixed layouts, rel's dtypes, large
+logits, the backward op's need_* flags, double backward, autocast, determinism, the C++ invariants, NaN
+propagation."""
 
 import re
 
@@ -13,58 +16,26 @@ import recipes
 from dctkd_ext import _backend
 from dctkd_ext import reference as R
 
-from conftest import ACC_TOL, BACKEND_IDS, HALF, assert_close, features, in_layout, rel_err
+from conftest import ACC_TOL, BACKEND_IDS, HALF, assert_close, in_layout, rel_err
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 OPS = torch.ops.dctkd_ext
+SPEC = recipes.LOCAL_ATTENTION
+dtype_id = recipes.dtype_id
+inputs = recipes.local_attention_inputs
 
-
-def dtype_id(dtype):
-    return str(dtype).replace("torch.", "")
-
-
-def inputs(b, c, h, w, kernel_size, gen, dtype=torch.float32, layout=None, rel_dtype=None, scale=1.0):
-    """q, k, v (B, C, H, W) in dtype and layout, rel (C, K*K) (float32 unless q is float64), as leaves."""
-    q, k, v = (features(b, c, h, w, dtype, generator=gen, layout=layout) for _ in range(3))
-    if scale != 1.0:
-        q, k = (t.mul(scale).to(dtype) for t in (q, k))
-        if layout is not None:
-            q, k = in_layout(q, layout), in_layout(k, layout)
-    if rel_dtype is None:
-        rel_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    rel = torch.randn(c, kernel_size * kernel_size, generator=gen, dtype=torch.float64).to(rel_dtype)
-    return [t.requires_grad_() for t in (q, k, v, rel)]
+# test_matches_reference, test_layouts, test_reference_matches_oracle, test_gradcheck_float64, test_opcheck,
+# test_torch_compile_fullgraph, test_bad_input
+globals().update(recipes.family_tests(SPEC))
 
 
 @pytest.fixture
-def la_backend(backend):
-    """The backend fixture, skipping the Triton backend while it has no local_attention kernels."""
-    name, _ = backend
-    if name == "triton" and not hasattr(_backend.triton_ops(), "local_attention"):
-        pytest.skip("the triton backend has no local_attention kernels in this checkout")
-    return backend
-
-
-# ------------------------------------------------------------------------------------- vs the reference
-SHAPES = [  # (B, C, H, W, K)
-    (1, 1, 1, 1, 3),  # 1x1: every neighbour is padding
-    (2, 3, 5, 7, 1),  # K = 1: softmax of one logit, out = v
-    (2, 3, 5, 7, 3),  # odd, non-square
-    (1, 2, 6, 4, 5),
-    (1, 2, 3, 2, 7),  # K larger than the image
-    (2, 4, 8, 8, 3),  # the CIFAR head's deepest level size
-    (1, 3, 9, 20, 5),  # wider than one vector step per row
-]
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_matches_reference(la_backend, shape, dtype, gen, poison_outputs):
-    name, dev = la_backend
-    *bchw, kernel_size = shape
-    q, k, v, rel = inputs(*bchw, kernel_size, gen, dtype)
-    q, k, v, rel = (t.detach().to(dev).requires_grad_() for t in (q, k, v, rel))
-    recipes.check_local_attention(name, q, k, v, rel, kernel_size, gen)
+def la_backend(kernel_backend):
+    """(name, device) of each kernel backend (the reference is what they are compared with), skipping the
+    Triton backend while it has no local_attention kernels."""
+    reason = SPEC.skip_backend(kernel_backend[0])
+    if reason:
+        pytest.skip(reason)
+    return kernel_backend
 
 
 @pytest.mark.parametrize("hw", [(32, 32), (16, 16), (56, 56), (7, 7)], ids=lambda s: "x".join(map(str, s)))
@@ -72,14 +43,6 @@ def test_real_sizes(la_backend, hw, gen):
     # the FAM-KD heads' levels (CIFAR 32/16/8, ImageNet 56/28/14/7) at a few channels
     name, dev = la_backend
     q, k, v, rel = (t.detach().to(dev).requires_grad_() for t in inputs(2, 4, *hw, 3, gen))
-    recipes.check_local_attention(name, q, k, v, rel, 3, gen)
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "transposed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_layouts(la_backend, layout, dtype, gen, poison_outputs):
-    name, dev = la_backend
-    q, k, v, rel = (t.detach().to(dev).requires_grad_() for t in inputs(2, 5, 6, 9, 3, gen, dtype, layout=layout))
     recipes.check_local_attention(name, q, k, v, rel, 3, gen)
 
 
@@ -177,45 +140,9 @@ def test_deterministic_across_threads(gen):
 
 
 # ------------------------------------------------------------------------ gradcheck, opcheck, compile
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_gradcheck_float64(layout, gen):
-    q, k, v, rel = inputs(1, 2, 4, 5, 3, gen, torch.float64, layout=layout)
-    assert torch.autograd.gradcheck(lambda *a: dctkd_ext.local_attention(*a, 3), (q, k, v, rel))
-    q, k, v, rel = inputs(1, 1, 3, 2, 5, gen, torch.float64, layout=layout)
-    assert torch.autograd.gradcheck(lambda *a: dctkd_ext.local_attention(*a, 5), (q, k, v, rel))
-
-
 def test_double_backward(gen):
     q, k, v, rel = inputs(1, 2, 3, 4, 3, gen, torch.float64)
     assert torch.autograd.gradgradcheck(lambda *a: dctkd_ext.local_attention(*a, 3), (q, k, v, rel))
-
-
-def test_opcheck(gen):
-    q, k, v, rel = inputs(2, 3, 5, 4, 3, gen)
-    qc, kc, vc = (in_layout(t, "channels_last") for t in (q, k, v))
-    grad = torch.randn(q.shape, generator=gen)
-    torch.library.opcheck(OPS.local_attention.default, (q, k, v, rel, 3))
-    torch.library.opcheck(OPS.local_attention.default, (qc.requires_grad_(), kc, vc, rel.detach(), 3))
-    torch.library.opcheck(OPS.local_attention.default, (q.detach().half(), k.detach().half(), v.detach().half(),
-                                                        rel.detach()[:, :1], 1))
-    d = [t.detach() for t in (q, k, v, rel)]
-    for need in ((True, True, True, True), (False, True, False, True), (True, False, True, False)):
-        torch.library.opcheck(OPS.local_attention_backward.default, (grad, *d, 3, *need))
-        torch.library.opcheck(OPS.local_attention_backward.default,
-                              (in_layout(grad, "channels_last"), qc.detach(), kc, vc, d[3], 3, *need))
-
-
-def test_torch_compile_fullgraph(gen):
-    torch._dynamo.reset()
-    q, k, v, rel = inputs(2, 4, 6, 5, 3, gen, layout="channels_last")
-
-    def f(q, k, v, rel):
-        return (dctkd_ext.local_attention(q, k, v, rel, 3) * 1.5).sum()
-
-    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
-    got = torch.autograd.grad(cf(q, k, v, rel), (q, k, v, rel))
-    want = torch.autograd.grad(f(q, k, v, rel), (q, k, v, rel))
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=dtype_id)
@@ -245,40 +172,6 @@ def test_triton_without_kernels_leaves_other_families(gen):
 
 
 # ------------------------------------------------------------------------------------------- bad input
-def _args(gen):
-    q, k, v, rel = (t.detach() for t in inputs(2, 4, 5, 5, 3, gen))
-    return dict(q=q, k=k, v=v, rel=rel, kernel_size=3)
-
-
-BAD = [  # (what to change, exception, message)
-    (lambda a: a.update(q=a["q"].numpy()), TypeError, r"q: expected a torch.Tensor"),
-    (lambda a: a.update(q=a["q"].int()), TypeError, r"q: expected a real floating"),
-    (lambda a: a.update(q=a["q"][0]), ValueError, r"q: expected a 4-D"),
-    (lambda a: a.update(k=a["k"][..., :3]), ValueError, r"k: expected shape \(2, 4, 5, 5\) like q"),
-    (lambda a: a.update(k=a["k"].double()), TypeError, r"k: expected dtype torch.float32 like q"),
-    (lambda a: a.update(v=a["v"].to("meta")), ValueError, r"v: expected a tensor on cpu"),
-    (lambda a: a.update(v=a["v"][:, :, :, :, None]), ValueError, r"v: expected a 4-D"),
-    (lambda a: a.update(rel=a["rel"][:, :4]), ValueError, r"rel: expected shape \(4, 9\)"),
-    (lambda a: a.update(rel=a["rel"].half()), TypeError, r"rel: expected float32, float64 or q's dtype"),
-    (lambda a: a.update(rel=a["rel"].long()), TypeError, r"rel: expected a real floating"),
-    (lambda a: a.update(rel=a["rel"][None]), ValueError, r"rel: expected a 2-D"),
-    (lambda a: a.update(kernel_size=4), ValueError, r"kernel_size: expected an odd int >= 1, got 4"),
-    (lambda a: a.update(kernel_size=0), ValueError, r"kernel_size: expected an odd int"),
-    (lambda a: a.update(kernel_size=3.0), ValueError, r"kernel_size: expected an odd int"),
-    (lambda a: a.update(kernel_size=True), ValueError, r"kernel_size: expected an odd int"),
-    (lambda a: [a.update({n: torch.empty(2, 4, 0, 5)}) for n in "qkv"], ValueError, r"q: expected H, W >= 1"),
-]
-
-
-@pytest.mark.parametrize("case", range(len(BAD)))
-def test_bad_input(case, gen):
-    change, exc, msg = BAD[case]
-    args = _args(gen)
-    change(args)
-    with pytest.raises(exc, match=msg):
-        dctkd_ext.local_attention(**args)
-
-
 BAD_OP = [  # the C++ invariants (direct torch.ops calls skip the Python checks)
     (lambda a: a.update(q=a["q"][0]), r"q: expected a 4-D"),
     (lambda a: a.update(q=a["q"].int()), r"q: expected float32, float64, float16 or bfloat16"),
@@ -295,7 +188,7 @@ BAD_OP = [  # the C++ invariants (direct torch.ops calls skip the Python checks)
 @pytest.mark.parametrize("case", range(len(BAD_OP)))
 def test_bad_input_op(case, gen):
     change, msg = BAD_OP[case]
-    args = _args(gen)
+    args = SPEC.bad_args(gen)
     change(args)
     a = [args[n] for n in ("q", "k", "v", "rel", "kernel_size")]
     with pytest.raises(RuntimeError, match=msg):
@@ -306,7 +199,7 @@ def test_bad_input_op(case, gen):
 
 @pytest.mark.parametrize("grad", ["shape", "dtype"])
 def test_bad_grad_op(grad, gen):
-    a = _args(gen)
+    a = SPEC.bad_args(gen)
     g = torch.zeros(2, 4, 5, 4) if grad == "shape" else torch.zeros(2, 4, 5, 5, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=re.escape("grad: expected ") + ("shape" if grad == "shape" else "dtype")):
         OPS.local_attention_backward(g, a["q"], a["k"], a["v"], a["rel"], 3, True, True, True, True)

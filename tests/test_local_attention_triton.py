@@ -11,9 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from recipes import local_attention_layout, ref_leaf
+
 from conftest import BACKEND_FACTOR, INTERPRET, TRITON_DEVICE, assert_close, features, in_layout, require_triton_kernels
 
 require_triton_kernels()
+# against the float64 reference within conftest's bounds (assert_close) times the Triton factor
+TRITON = BACKEND_FACTOR["triton"]
 DEVICE = TRITON_DEVICE
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
@@ -30,34 +34,20 @@ def formula(q, k, v, rel, kernel_size):
     return (attn * vu).sum(2)
 
 
-def f64(t):
-    return t.detach().to("cpu", torch.float64).requires_grad_()
-
-
 def inputs(gen, shape, kernel_size, dtype, layout="contiguous", rel_dtype=None):
     q, k, v = (features(*shape, dtype=dtype, device=DEVICE, generator=gen, layout=layout) for _ in range(3))
     rel = torch.randn(shape[1], kernel_size * kernel_size, dtype=torch.float64, generator=gen)
     return q, k, v, rel.to(device=DEVICE, dtype=rel_dtype or dtype)
 
 
-def expected_strides(q):
-    fmt = torch.channels_last if (not q.is_contiguous() and q.is_contiguous(memory_format=torch.channels_last)) \
-        else torch.contiguous_format
-    return torch.empty(q.shape, memory_format=fmt).stride()
-
-
-def check(out, ref, dtype, what):
-    assert_close(out, ref, dtype, what, factor=BACKEND_FACTOR["triton"])
-
-
 def run_and_check(tops, gen, q, k, v, rel, kernel_size, need=(True, True, True, True)):
     """Forward and the asked-for gradients (random upstream gradient) against the float64 formula."""
     dtype = q.dtype
     out = tops.local_attention(q, k, v, rel, kernel_size)
-    refs = [f64(t) for t in (q, k, v, rel)]
+    refs = [ref_leaf(t).requires_grad_() for t in (q, k, v, rel)]
     ref = formula(*refs, kernel_size)
-    assert out.dtype == dtype and out.stride() == expected_strides(q)
-    check(out, ref, dtype, "out")
+    assert out.dtype == dtype and out.stride() == local_attention_layout(q)
+    assert_close(out, ref, dtype, "out", factor=TRITON)
     g = in_layout(torch.randn(q.shape, dtype=torch.float64, generator=gen).to(device=DEVICE, dtype=dtype), "transposed")
     grads = tops.local_attention_backward(g, q, k, v, rel, kernel_size, *need)
     ref_grads = torch.autograd.grad(ref, refs, g.to("cpu", torch.float64))
@@ -65,14 +55,14 @@ def run_and_check(tops, gen, q, k, v, rel, kernel_size, need=(True, True, True, 
         if not asked:
             assert got.shape == (0,) and got.dtype == dtype, f"d{name}: expected an empty tensor"
             continue
-        assert got.dtype == dtype and got.stride() == expected_strides(q), f"d{name}: dtype / layout"
-        check(got, want, dtype, f"d{name}")
+        assert got.dtype == dtype and got.stride() == local_attention_layout(q), f"d{name}: dtype / layout"
+        assert_close(got, want, dtype, f"d{name}", factor=TRITON)
     drel = grads[3]
     if not need[3]:
         assert drel.shape == (0,) and drel.dtype == rel.dtype
     else:
         assert drel.shape == rel.shape and drel.dtype == rel.dtype
-        check(drel, ref_grads[3], dtype, "drel")
+        assert_close(drel, ref_grads[3], dtype, "drel", factor=TRITON)
 
 
 # (shape, kernel_size): 1x1, odd, non-square, K = 1, 3, 5, K larger than the map, a map wider than a tile

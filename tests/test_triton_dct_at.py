@@ -21,6 +21,8 @@ from dctkd_ext import reference
 from conftest import BACKEND_FACTOR, INTERPRET, TRITON_DEVICE, assert_close, features, rel_err, require_triton_kernels
 
 require_triton_kernels()
+# against the float64 reference within conftest's bounds (assert_close) times the Triton factor
+TRITON = BACKEND_FACTOR["triton"]
 DEVICE = TRITON_DEVICE
 # fp32 everywhere; half precision on the GPU only
 DTYPES = [torch.float32] + ([] if INTERPRET else [torch.float16, torch.bfloat16])
@@ -34,17 +36,6 @@ def sweep(values, default):
 
 # every output a kernel allocates is NaN until written (conftest.nan_poisoned_empty)
 pytestmark = pytest.mark.usefixtures("poison_outputs")
-
-
-def check(out, ref, dtype, what):
-    """Against the float64 reference, within the precision-derived bound (conftest.error_bound); the
-    finiteness check also catches elements a kernel leaves unwritten (poisoned with NaN)."""
-    assert_close(out, ref, dtype, what, factor=BACKEND_FACTOR["triton"])
-
-
-def ref_copy(x):
-    """float64 CPU leaf copy of x for the reference."""
-    return x.detach().to("cpu", torch.float64).requires_grad_(x.requires_grad)
 
 
 # ----------------------------------------------------------------------------------- attention_map
@@ -63,13 +54,13 @@ def test_attention_map(gen, shape, channels_last, dtype):
 def test_attention_map_p1_and_strided(gen, tops):
     # p = 1 (|x|, sign gradient) and a layout that is neither NCHW nor channels_last (copied)
     x = features(2, 6, 5, 4, device=DEVICE, generator=gen).permute(0, 1, 3, 2).requires_grad_()
-    xr = ref_copy(x)
+    xr = recipes.ref_leaf(x)
     out = tops.attention_map(x, 1.0, "mean")
     ref = reference.attention_map(xr, 1.0, "mean")
-    check(out, ref, torch.float32, "attention_map p=1")
+    assert_close(out, ref, torch.float32, "attention_map p=1", factor=TRITON)
     out.backward(torch.ones_like(out))
     ref.backward(torch.ones_like(ref))
-    check(x.grad, xr.grad, torch.float32, "attention_map p=1 backward")
+    assert_close(x.grad, xr.grad, torch.float32, "attention_map p=1 backward", factor=TRITON)
 
 
 def test_attention_map_float64(gen, tops):
@@ -95,8 +86,8 @@ def test_dct2d_scipy_and_roundtrip(gen, tops):
     a = torch.randn(3, 5, 9, generator=gen, dtype=torch.float64)
     y = tops.dct2d(a.to(DEVICE, torch.float32))
     ref = torch.from_numpy(scipy_fft.dctn(a.numpy(), type=2, norm="ortho", axes=(-2, -1)))
-    check(y, ref, torch.float32, "dct2d vs scipy")
-    check(tops.idct2d(y), a, torch.float32, "idct2d(dct2d(a))")
+    assert_close(y, ref, torch.float32, "dct2d vs scipy", factor=TRITON)
+    assert_close(tops.idct2d(y), a, torch.float32, "idct2d(dct2d(a))", factor=TRITON)
 
 
 # ------------------------------------------------------------------------------------- dct_at_loss
@@ -189,23 +180,23 @@ def test_loss_float64_exact(gen, tops):
         out.backward()
         ref.backward()
         for a, b in zip(s, sr):
-            assert rel_err(a.grad, b.grad) < 1e-9, kwargs
+            assert_close(a.grad, b.grad, torch.float64, f"{kwargs} grad", factor=TRITON)
 
 
 def test_loss_sample_weight_and_reductions(gen):
     s, t = level_feats(gen, TWO_LEVELS, batch=3)
     sw = torch.tensor([1.0, 0.0, 1.0], device=DEVICE)
-    sr, tr = [ref_copy(x) for x in s], [ref_copy(x) for x in t]
+    sr, tr = [recipes.ref_leaf(x) for x in s], [recipes.ref_leaf(x) for x in t]
     for reduction in ("mean", "sum"):
         with dctkd_ext.use_backend("triton"):
             out = dctkd_ext.dct_at_loss(s, t, preset="paper", sample_weight=sw, reduction=reduction)
         ref = reference.dct_at_loss(sr, tr, preset="paper", sample_weight=sw.cpu(), reduction=reduction)
-        check(out, ref, torch.float32, reduction)
+        assert_close(out, ref, torch.float32, reduction, factor=TRITON)
         # the upstream gradient of a mean is an expanded (stride 0) tensor
         grads = torch.autograd.grad(out, s)
         refs = torch.autograd.grad(ref, sr)
         for gs, gr in zip(grads, refs):
-            check(gs, gr, torch.float32, f"{reduction} backward")
+            assert_close(gs, gr, torch.float32, f"{reduction} backward", factor=TRITON)
 
 
 def test_loss_empty_level(gen, tops):

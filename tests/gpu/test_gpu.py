@@ -19,23 +19,18 @@ if not torch.cuda.is_available():
 import dctkd_ext  # noqa: E402
 from dctkd_ext import reference  # noqa: E402
 
-from conftest import rel_err  # noqa: E402
+from conftest import ACC_TOL, assert_rel_close, rel_err  # noqa: E402
 
 BACKENDS = ["cuda"] + (["triton"] if dctkd_ext._backend.triton_installed() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-10}
+# This validation's relative bounds (conftest.assert_rel_close: shape, finiteness, rel_err <= bound) per
+# dtype; fp64 is conftest's ACC_TOL. For fp32 and half outputs conftest's error_bound is stricter.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: ACC_TOL[torch.float64]}
 DEV = "cuda"
 
 
 # every output a kernel allocates is NaN until written (conftest.nan_poisoned_empty)
 pytestmark = pytest.mark.usefixtures("poison_outputs_warn_only")
-
-
-def check(out, ref, tol, what):
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{what}: non-finite values (an unwritten or NaN-poisoned element)"
-    err = rel_err(out, ref)
-    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
 
 
 def feats(shape, dtype, layout, seed, device=DEV):
@@ -69,11 +64,11 @@ def test_attention_map(backend, dtype, layout):
             with dctkd_ext.use_backend(backend):
                 a = dctkd_ext.attention_map(x, p)
             ar = reference.attention_map(xr, p)
-            check(a, ar.float(), 1e-5 if dtype == torch.float32 else 5e-3, f"{backend} map {shape} {dtype} {layout} p={p}")
+            assert_rel_close(a, ar.float(), 1e-5 if dtype == torch.float32 else 5e-3, f"{backend} map {shape} {dtype} {layout} p={p}")
             g = torch.randn_like(ar)
             a.backward(g.float())
             ar.backward(g)
-            check(x.grad, xr.grad, TOL[dtype], f"{backend} map grad {shape} {dtype} {layout} p={p}")
+            assert_rel_close(x.grad, xr.grad, TOL[dtype], f"{backend} map grad {shape} {dtype} {layout} p={p}")
 
 
 # ------------------------------------------------------------------------------------------ dct2d
@@ -85,8 +80,8 @@ def test_dct2d(backend):
             with dctkd_ext.use_backend(backend):
                 c = dctkd_ext.dct2d(a.to(dtype))
                 back = dctkd_ext.idct2d(a.to(dtype))
-            check(c, reference.dct2d(a).to(dtype), TOL[dtype], f"{backend} dct2d {shape} {dtype}")
-            check(back, reference.idct2d(a).to(dtype), TOL[dtype], f"{backend} idct2d {shape} {dtype}")
+            assert_rel_close(c, reference.dct2d(a).to(dtype), TOL[dtype], f"{backend} dct2d {shape} {dtype}")
+            assert_rel_close(back, reference.idct2d(a).to(dtype), TOL[dtype], f"{backend} idct2d {shape} {dtype}")
 
 
 # ----------------------------------------------------------------------------------- dct_at_loss
@@ -116,12 +111,12 @@ def test_dct_at_loss(backend, dtype, layout, preset):
         # the maps of half inputs are exact sums in fp32, so the loss is as accurate as fp32's; only
         # the stored gradient dS is rounded to the input's dtype
         what = f"{backend} {preset} {dtype} {layout} {[lv[2] for lv in levels]}"
-        check(loss, ref.to(loss.dtype), 1e-4 if dtype == torch.float32 else 1e-3, what)
+        assert_rel_close(loss, ref.to(loss.dtype), 1e-4 if dtype == torch.float32 else 1e-3, what)
         gl = torch.rand(batch, device=DEV, dtype=torch.float64)
         loss.backward(gl.to(loss.dtype))
         ref.backward(gl)
         for l, (a, b) in enumerate(zip(s, sr)):
-            check(a.grad, b.grad, 1e-4 if dtype == torch.float32 else 1e-2, f"{what} grad level {l}")
+            assert_rel_close(a.grad, b.grad, 1e-4 if dtype == torch.float32 else 1e-2, f"{what} grad level {l}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -159,12 +154,12 @@ def test_global_filter(backend, channels_last):
             y = dctkd_ext.global_filter(xf, w, mask)
         xr, wr = xf.detach().to(torch.complex128).requires_grad_(), w.detach().to(torch.complex128).requires_grad_()
         yr = reference.global_filter(xr, wr, mask.double())
-        check(torch.view_as_real(y), torch.view_as_real(yr), 1e-6, f"{backend} global_filter")
+        assert_rel_close(torch.view_as_real(y), torch.view_as_real(yr), 1e-6, f"{backend} global_filter")
         g = crandn(*y.shape, seed=3)
         y.backward(g)
         yr.backward(g.to(torch.complex128))
-        check(torch.view_as_real(xf.grad), torch.view_as_real(xr.grad), 1e-6, f"{backend} global_filter dxf")
-        check(torch.view_as_real(w.grad), torch.view_as_real(wr.grad), 1e-5, f"{backend} global_filter dw")
+        assert_rel_close(torch.view_as_real(xf.grad), torch.view_as_real(xr.grad), 1e-6, f"{backend} global_filter dxf")
+        assert_rel_close(torch.view_as_real(w.grad), torch.view_as_real(wr.grad), 1e-5, f"{backend} global_filter dw")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -180,12 +175,12 @@ def test_spectral_conv(backend):
         xr, wr = xf.detach().to(torch.complex128).requires_grad_(), w.detach().to(torch.complex128).requires_grad_()
         yr = reference.spectral_conv(xr, wr, mask.double())
         what = f"{backend} spectral_conv {(b, i, o, h, k)}"
-        check(torch.view_as_real(y), torch.view_as_real(yr), 1e-5, what)
+        assert_rel_close(torch.view_as_real(y), torch.view_as_real(yr), 1e-5, what)
         g = crandn(*y.shape, seed=6)
         y.backward(g)
         yr.backward(g.to(torch.complex128))
-        check(torch.view_as_real(xf.grad), torch.view_as_real(xr.grad), 1e-5, what + " dxf")
-        check(torch.view_as_real(w.grad), torch.view_as_real(wr.grad), 1e-5, what + " dw")
+        assert_rel_close(torch.view_as_real(xf.grad), torch.view_as_real(xr.grad), 1e-5, what + " dxf")
+        assert_rel_close(torch.view_as_real(w.grad), torch.view_as_real(wr.grad), 1e-5, what + " dw")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -201,11 +196,11 @@ def test_frequency_attention(backend, size, mix):
     xr = x.detach().double().requires_grad_()
     with dctkd_ext.use_backend("reference"):
         yr = ref(xr)
-    check(y, yr.float(), 1e-5, f"{backend} FAM {size} {mix}")
+    assert_rel_close(y, yr.float(), 1e-5, f"{backend} FAM {size} {mix}")
     g = torch.randn_like(y)
     y.backward(g)
     yr.backward(g.double())
-    check(x.grad, xr.grad, 1e-5, f"{backend} FAM {size} {mix} dx")
+    assert_rel_close(x.grad, xr.grad, 1e-5, f"{backend} FAM {size} {mix} dx")
 
 
 # ------------------------------------------------------------------------------ large index case
@@ -224,9 +219,9 @@ def test_attention_map_large_index(backend):
     for b0 in range(0, b, 16):
         xs = x.detach()[b0 : b0 + 16].double()
         ref = xs.pow(2).mean(1)
-        check(a[b0 : b0 + 16], ref.float(), 5e-3, f"{backend} large map rows {b0}")
+        assert_rel_close(a[b0 : b0 + 16], ref.float(), 5e-3, f"{backend} large map rows {b0}")
         dref = g[b0 : b0 + 16, None].double() * 2 * xs / c
-        check(dx[b0 : b0 + 16], dref, 1e-2, f"{backend} large grad rows {b0}")
+        assert_rel_close(dx[b0 : b0 + 16], dref, 1e-2, f"{backend} large grad rows {b0}")
 
 
 # ------------------------------------------------------------------ graphs, determinism, devices
