@@ -5,6 +5,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include "layout.h"
+
 namespace dctkd {
 namespace local_attention {
 
@@ -53,14 +55,11 @@ inline at::ScalarType acc_dtype(const at::Tensor& q, const at::Tensor& rel) {
   return q.scalar_type() == at::kDouble || rel.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// out, dq, dk and dv: channels_last when q is channels_last and not also NCHW-contiguous, else NCHW-contiguous.
-inline bool channels_last(const at::Tensor& q) {
-  return !q.is_contiguous() && q.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
+// out, dq, dk and dv: channels_last when q is read channels-last (csrc/layout.h), else NCHW-contiguous.
 inline at::Tensor new_feature(const at::Tensor& q, at::ScalarType dtype) {
-  return at::empty(q.sizes(), q.options().dtype(dtype).memory_format(channels_last(q) ? at::MemoryFormat::ChannelsLast
-                                                                                      : at::MemoryFormat::Contiguous));
+  return at::empty(q.sizes(),
+                   q.options().dtype(dtype).memory_format(reads_channels_last(q) ? at::MemoryFormat::ChannelsLast
+                                                                                 : at::MemoryFormat::Contiguous));
 }
 
 inline at::Tensor new_feature(const at::Tensor& q) { return new_feature(q, q.scalar_type()); }

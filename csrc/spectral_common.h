@@ -9,6 +9,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "layout.h"
+
 namespace dctkd {
 namespace spectral {
 
@@ -24,12 +26,6 @@ inline void check_complex(const at::Tensor& t, const char* name, int64_t ndim, c
 
 // Values as the kernels read them: conj / neg views materialised.
 inline at::Tensor resolved(const at::Tensor& t) { return t.resolve_conj().resolve_neg(); }
-
-// xf is read in GFNet's channels-last order when it is a permuted (B, H, K, C)-contiguous tensor
-// and not also NCHW-contiguous; anything else is read (and written) NCHW-contiguous.
-inline bool gf_channels_last(const at::Tensor& xf) {
-  return xf.dim() == 4 && !xf.is_contiguous() && xf.permute({0, 2, 3, 1}).is_contiguous();
-}
 
 // The mask as the kernels read it: (H, K) contiguous in the real dtype of xf, or undefined.
 inline at::Tensor prepare_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& xf, int64_t H, int64_t K) {
@@ -77,7 +73,7 @@ struct GfPlan {
   bool channels_last;
   int64_t B, C, H, K, R, L;
   explicit GfPlan(const at::Tensor& xf)
-      : channels_last(gf_channels_last(xf)), B(xf.size(0)), C(xf.size(1)), H(xf.size(2)), K(xf.size(3)) {
+      : channels_last(reads_channels_last(xf)), B(xf.size(0)), C(xf.size(1)), H(xf.size(2)), K(xf.size(3)) {
     R = channels_last ? H * K : C;
     L = channels_last ? C : H * K;
   }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../dctkd_math.h"
+#include "../layout.h"
 #include "channel_sweep.h"
 #include "cpu_kernels.h"
 #include "grad_buffers.h"
@@ -152,11 +153,6 @@ void backward_vec(const float* g, const void* x, void* dx, at::ScalarType t, boo
   });
 }
 
-// The memory format the kernels read: NCHW-contiguous, channels_last, or (anything else) a copy.
-bool use_channels_last(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 void check_features(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 4, name, ": expected a 4-D (B, C, H, W) tensor, got ", x.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, ": expected a float16/bfloat16/float32/float64 tensor, got ",
@@ -170,7 +166,7 @@ at::ScalarType acc_dtype_for(at::ScalarType t) { return t == at::kDouble ? at::k
 
 at::Tensor attention_map_into(const at::Tensor& x_in, double p, bool mean, at::ScalarType acc_type) {
   check_features(x_in, "x");
-  const bool cl = use_channels_last(x_in);
+  const bool cl = reads_channels_last(x_in);
   const at::Tensor x = cl ? x_in : x_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   at::Tensor out = at::empty({B, H, W}, x.options().dtype(acc_type));
@@ -211,7 +207,7 @@ at::Tensor attention_map_backward_impl(const at::Tensor& grad_in, const at::Tens
   const int64_t B = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), HW = H * W;
   TORCH_CHECK(grad_in.dim() == 3 && grad_in.size(0) == B && grad_in.size(1) == H && grad_in.size(2) == W,
               "grad: expected shape (", B, ", ", H, ", ", W, ") to match x, got ", grad_in.sizes());
-  const bool cl = use_channels_last(x_in);
+  const bool cl = reads_channels_last(x_in);
   const at::Tensor x = cl ? x_in : x_in.contiguous();
   const at::ScalarType acc_type = acc_dtype_for(x.scalar_type());
   const at::Tensor g = grad_in.to(acc_type).contiguous();

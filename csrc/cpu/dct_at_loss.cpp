@@ -18,6 +18,7 @@
 
 #include "../dct_at_args.h"
 #include "../dctkd_math.h"
+#include "../layout.h"
 #include "attention_map_sample.h"
 #include "cpu_kernels.h"
 #include "grad_buffers.h"
@@ -252,10 +253,6 @@ struct LevelPlan {
   T weight = T(1);
   MapTables<T> tables;
 };
-
-inline bool reads_channels_last(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
 
 inline sample::Block block_of(const at::Tensor& x) {
   sample::Block blk;

@@ -101,41 +101,30 @@ DCTKD_INLINE void matmul_blocked(const T* A, const T* B, T* C, int64_t M, int64_
 
 }  // namespace
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DCTKD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#define DCTKD_CPU_V4 1
-#else
-#define DCTKD_CPU_CLONES
-#endif
-
 namespace {
-DCTKD_CPU_CLONES void matmul_ymm(const float* A, const float* B, float* C, int64_t M, int64_t K, int64_t N, Strides s) {
+// The AVX-512 code is matmul_zmm (wider vectors), so matmul_ymm needs no x86-64-v4 clone.
+DCTKD_TARGET_CLONES_V3 void matmul_ymm(const float* A, const float* B, float* C, int64_t M, int64_t K, int64_t N,
+                                       Strides s) {
   matmul_blocked<float, 32>(A, B, C, M, K, N, s);
 }
-DCTKD_CPU_CLONES void matmul_ymm(const double* A, const double* B, double* C, int64_t M, int64_t K, int64_t N,
-                                 Strides s) {
+DCTKD_TARGET_CLONES_V3 void matmul_ymm(const double* A, const double* B, double* C, int64_t M, int64_t K, int64_t N,
+                                       Strides s) {
   matmul_blocked<double, 32>(A, B, C, M, K, N, s);
 }
-#ifdef DCTKD_CPU_V4
+#ifdef DCTKD_HAVE_TARGET_V4
 // 16 floats per register and 32 registers: twice the columns per tile of the AVX2 code.
-#define DCTKD_V4 __attribute__((target("arch=x86-64-v4")))
-DCTKD_V4 void matmul_zmm(const float* A, const float* B, float* C, int64_t M, int64_t K, int64_t N, Strides s) {
+DCTKD_TARGET_V4 void matmul_zmm(const float* A, const float* B, float* C, int64_t M, int64_t K, int64_t N, Strides s) {
   matmul_blocked<float, 64>(A, B, C, M, K, N, s);
 }
-DCTKD_V4 void matmul_zmm(const double* A, const double* B, double* C, int64_t M, int64_t K, int64_t N, Strides s) {
+DCTKD_TARGET_V4 void matmul_zmm(const double* A, const double* B, double* C, int64_t M, int64_t K, int64_t N,
+                                Strides s) {
   matmul_blocked<double, 64>(A, B, C, M, K, N, s);
-}
-#undef DCTKD_V4
-bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-  return yes;
 }
 #endif
 template <typename T>
 void matmul_any(const T* A, const T* B, T* C, int64_t M, int64_t K, int64_t N, Strides s) {
-#ifdef DCTKD_CPU_V4
-  if (has_avx512()) return matmul_zmm(A, B, C, M, K, N, s);
+#ifdef DCTKD_HAVE_TARGET_V4
+  if (cpu_has_v4()) return matmul_zmm(A, B, C, M, K, N, s);
 #endif
   matmul_ymm(A, B, C, M, K, N, s);
 }

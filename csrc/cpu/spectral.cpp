@@ -209,11 +209,10 @@ static inline __attribute__((always_inline)) void micro_2rows(const T* __restric
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DCTKD_HAVE_AVX2_CLONE 1
+#ifdef DCTKD_HAVE_TARGET_AVX2_FMA
 template <typename T>
-__attribute__((target("avx2,fma"))) void micro_2rows_avx2(const T* a0r, const T* a0i, const T* a1r, const T* a1i,
-                                                          const T* bR, const T* bI, int64_t K, T* acc) {
+DCTKD_TARGET_AVX2_FMA void micro_2rows_avx2(const T* a0r, const T* a0i, const T* a1r, const T* a1i, const T* bR,
+                                            const T* bI, int64_t K, T* acc) {
   micro_2rows<T>(a0r, a0i, a1r, a1i, bR, bI, K, acc);
 }
 #endif
@@ -222,15 +221,6 @@ template <typename T>
 void micro_2rows_default(const T* a0r, const T* a0i, const T* a1r, const T* a1i, const T* bR, const T* bI, int64_t K,
                          T* acc) {
   micro_2rows<T>(a0r, a0i, a1r, a1i, bR, bI, K, acc);
-}
-
-inline bool cpu_has_avx2_fma() {
-#ifdef DCTKD_HAVE_AVX2_CLONE
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
 }
 
 template <typename T, bool kConjA, bool kConjB>
@@ -273,7 +263,7 @@ void cgemm_freq(const T* A, int64_t sAm, int64_t sAk, const T* Bm, int64_t sBk, 
           const T* a1r = two ? a0r + K * kFC : a0r;
           const T* a1i = two ? a0i + K * kFC : a0i;
           T acc[4 * kFC];
-#ifdef DCTKD_HAVE_AVX2_CLONE
+#ifdef DCTKD_HAVE_TARGET_AVX2_FMA
           if (avx2) micro_2rows_avx2<T>(a0r, a0i, a1r, a1i, bR.data(), bI.data(), K, acc);
           else
 #endif

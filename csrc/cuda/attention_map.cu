@@ -352,10 +352,6 @@ void check_features(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.size(1) > 0, name, ": expected at least one channel");
 }
 
-bool use_channels_last(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 MapJob make_map_job(const at::Tensor& x, bool channels_last, void* y, const void* g, const void* gl, bool mean,
                     bool acc_double, bool pow2, bool bwd) {
   MapJob J{};
@@ -470,7 +466,7 @@ at::Tensor attention_map_cuda(const at::Tensor& x_in, double p, std::string redu
   check_features(x_in, "x");
   TORCH_CHECK(x_in.is_cuda(), "x: expected a CUDA tensor, got one on ", x_in.device());
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const bool cl = use_channels_last(x_in);
+  const bool cl = reads_channels_last(x_in);
   const at::Tensor x = cl ? x_in : x_in.contiguous();
   const bool acc_double = x.scalar_type() == at::kDouble;
   at::Tensor out =
@@ -495,7 +491,7 @@ at::Tensor attention_map_backward_cuda(const at::Tensor& grad_in, const at::Tens
   TORCH_CHECK(at::isFloatingType(grad_in.scalar_type()), "grad: expected a floating tensor, got ",
               grad_in.scalar_type());
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const bool cl = use_channels_last(x_in);
+  const bool cl = reads_channels_last(x_in);
   const at::Tensor x = cl ? x_in : x_in.contiguous();
   const bool acc_double = x.scalar_type() == at::kDouble;
   const at::Tensor g = grad_in.to(acc_double ? at::kDouble : at::kFloat).contiguous();

@@ -8,6 +8,8 @@
 
 #include <vector>
 
+#include "../layout.h"
+
 namespace dctkd {
 namespace cuda {
 
@@ -42,7 +44,6 @@ void launch_map_jobs(std::vector<MapJob> jobs, bool bwd, bool acc_double, double
 
 // Shared argument checks (the same messages as the CPU kernels).
 void check_features(const at::Tensor& x, const char* name);
-bool use_channels_last(const at::Tensor& x);
 
 }  // namespace cuda
 }  // namespace dctkd

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -115,6 +116,26 @@ inline int device_attribute(cudaDeviceAttr attr) {
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, dev));
   return value;
+}
+
+// Multiprocessors of the current device (at least 1).
+inline int64_t sm_count() { return std::max(1, device_attribute(cudaDevAttrMultiProcessorCount)); }
+
+// `blocks`, capped at per_sm blocks a multiprocessor: the grid of a kernel whose blocks walk the work
+// that a full grid would take (grid-stride loops), once the GPU is full.
+inline int64_t capped_grid(int64_t blocks, int64_t per_sm) { return std::min<int64_t>(blocks, per_sm * sm_count()); }
+
+// A batch of B > 0 samples split over gridDim.y (at most 65535) so that, with `jblocks` blocks a split,
+// there are about per_sm blocks a multiprocessor in all: `splits` splits of `per` samples each (the
+// last one may have fewer), every split non-empty.
+struct BatchSplit {
+  int64_t splits, per;
+};
+inline BatchSplit batch_split(int64_t B, int64_t jblocks, int64_t per_sm) {
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(B, ceil_div(per_sm * sm_count(), jblocks)));
+  splits = std::min<int64_t>(splits, 65535);
+  const int64_t per = ceil_div(B, splits);
+  return {ceil_div(B, per), per};
 }
 
 // Raises the dynamic shared-memory limit of `kernel` on the current device when a launch needs more

@@ -98,7 +98,7 @@ at::Tensor dct2d_common(const at::Tensor& a_in, bool inverse) {
   const DctLayout lay = dct_layout(H, W, dbl ? 8 : 4);
   const bool in_smem = lay.bytes <= device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   // Enough blocks to fill the GPU; each builds the bases once and then walks its maps.
-  int64_t grid = std::min<int64_t>(maps, int64_t(device_attribute(cudaDevAttrMultiProcessorCount)) * 8);
+  int64_t grid = capped_grid(maps, 8);
   at::Tensor scratch;
   int64_t stride = 0;
   if (!in_smem) {

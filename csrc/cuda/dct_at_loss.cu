@@ -605,7 +605,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dct_at_loss_cuda(
     const int64_t n = B * student[l].size(2) * student[l].size(3);
     for (int which = 0; which < 2; ++which) {
       const at::Tensor& x_in = which == 0 ? student[l] : teacher[l];
-      const bool cl = use_channels_last(x_in);
+      const bool cl = reads_channels_last(x_in);
       feats.push_back(cl ? x_in : x_in.contiguous());
       jobs.push_back(make_map_job(feats.back(), cl, maps_ptr + (offset[l] + which * n) * esize, nullptr, nullptr, true,
                                   acc_double, p == 2.0, false));
@@ -664,7 +664,7 @@ std::vector<at::Tensor> dct_at_loss_backward_cuda(const at::Tensor& grad_loss, a
   std::vector<MapJob> jobs;
   grads.reserve(student.size());
   for (size_t l = 0; l < student.size(); ++l) {
-    const bool cl = use_channels_last(student[l]);
+    const bool cl = reads_channels_last(student[l]);
     const at::Tensor x = cl ? student[l] : student[l].contiguous();
     const at::Tensor g = grad_maps[l].to(acc).contiguous();
     at::Tensor dx = at::empty_like(x);  // keeps S's memory format

@@ -309,7 +309,7 @@ at::Tensor local_attention_cuda(const at::Tensor& q, const at::Tensor& k, const 
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = local_attention::new_feature(q);
   if (out.numel() == 0) return out;
-  const bool cl = local_attention::channels_last(q);
+  const bool cl = reads_channels_last(q);
   const at::Tensor rel_acc = rel.to(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "local_attention_cuda", [&] {
     using Acc = at::opmath_type<scalar_t>;
@@ -363,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_backw
   at::Tensor dk = need_k ? local_attention::new_feature(q) : at::empty({0}, q.options());
   at::Tensor dv = need_v ? local_attention::new_feature(q) : at::empty({0}, q.options());
   const bool need_stats = need_k || need_v;
-  const bool cl = local_attention::channels_last(q);
+  const bool cl = reads_channels_last(q);
   const int iters = cl ? kClIters : 1;
   const int64_t B = q.size(0), C = q.size(1), HW = q.size(2) * q.size(3), KK = kernel_size * kernel_size;
   const int64_t p_tiles = ceil_div(HW, (cl ? kWarps : kThreads) * int64_t(iters));

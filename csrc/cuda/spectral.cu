@@ -16,6 +16,7 @@
 
 #include "../spectral_common.h"
 #include "../spectral_math.h"
+#include "common.cuh"
 
 namespace dctkd {
 namespace cuda {
@@ -121,14 +122,6 @@ T* rptr(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
 }
 
-// Multiprocessors of the current device (a cached attribute query: no sync, no allocation).
-int64_t sm_count() {
-  int dev = 0, n = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-  return n > 0 ? n : 1;
-}
-
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 at::Tensor global_filter_cuda(const at::Tensor& xf, const at::Tensor& w, const c10::optional<at::Tensor>& mask) {
@@ -140,12 +133,10 @@ at::Tensor global_filter_cuda(const at::Tensor& xf, const at::Tensor& w, const c
   const int64_t N = p.R * p.L;
   const int mode = m.defined() ? (p.channels_last ? 2 : 1) : 0;
   const int threads = 256;
-  const int64_t jblocks = (N + threads - 1) / threads;
+  const int64_t jblocks = ceil_div(N, threads);
   // ~8 blocks per SM in all; each block streams a chunk of the batch
-  int64_t rows = std::max<int64_t>(1, std::min<int64_t>(p.B, (8 * sm_count() + jblocks - 1) / jblocks));
-  rows = std::min<int64_t>(rows, 65535);
-  const int64_t b_per = (p.B + rows - 1) / rows;
-  rows = (p.B + b_per - 1) / b_per;
+  const BatchSplit split = batch_split(p.B, jblocks, 8);
+  const int64_t rows = split.splits, b_per = split.per;
   const cudaStream_t stream = current_stream();
   dispatch_complex(xf.scalar_type(), "global_filter", [&](auto tag) {
     using T = decltype(tag);
@@ -170,12 +161,10 @@ std::tuple<at::Tensor, at::Tensor> global_filter_backward_cuda(const at::Tensor&
   const int64_t N = p.R * p.L;
   const int mode = m.defined() ? (p.channels_last ? 2 : 1) : 0;
   const int threads = 256;
-  const int64_t jblocks = (N + threads - 1) / threads;
+  const int64_t jblocks = ceil_div(N, threads);
   // split the batch so that there are enough blocks to fill the GPU; each split writes its partial dw
-  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(p.B, (4 * sm_count() + jblocks - 1) / jblocks));
-  splits = std::min<int64_t>(splits, 65535);
-  const int64_t b_per = (p.B + splits - 1) / splits;
-  splits = (p.B + b_per - 1) / b_per;
+  const BatchSplit split = batch_split(p.B, jblocks, 4);
+  const int64_t splits = split.splits, b_per = split.per;
   at::Tensor part = need_w ? at::empty({splits, N}, w.options()) : at::Tensor();
   const cudaStream_t stream = current_stream();
   dispatch_complex(xf.scalar_type(), "global_filter_backward", [&](auto tag) {
@@ -417,7 +406,7 @@ at::Tensor fam_half_weight_cuda(const at::Tensor& w_in, double cuton) {
   const int64_t total = out.numel();
   if (total == 0) return out;
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, sm_count() * 32);
+  const int64_t blocks = capped_grid(ceil_div(total, threads), 32);
   dispatch_complex(w.scalar_type(), "fam_half_weight", [&](auto tag) {
     using T = decltype(tag);
     half_weight_forward_kernel<T><<<blocks, threads, 0, current_stream()>>>(vptr<T>(w), vptr<T>(out), total, H, W,
@@ -438,7 +427,7 @@ at::Tensor fam_half_weight_backward_cuda(const at::Tensor& g_in, double cuton, i
   const int64_t total = out.numel();
   if (total == 0) return out;
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, sm_count() * 32);
+  const int64_t blocks = capped_grid(ceil_div(total, threads), 32);
   dispatch_complex(g.scalar_type(), "fam_half_weight_backward", [&](auto tag) {
     using T = decltype(tag);
     half_weight_backward_kernel<T><<<blocks, threads, 0, current_stream()>>>(

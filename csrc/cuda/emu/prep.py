@@ -10,8 +10,7 @@ for name in os.listdir(src):
         continue
     s = open(os.path.join(src, name)).read()
     s = re.sub(r'#include <(c10/cuda/[^>]*|cuda_runtime\.h|ATen/cuda/[^>]*)>\n', '', s)
-    for h in ('dctkd_math.h', 'dct_at_args.h', 'spectral_common.h', 'spectral_math.h'):
-        s = s.replace('#include "../%s"' % h, '#include "%s"' % h)
+    s = re.sub(r'#include "\.\./(\w+\.h)"', r'#include "\1"', s)  # csrc/*.h, copied beside below
     if name == 'common.cuh' or name == 'attention_map.cuh':
         s = s.replace('#pragma once\n', '#pragma once\n#include "emu.h"\n', 1)
     if name == 'spectral.cu':
@@ -46,5 +45,6 @@ static std::vector<int64_t> stats() { return {emu::launches, emu::blocks_run}; }
 TORCH_LIBRARY_IMPL(dctkd_emu, CompositeExplicitAutograd, m) { m.impl("stats", &stats); }
 ''')
 shutil.copy(os.path.join(here, 'emu.h'), dst)
-for h in ('dctkd_math.h', 'dct_at_args.h', 'spectral_common.h', 'spectral_math.h'):
-    shutil.copy(os.path.join(os.path.dirname(src), h), dst)
+for h in os.listdir(os.path.dirname(src)):
+    if h.endswith('.h'):
+        shutil.copy(os.path.join(os.path.dirname(src), h), dst)
