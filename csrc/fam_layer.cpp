@@ -2,7 +2,7 @@
 // matrix at every frequency, so it folds into the frequency weight:
 //   out = irfft2((rate1 W'(k) + rate2 w0^T) rfft2(x)) + rate2 b
 // with W' the symmetrised, masked half-plane weight of fam_half_weight. Kernels: CPU in
-// csrc/cpu/fam_layer.cpp; fake kernels, autograd and the GPU composite in dctkd_ext/ops/fam.py.
+// csrc/cpu/fam_layer.cpp; fake kernels, autograd and the GPU composite in dctkd_ext/ops/fam_layer.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(dctkd_ext, m) {

@@ -2,7 +2,7 @@
 // CPU FAM layer in csrc/fam_layer.cpp, of local_attention in csrc/local_attention.cpp); kernels register
 // under CPU (csrc/cpu/) and CUDA (csrc/cuda/), fake kernels and autograd from Python (dctkd_ext/ops/).
 // Two ops of the namespace, fam_global and fam_layer, are Python custom_ops built from these
-// (dctkd_ext/ops/fam_global.py, dctkd_ext/ops/fam.py).
+// (dctkd_ext/ops/spectral.py, dctkd_ext/ops/fam_layer.py).
 #include <torch/library.h>
 
 #ifndef DCTKD_NO_PYTHON  // the CMake (libtorch) build has no Python module

@@ -179,7 +179,7 @@ constexpr int64_t kFC = 16;  // frequencies per work item (the vectorised inner 
 constexpr int64_t kMT = 8;   // rows of out per work item
 
 // The inner product of two packed rows of A against the packed B panel: acc{0,1} = sum_k a{0,1}[k] * b[k]
-// over kFC frequencies. Kept in one small always-inline body so that the AVX2/FMA clone below (picked
+// over kFC frequencies. Kept in one small always-inline body so that the AVX2/FMA version below (picked
 // at run time) and the baseline build compile the same code with the accumulators in registers.
 template <typename T>
 static inline __attribute__((always_inline)) void micro_2rows(const T* __restrict__ a0r, const T* __restrict__ a0i,
