@@ -151,13 +151,15 @@ def pytest_runtest_makereport(item, call):
 # ----------------------------------------------------------------------------------- error bounds
 def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-6) -> float:
     """||out - ref|| / max(||ref||, floor): relative, except for a reference that is zero up to
-    rounding (1x1 maps, identical inputs), where it becomes absolute."""
+    rounding (1x1 maps, identical inputs), where it becomes absolute. Complex tensors: the norm of
+    their (re, im) pairs."""
     out, ref = _real(out).detach().double().cpu(), _real(ref).detach().double().cpu()
     return (out - ref).norm().item() / max(ref.norm().item(), floor)
 
 
 def _real(t):
-    return torch.view_as_real(t) if t.is_complex() else t
+    """A complex tensor as its (re, im) pairs (a conjugate view resolved first), a real one as it is."""
+    return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
 
 
 def acc_dtype_of(input_dtype: torch.dtype) -> torch.dtype:

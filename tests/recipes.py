@@ -56,6 +56,7 @@ tests in the family's file.
 """
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import pytest
@@ -65,12 +66,13 @@ import dctkd_ext
 from dctkd_ext import reference
 from dctkd_ext.ops.dct_at import kernel_layout_like
 
-from conftest import ACC_TOL, BACKEND_FACTOR, KERNEL_BACKENDS, assert_close, features, in_layout, rel_err
+from conftest import ACC_TOL, BACKEND_FACTOR, KERNEL_BACKENDS, assert_close, crandn, features, in_layout, rel_err
 
 
 def ref_leaf(x):
-    """float64 CPU leaf copy of x for the reference."""
-    return x.detach().to("cpu", torch.float64).requires_grad_(x.requires_grad)
+    """float64 (complex128 for a complex x) CPU leaf copy of x for the reference."""
+    dtype = torch.complex128 if x.is_complex() else torch.float64
+    return x.detach().to("cpu", dtype).requires_grad_(x.requires_grad)
 
 
 def _ref_arg(v):
@@ -79,7 +81,10 @@ def _ref_arg(v):
 
 
 def _upstream(shape, gen, like):
-    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if like.is_complex():  # real and imaginary parts both random
+        g = torch.view_as_complex(torch.randn(*shape, 2, generator=gen, dtype=torch.float64))
+    else:
+        g = torch.randn(shape, generator=gen, dtype=torch.float64)
     return g, g.to(device=like.device, dtype=like.dtype)
 
 
@@ -102,15 +107,16 @@ def _tensors(obj):
 # ------------------------------------------------------------------------------------------ the core
 def compare_with_reference(backend, op, ref_op, args, gen, kwargs=None, *, dtype=None, out_dtype=None,
                            out_layout=None, grad_layout=None, grad_names=None, rounded_upstream=False,
-                           factor=1.0, what="op", wrt=None):
+                           factor=1.0, what="op", wrt=None, backend_factor=None):
     """op(*args, **kwargs) on `backend` against ref_op on float64 CPU leaf copies of the tensors in args
     (nested lists included), and the gradients of every tensor in args that requires grad, for a random
     upstream gradient. dtype: the inputs' dtype that sets the bound (default: the first tensor's);
     out_dtype: the output's expected dtype; out_layout: its expected stride on the kernels' backends;
     grad_layout(i, tensor): the i-th gradient's expected stride there (None: not checked); wrt: the
-    tensors to differentiate (default: those in args that require grad)."""
+    tensors to differentiate (default: those in args that require grad); backend_factor: the factor per
+    backend on the bound (default: conftest's BACKEND_FACTOR)."""
     kwargs = kwargs or {}
-    factor *= BACKEND_FACTOR.get(backend, 1.0)
+    factor *= (BACKEND_FACTOR if backend_factor is None else backend_factor).get(backend, 1.0)
     tensors = _tensors(args)
     dtype = dtype or tensors[0].dtype
     leaves = {}
@@ -176,6 +182,10 @@ class Family:
     bad_inputs: Sequence = ()
     skip_backend: Optional[Callable] = None
     wrt: Optional[Callable] = None
+    factor: float = 1.0
+    backend_factor: Optional[dict] = None
+    gradcheck_dtype: torch.dtype = torch.float64
+    compile_dtype: torch.dtype = torch.float32
 
 
 def dtype_id(dtype):
@@ -194,8 +204,8 @@ def check_family(spec, backend, args, gen, kwargs=None, factor=1.0, what=None):
         out_layout=spec.out_layout(args) if spec.out_layout else None,
         grad_layout=(lambda i, t: spec.grad_layout(i, t, args)) if spec.grad_layout else None,
         grad_names=spec.grad_names(args) if callable(spec.grad_names) else (spec.grad_names or None),
-        rounded_upstream=spec.rounded_upstream, factor=factor, what=what or spec.name,
-        wrt=spec.wrt(args) if spec.wrt else None)
+        rounded_upstream=spec.rounded_upstream, factor=factor * spec.factor, what=what or spec.name,
+        wrt=spec.wrt(args) if spec.wrt else None, backend_factor=spec.backend_factor)
 
 
 def _param_values(values, ids):
@@ -208,8 +218,9 @@ def _param_values(values, ids):
     return out
 
 
-def family_tests(spec: Family) -> dict:
-    """The standard tests of a family, by name, for a test module's globals."""
+def family_tests(spec: Family, prefix: str = "") -> dict:
+    """The standard tests of a family, by name, for a test module's globals; with a prefix (a module with
+    several families), test_<prefix>matches_reference and so on."""
     backends = [pytest.param(b, id=b[0]) for b in KERNEL_BACKENDS]
     tests = {}
 
@@ -261,7 +272,7 @@ def family_tests(spec: Family) -> dict:
         @pytest.mark.parametrize("i", range(len(spec.gradcheck_cases)))
         def test_gradcheck_float64(i, gen):
             case, layout = spec.gradcheck_cases[i]
-            args, kwargs = spec.make_args(case, torch.float64, layout, "cpu", gen)
+            args, kwargs = spec.make_args(case, spec.gradcheck_dtype, layout, "cpu", gen)
             tensors = _tensors(args)
             wrt = [t for t in tensors if t.requires_grad]
 
@@ -284,12 +295,13 @@ def family_tests(spec: Family) -> dict:
         def test_torch_compile_fullgraph(gen):
             torch._dynamo.reset()
             case, layout = spec.compile_case
-            args, kwargs = spec.make_args(case, torch.float32, layout, "cpu", gen)
+            args, kwargs = spec.make_args(case, spec.compile_dtype, layout, "cpu", gen)
             wrt = [t for t in _tensors(args) if t.requires_grad]
 
             def step(*xs):
                 swap = dict(zip(map(id, wrt), xs))
-                return (spec.op(*_map_tensors(args, lambda t: swap.get(id(t), t)), **kwargs) * 1.5).sum()
+                y = spec.op(*_map_tensors(args, lambda t: swap.get(id(t), t)), **kwargs) * 1.5
+                return (torch.view_as_real(y) if y.is_complex() else y).sum()
 
             compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
             got = torch.autograd.grad(compiled(*wrt), wrt)
@@ -309,9 +321,12 @@ def family_tests(spec: Family) -> dict:
 
         tests["test_bad_input"] = test_bad_input
 
+    named = {}
     for name, fn in tests.items():
+        name = "test_" + prefix + name[len("test_"):]
         fn.__name__ = fn.__qualname__ = name
-    return tests
+        named[name] = fn
+    return named
 
 
 # ------------------------------------------------------------------------------------- dct_at family
@@ -511,4 +526,169 @@ LOCAL_ATTENTION = Family(
         ("empty-map", _set(**{n: torch.empty(2, 4, 0, 5) for n in "qkv"}), ValueError, r"q: expected H, W >= 1"),
     ],
     skip_backend=_la_skip,
+)
+
+
+# ------------------------------------------------------------------------------------- spectral family
+def _real_of(cdtype):
+    return torch.float64 if cdtype == torch.complex128 else torch.float32
+
+
+def _channels_last_stride(shape):
+    return torch.empty(shape, memory_format=torch.channels_last).stride()
+
+
+def _spectral_make_args(depthwise):
+    """case (B, C, O, H, K, mask, xf's layout) -> (xf, w, mask): xf (B, C, H, K) and w ((C, H, K) for
+    global_filter, (C, O, H, K) for spectral_conv) random complex of dtype, mask (H, K) in [0, 1) real
+    (or None); all leaves that require grad. xf takes `layout`, or the case's for the `contiguous` sweep;
+    w and mask take it too, but sliced where xf is channels_last (3-D w has no channels_last)."""
+    def make_args(case, dtype, layout, device, gen):
+        b, c, o, h, k, use_mask, case_layout = case
+        layout = case_layout if layout == "contiguous" else layout
+        wl = "sliced" if layout == "channels_last" else layout
+        xf = in_layout(crandn(b, c, h, k, dtype=dtype, generator=gen).to(device), layout)
+        w = crandn(*((c, h, k) if depthwise else (c, o, h, k)), dtype=dtype, generator=gen).to(device)
+        w = in_layout(w, wl)
+        mask = None
+        if use_mask:
+            mask = in_layout(torch.rand(h, k, generator=gen, dtype=torch.float64).to(device, _real_of(dtype)), wl)
+        return tuple(t.requires_grad_() if t is not None else None for t in (xf, w, mask)), {}
+
+    return make_args
+
+
+def _spectral_case_id(c):
+    b, ch, o, h, k, use_mask, layout = c
+    return "x".join(map(str, (b, ch, o, h, k))) + ("-mask" if use_mask else "") + ("-cl" if layout != "contiguous" else "")
+
+
+def _gf_out_layout(args):
+    """global_filter keeps a channels-last xf's layout (GFNet's (B, H, K, C) storage); other layouts
+    are not checked."""
+    xf = args[0]
+    if not xf.is_contiguous() and xf.is_contiguous(memory_format=torch.channels_last):
+        return _channels_last_stride(xf.shape)
+    return None
+
+
+def _spectral_grad_names(args):
+    return ["xf", "w", "mask"][:sum(t is not None for t in args)]
+
+
+def _gf_opcheck_args(gen):
+    ops = torch.ops.dctkd_ext
+    xf, w = crandn(2, 3, 4, 3, generator=gen), crandn(3, 4, 3, generator=gen)
+    mask = torch.rand(4, 3, generator=gen)
+    cl = in_layout(xf, "channels_last")
+    cases = [(ops.global_filter.default, a) for a in [
+        (xf, w, mask), (xf, w, None), (cl, w, mask),
+        (xf.detach().clone().requires_grad_(), w.detach().clone().requires_grad_(), None)]]
+    g = crandn(2, 3, 4, 3, generator=gen)
+    for need in [(True, True), (True, False), (False, True)]:
+        cases.append((ops.global_filter_backward.default, (g, xf, w, mask, *need)))
+        cases.append((ops.global_filter_backward.default, (in_layout(g, "channels_last"), cl, w, None, *need)))
+    return cases
+
+
+def _sc_opcheck_args(gen):
+    ops = torch.ops.dctkd_ext
+    xf, w = crandn(2, 3, 4, 3, generator=gen), crandn(3, 5, 4, 3, generator=gen)
+    mask = torch.rand(4, 3, generator=gen)
+    cases = [(ops.spectral_conv.default, (xf, w, mask)),
+             (ops.spectral_conv.default, (xf.detach().clone().requires_grad_(), w.detach().clone().requires_grad_(),
+                                          None))]
+    g = crandn(2, 5, 4, 3, generator=gen)
+    for need in [(True, True), (True, False), (False, True)]:
+        cases.append((ops.spectral_conv_backward.default, (g, xf, w, mask, *need)))
+    return cases
+
+
+def _spectral_bad_args(gen):
+    return dict(xf=crandn(2, 3, 4, 3, generator=gen), w=crandn(3, 4, 3, generator=gen), mask=None)
+
+
+def _complex32(t):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "ComplexHalf support is experimental"
+        return t.to(torch.complex32)
+
+
+def _spectral_sweep(shapes, layouts=("contiguous",)):
+    return [(*s, m, lay) for lay in layouts for s in shapes for m in (False, True)]
+
+
+SPECTRAL_DTYPES = [torch.complex64, torch.complex128]
+
+GLOBAL_FILTER = Family(
+    name="global_filter",
+    op=dctkd_ext.global_filter,
+    reference=reference.global_filter,
+    make_args=_spectral_make_args(depthwise=True),
+    # (B, C, O (unused), H, K, mask, xf's layout)
+    cases=_spectral_sweep([(3, 5, 0, 7, 4)], ("contiguous", "channels_last")),
+    case_id=_spectral_case_id,
+    dtypes=SPECTRAL_DTYPES,
+    layouts=["contiguous", "channels_last", "sliced", "transposed"],
+    layout_case=(4, 6, 0, 5, 3, True, "contiguous"),
+    layout_dtypes=SPECTRAL_DTYPES,
+    out_layout=_gf_out_layout,
+    grad_names=_spectral_grad_names,
+    # one product per element (dw, dmask: sums over a few samples): the same bound on every backend
+    backend_factor={},
+    gradcheck_dtype=torch.complex128,
+    gradcheck_cases=[((2, 3, 0, 3, 2, True, "contiguous"), "contiguous"),
+                     ((2, 3, 0, 3, 2, False, "contiguous"), "contiguous"),
+                     ((2, 3, 0, 3, 2, True, "contiguous"), "channels_last")],
+    opcheck_args=_gf_opcheck_args,
+    compile_dtype=torch.complex64,
+    compile_case=((2, 3, 0, 7, 4, True, "contiguous"), "channels_last"),
+    bad_args=_spectral_bad_args,
+    bad_call=lambda a: dctkd_ext.global_filter(**a),
+    bad_inputs=[  # (id, change, exception, message)
+        ("xf-real", _set(xf=lambda t: t.real.contiguous()), TypeError, r"xf: expected a complex64.*float32.*rfft2"),
+        ("xf-complex32", _set(xf=_complex32), TypeError, r"xf: expected a complex64"),
+        ("xf-3d", _set(xf=lambda t: t[0]), ValueError, r"xf: expected a 4-D"),
+        ("xf-list", _set(xf=[1.0]), TypeError, r"xf: expected a .*got list"),
+        ("w-shape", _set(w=lambda t: t[..., :2]), ValueError, r"w: expected shape \(3, 4, 3\)"),
+        ("w-complex128", _set(w=lambda t: t.to(torch.complex128)), TypeError, r"w: expected dtype torch.complex64"),
+        ("w-real", _set(w=lambda t: t.real.contiguous()), TypeError, r"w: expected a complex64"),
+        ("w-meta", _set(w=lambda t: t.to("meta")), ValueError, r"w: expected a tensor on cpu like xf, got one on meta"),
+        ("mask-shape", _set(mask=torch.ones(4, 4)), ValueError, r"mask: expected shape \(4, 3\)"),
+        ("mask-complex", _set(mask=torch.ones(4, 3, dtype=torch.complex64)), TypeError, r"mask: expected a real"),
+    ],
+)
+
+SPECTRAL_CONV = Family(
+    name="spectral_conv",
+    op=dctkd_ext.spectral_conv,
+    reference=reference.spectral_conv,
+    make_args=_spectral_make_args(depthwise=False),
+    # (B, C, O, H, K, mask, xf's layout): small; odd counts past the vector tails; 1x1
+    cases=_spectral_sweep([(3, 5, 6, 7, 4), (9, 17, 10, 5, 3), (1, 1, 1, 1, 1)]),
+    case_id=_spectral_case_id,
+    dtypes=SPECTRAL_DTYPES,
+    layouts=["contiguous", "channels_last", "sliced", "transposed"],
+    layout_case=(4, 6, 5, 5, 3, True, "contiguous"),
+    layout_dtypes=SPECTRAL_DTYPES,
+    grad_names=_spectral_grad_names,
+    # a sum over C per output (tiles and tl.dot on Triton): twice the bound, on every backend
+    factor=2.0,
+    backend_factor={},
+    gradcheck_dtype=torch.complex128,
+    gradcheck_cases=[((2, 3, 2, 3, 2, True, "contiguous"), "contiguous"),
+                     ((2, 3, 2, 3, 2, False, "contiguous"), "contiguous")],
+    opcheck_args=_sc_opcheck_args,
+    compile_dtype=torch.complex64,
+    compile_case=((2, 3, 4, 7, 4, True, "contiguous"), "contiguous"),
+    bad_args=lambda gen: dict(_spectral_bad_args(gen), w=crandn(3, 5, 4, 3, generator=gen)),
+    bad_call=lambda a: dctkd_ext.spectral_conv(**a),
+    bad_inputs=[
+        ("xf-real", _set(xf=lambda t: t.real.contiguous()), TypeError, r"xf: expected a complex64"),
+        ("w-shape", _set(w=lambda t: t[:2]), ValueError, r"w: expected shape \(3, \*, 4, 3\)"),
+        ("w-3d", _set(w=lambda t: t[:, 0]), ValueError, r"w: expected a 4-D"),
+        ("mask-shape", _set(mask=torch.ones(3)), ValueError, r"mask: expected shape \(4, 3\)"),
+        ("mask-meta", _set(mask=torch.ones(4, 3, device="meta")), ValueError,
+         r"mask: expected a tensor on cpu like xf, got one on meta"),
+    ],
 )
