@@ -50,17 +50,26 @@ The spec (all callables take plain tensors; `case` is whatever spec.cases holds)
     bad_args        gen -> the keyword arguments of a good call; bad_call(kwargs) makes the call
     bad_inputs      [(id, change(kwargs) in place, exception type, message regex)]
     skip_backend    backend name -> a reason to skip it, or None
+    factor, grad_factor  the factor on the bound of the output and of the gradients (grad_factor: default
+                    factor), for an op that sums more terms
+    backend_factor  backend name -> factor on the bound (default: conftest's BACKEND_FACTOR; {} for kernels
+                    that sum in the same order on every backend)
+    gradcheck_dtype, gradcheck_kwargs   the dtype of gradcheck's inputs (complex128 for a complex op) and
+                    gradcheck's tolerances
+    compile_dtype   the dtype of the torch.compile test's inputs
 
 Special cases of a family (the backward op's flags, autocast, determinism, NaN propagation) stay plain
 tests in the family's file.
 """
 
 import dataclasses
+import importlib
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dctkd_ext
 from dctkd_ext import reference
@@ -107,16 +116,19 @@ def _tensors(obj):
 # ------------------------------------------------------------------------------------------ the core
 def compare_with_reference(backend, op, ref_op, args, gen, kwargs=None, *, dtype=None, out_dtype=None,
                            out_layout=None, grad_layout=None, grad_names=None, rounded_upstream=False,
-                           factor=1.0, what="op", wrt=None, backend_factor=None):
+                           factor=1.0, what="op", wrt=None, backend_factor=None, grad_factor=None):
     """op(*args, **kwargs) on `backend` against ref_op on float64 CPU leaf copies of the tensors in args
     (nested lists included), and the gradients of every tensor in args that requires grad, for a random
     upstream gradient. dtype: the inputs' dtype that sets the bound (default: the first tensor's);
     out_dtype: the output's expected dtype; out_layout: its expected stride on the kernels' backends;
     grad_layout(i, tensor): the i-th gradient's expected stride there (None: not checked); wrt: the
     tensors to differentiate (default: those in args that require grad); backend_factor: the factor per
-    backend on the bound (default: conftest's BACKEND_FACTOR)."""
+    backend on the bound (default: conftest's BACKEND_FACTOR); grad_factor: the gradients' factor in
+    place of factor."""
     kwargs = kwargs or {}
-    factor *= (BACKEND_FACTOR if backend_factor is None else backend_factor).get(backend, 1.0)
+    per_backend = (BACKEND_FACTOR if backend_factor is None else backend_factor).get(backend, 1.0)
+    grad_factor = (factor if grad_factor is None else grad_factor) * per_backend
+    factor *= per_backend
     tensors = _tensors(args)
     dtype = dtype or tensors[0].dtype
     leaves = {}
@@ -149,7 +161,7 @@ def compare_with_reference(backend, op, ref_op, args, gen, kwargs=None, *, dtype
         if kernels and grad_layout is not None:
             want = grad_layout(i, t)
             assert want is None or d.stride() == want, f"{what} d{name}: layout {d.stride()}"
-        assert_close(d, dr, dtype, f"{what} d{name}", factor)
+        assert_close(d, dr, dtype, f"{what} d{name}", grad_factor)
     return out
 
 
@@ -183,8 +195,10 @@ class Family:
     skip_backend: Optional[Callable] = None
     wrt: Optional[Callable] = None
     factor: float = 1.0
+    grad_factor: Optional[float] = None
     backend_factor: Optional[dict] = None
     gradcheck_dtype: torch.dtype = torch.float64
+    gradcheck_kwargs: dict = dataclasses.field(default_factory=dict)
     compile_dtype: torch.dtype = torch.float32
 
 
@@ -205,7 +219,8 @@ def check_family(spec, backend, args, gen, kwargs=None, factor=1.0, what=None):
         grad_layout=(lambda i, t: spec.grad_layout(i, t, args)) if spec.grad_layout else None,
         grad_names=spec.grad_names(args) if callable(spec.grad_names) else (spec.grad_names or None),
         rounded_upstream=spec.rounded_upstream, factor=factor * spec.factor, what=what or spec.name,
-        wrt=spec.wrt(args) if spec.wrt else None, backend_factor=spec.backend_factor)
+        wrt=spec.wrt(args) if spec.wrt else None, backend_factor=spec.backend_factor,
+        grad_factor=None if spec.grad_factor is None else factor * spec.grad_factor)
 
 
 def _param_values(values, ids):
@@ -280,7 +295,7 @@ def family_tests(spec: Family, prefix: str = "") -> dict:
                 swap = dict(zip(map(id, wrt), xs))
                 return spec.op(*_map_tensors(args, lambda t: swap.get(id(t), t)), **kwargs)
 
-            assert torch.autograd.gradcheck(fn, wrt)
+            assert torch.autograd.gradcheck(fn, wrt, **spec.gradcheck_kwargs)
 
         tests["test_gradcheck_float64"] = test_gradcheck_float64
 
@@ -691,4 +706,104 @@ SPECTRAL_CONV = Family(
         ("mask-meta", _set(mask=torch.ones(4, 3, device="meta")), ValueError,
          r"mask: expected a tensor on cpu like xf, got one on meta"),
     ],
+)
+
+
+# ------------------------------------------------------------------------------------- fam_layer family
+# the family's module (the attribute dctkd_ext.ops.fam_layer is the function it exports)
+fam_layer_ops = importlib.import_module("dctkd_ext.ops.fam_layer")
+FAM_LAYER_PARAMS = ("x", "weights1", "w0_weight", "w0_bias", "rate1", "rate2")
+
+
+def fam_layer_inputs(b, cin, cout, h, w, gen, dtype=torch.float64, bias=True, device="cpu"):
+    """x (B, I, H, W), weights1 (I, O, H, W) complex, w0_weight (O, I, 1, 1), w0_bias (O,) (or None),
+    rate1, rate2 (1,): random, in dtype (its complex for weights1), leaves that require grad."""
+    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    x = torch.randn(b, cin, h, w, dtype=torch.float64, generator=gen).to(dtype)
+    w1 = torch.view_as_complex(torch.randn(cin, cout, h, w, 2, dtype=torch.float64, generator=gen)).to(cdt)
+    w0 = torch.randn(cout, cin, 1, 1, dtype=torch.float64, generator=gen).to(dtype)
+    b0 = torch.randn(cout, dtype=torch.float64, generator=gen).to(dtype) if bias else None
+    r1 = torch.randn(1, dtype=torch.float64, generator=gen).to(dtype)
+    r2 = torch.randn(1, dtype=torch.float64, generator=gen).to(dtype)
+    return [t.to(device).requires_grad_() if t is not None else None for t in (x, w1, w0, b0, r1, r2)]
+
+
+def fam_layer_authors(x, w1, w0, b0, r1, r2, cuton):
+    """The authors' formulation: their module's code for square maps; for rectangular ones the same
+    full-plane function (fft2 -> einsum -> high-pass mask -> ifft2 real, plus the 1x1 conv)."""
+    if x.shape[-2] == x.shape[-1] and b0 is not None:
+        return reference.released_fam_forward(x, w1, w0, b0, r1, r2, cuton)
+    return r1 * reference.fam_global(x, w1, cuton) + r2 * F.conv2d(x, w0, b0)
+
+
+def _fl_make_args(case, dtype, layout, device, gen):
+    b, cin, cout, h, w, cuton, bias = case
+    return (*fam_layer_inputs(b, cin, cout, h, w, gen, dtype, bias, device), cuton), {}
+
+
+def _fl_grad_names(args):
+    return [n for n, t in zip(FAM_LAYER_PARAMS, args) if t is not None]
+
+
+def _fl_skip(name):
+    from dctkd_ext import _backend
+
+    if name == "triton" and not _backend.triton_installed():
+        return "triton is not installed"
+    return None
+
+
+def _fl_opcheck_args(gen):
+    ops = torch.ops.dctkd_ext
+    cases = []
+    for bias in (True, False):
+        args = fam_layer_inputs(2, 3, 2, 6, 5, gen, dtype=torch.float32, bias=bias)
+        cases.append((ops.fam_layer.default, (*args, 0.5, False)))
+        d = [t.detach() if t is not None else None for t in args]
+        cases.append((ops.fam_layer_forward.default, (*d, 0.5)))
+        g = torch.randn(2, 2, 6, 5, generator=gen)
+        cases.append((ops.fam_layer_backward.default, (g, *d, 0.5, [True, True, True, bias, True, True])))
+        cases.append((ops.fam_layer_backward.default, (g, *d, 0.5, [False, True, False, False, True, False])))
+    return cases
+
+
+def _fl_bad_args(gen):
+    names = ("x", "weights1", "w0_weight", "w0_bias", "rate1", "rate2")
+    return dict(zip(names, (t.detach() for t in fam_layer_inputs(2, 3, 4, 6, 6, gen, dtype=torch.float32))))
+
+
+FAM_LAYER = Family(
+    name="fam_layer",
+    op=fam_layer_ops.fam_layer,
+    reference=fam_layer_authors,
+    make_args=_fl_make_args,
+    # (B, I, O, H, W, cuton, bias): square (the authors' module) and rectangular maps (their function),
+    # odd and even sizes, a mask that cuts frequencies, no bias
+    cases=[(3, 4, 3, 8, 8, 0.5, True), (3, 4, 3, 7, 7, 0.25, True), (2, 3, 5, 6, 5, 0.5, True),
+           (2, 3, 5, 8, 8, 0.5, False), (1, 2, 2, 1, 1, 1.0, True)],
+    case_id=lambda c: "x".join(map(str, c[:5])) + f"-c{c[5]}" + ("" if c[6] else "-nobias"),
+    dtypes=[torch.float32, torch.float64],
+    grad_names=_fl_grad_names,
+    # a spectral GEMM over I and 2-D transforms: 5 times the bound on the output; the parameters'
+    # gradients are sums over the batch and every frequency or pixel (the rates' with cancellation): 50
+    factor=5.0,
+    grad_factor=50.0,
+    backend_factor={},
+    gradcheck_cases=[((2, 2, 3, 5, 4, 0.5, True), "contiguous")],
+    gradcheck_kwargs=dict(eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=False),
+    opcheck_args=_fl_opcheck_args,
+    compile_case=((2, 3, 4, 8, 8, 0.5, True), "contiguous"),
+    bad_args=_fl_bad_args,
+    bad_call=lambda a: fam_layer_ops.fam_layer(**a),
+    bad_inputs=[  # (id, change, exception, message)
+        ("x-int", _set(x=lambda t: t.to(torch.int32)), TypeError, r"x"),
+        ("x-3d", _set(x=lambda t: t[0]), ValueError, r"x"),
+        ("weights1-real", _set(weights1=lambda t: t.real), TypeError, r"weights1"),
+        ("weights1-shape", _set(weights1=lambda t: t[:, :, :5]), ValueError, r"weights1"),
+        ("w0_weight-shape", _set(w0_weight=lambda t: t[:3]), ValueError, r"w0_weight"),
+        ("w0_bias-shape", _set(w0_bias=lambda t: t[:2]), ValueError, r"w0_bias"),
+        ("rate1-shape", _set(rate1=lambda t: t.expand(2)), ValueError, r"rate1"),
+        ("cuton-1.5", _set(cuton=1.5), ValueError, r"cuton"),
+    ],
+    skip_backend=_fl_skip,
 )

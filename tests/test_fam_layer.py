@@ -1,10 +1,13 @@
 """The whole FAM layer as one spectral GEMM (dctkd_ext.ops.fam_layer.fam_layer, the channel-mixing
-nn.FrequencyAttention): output and every gradient against the FAM-KD authors' formulation in float64
-(even, odd and rectangular sizes, every cuton), chunked weights, partial gradients, the GPU composite
-(run here on the CPU kernels and, under the Triton interpreter, on the Triton ones), gradcheck, opcheck,
-torch.compile, autocast and bad input."""
+nn.FrequencyAttention). The standard tests come from its spec, recipes.FAM_LAYER (tests/recipes.py):
+every kernel backend (the CPU kernels; the Triton composite, in Triton's interpreter without a GPU)
+against the FAM-KD authors' formulation in float64, float32 and float64, with poisoned outputs;
+gradcheck; opcheck; torch.compile of the op; bad input. Here besides: output and every gradient exact
+(1e-12) against the authors' formulation in float64 (even, odd and rectangular sizes, every cuton),
+chunked weights, partial gradients, the GPU composite on the CPU spectral kernels, the fused Triton
+path, the module, torch.compile of the module, autocast, the C++ op's checks and small upstream
+gradients."""
 
-import importlib
 import os
 
 import pytest
@@ -12,48 +15,24 @@ import torch
 import torch.nn.functional as F
 
 import dctkd_ext
+import recipes
 from dctkd_ext import _backend
 from dctkd_ext import reference as R
 from dctkd_ext.nn import FrequencyAttention
 
-from conftest import ACC_TOL as TOL
-from conftest import rel_err as _rel_err_real
+from conftest import ACC_TOL, HAS_CUDA, rel_err
 
-# the family's module (the attribute dctkd_ext.ops.fam_layer is the function it exports)
-fam_op = importlib.import_module("dctkd_ext.ops.fam_layer")
+fam_op = recipes.fam_layer_ops
+PARAMS = recipes.FAM_LAYER_PARAMS
+_inputs = recipes.fam_layer_inputs
+_authors = recipes.fam_layer_authors
 
-HAS_CUDA = torch.cuda.is_available()
-PARAMS = ("x", "weights1", "w0_weight", "w0_bias", "rate1", "rate2")
-
-
-def rel_err(out, ref):
-    # conftest's relative error, on (re, im) pairs for complex tensors
-    if out.is_complex():
-        out, ref = torch.view_as_real(out.resolve_conj()), torch.view_as_real(ref.resolve_conj())
-    return _rel_err_real(out, ref)
+# test_matches_reference, test_gradcheck_float64, test_opcheck, test_torch_compile_fullgraph, test_bad_input
+globals().update(recipes.family_tests(recipes.FAM_LAYER))
 
 
 def _mask_is_nonempty(h, w, cuton):
     return bool((R.fam_highpass_mask(h, w, cuton) == 0).any())
-
-
-def _inputs(b, cin, cout, h, w, gen, dtype=torch.float64, bias=True):
-    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
-    x = torch.randn(b, cin, h, w, dtype=torch.float64, generator=gen).to(dtype)
-    w1 = torch.view_as_complex(torch.randn(cin, cout, h, w, 2, dtype=torch.float64, generator=gen)).to(cdt)
-    w0 = torch.randn(cout, cin, 1, 1, dtype=torch.float64, generator=gen).to(dtype)
-    b0 = torch.randn(cout, dtype=torch.float64, generator=gen).to(dtype) if bias else None
-    r1 = torch.randn(1, dtype=torch.float64, generator=gen).to(dtype)
-    r2 = torch.randn(1, dtype=torch.float64, generator=gen).to(dtype)
-    return [t.requires_grad_() if t is not None else None for t in (x, w1, w0, b0, r1, r2)]
-
-
-def _authors(x, w1, w0, b0, r1, r2, cuton):
-    """The authors' formulation: their module's code for square maps; for rectangular ones the same
-    full-plane function (fft2 -> einsum -> high-pass mask -> ifft2 real, plus the 1x1 conv)."""
-    if x.shape[-2] == x.shape[-1] and b0 is not None:
-        return R.released_fam_forward(x, w1, w0, b0, r1, r2, cuton)
-    return r1 * R.fam_global(x, w1, cuton) + r2 * F.conv2d(x, w0, b0)
 
 
 def _check_against_authors(args, cuton, gen, tol=1e-12, fn=fam_op.fam_layer):
@@ -173,12 +152,12 @@ def test_fp32_close_to_fp64(gen, poison_outputs):
     args64 = _inputs(4, 16, 12, 14, 14, gen)
     args32 = [t.detach().to(torch.complex64 if t.is_complex() else torch.float32).requires_grad_() for t in args64]
     y64, y32 = fam_op.fam_layer(*args64, 0.1), fam_op.fam_layer(*args32, 0.1)
-    assert rel_err(y32, y64) <= 5 * TOL[torch.float32]
+    assert rel_err(y32, y64) <= 5 * ACC_TOL[torch.float32]
     g = torch.randn(y64.shape, dtype=torch.float64, generator=gen)
     g64 = torch.autograd.grad(y64, args64, g)
     g32 = torch.autograd.grad(y32, args32, g.float())
     for name, a, b in zip(PARAMS, g32, g64):
-        assert rel_err(a, b) <= 50 * TOL[torch.float32], f"d{name}"
+        assert rel_err(a, b) <= 50 * ACC_TOL[torch.float32], f"d{name}"
 
 
 # --------------------------------------------------------------------------------- the GPU composite
@@ -212,7 +191,7 @@ def triton_here():
     return "cuda" if HAS_CUDA else "cpu"
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", [True])  # the composite (fused=False): test_matches_reference[triton-*]
 def test_triton_composite_matches_authors(triton_here, fused, gen):
     dev = triton_here
     size = 8
@@ -224,12 +203,12 @@ def test_triton_composite_matches_authors(triton_here, fused, gen):
     with dctkd_ext.use_backend("triton"):
         y = fam_op.fam_layer(*args, 0.5, fused=fused)
         ref = _authors(*ref_args, 0.5)
-        assert rel_err(y, ref) <= 5 * TOL[torch.float32]
+        assert rel_err(y, ref) <= 5 * ACC_TOL[torch.float32]
         g = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
         go = torch.autograd.grad(y, args, g.to(dev).float())
     gr = torch.autograd.grad(ref, ref_args, g.to(ref.device))
     for name, a, b in zip(PARAMS, go, gr):
-        assert rel_err(a, b) <= 50 * TOL[torch.float32], f"d{name}"
+        assert rel_err(a, b) <= 50 * ACC_TOL[torch.float32], f"d{name}"
 
 
 # -------------------------------------------------------------------------------------- the module
@@ -269,28 +248,8 @@ def test_module_state_dict_compatible():
     ref.load_state_dict(ours.state_dict())
 
 
-def test_gradcheck(gen):
-    args = _inputs(2, 2, 3, 5, 4, gen)
-
-    def f(*a):
-        return fam_op.fam_layer(*a, 0.5)
-
-    assert torch.autograd.gradcheck(f, tuple(args), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=False)
-
-
-def test_opcheck(gen):
-    ops = torch.ops.dctkd_ext
-    for bias in (True, False):
-        args = _inputs(2, 3, 2, 6, 5, gen, dtype=torch.float32, bias=bias)
-        torch.library.opcheck(ops.fam_layer.default, (*args, 0.5, False))
-        d = [t.detach() if t is not None else None for t in args]
-        torch.library.opcheck(ops.fam_layer_forward.default, (*d, 0.5))
-        g = torch.randn(2, 2, 6, 5, generator=gen)
-        torch.library.opcheck(ops.fam_layer_backward.default, (g, *d, 0.5, [True, True, True, bias, True, True]))
-        torch.library.opcheck(ops.fam_layer_backward.default, (g, *d, 0.5, [False, True, False, False, True, False]))
-
-
-def test_torch_compile_fullgraph(gen):
+def test_module_torch_compile_fullgraph(gen):
+    # the op alone: test_torch_compile_fullgraph
     m = FrequencyAttention(3, 4, 8, cuton=0.5)
     x = torch.randn(2, 3, 8, 8, generator=gen)
 
@@ -304,6 +263,12 @@ def test_torch_compile_fullgraph(gen):
         got = grads(torch.compile(m, fullgraph=True, backend=backend))
         for name, a, b in zip(("y",) + PARAMS, got, ref):
             assert rel_err(a, b) <= 1e-5, f"{backend}: {name}"
+
+
+def test_cpp_op_checks_its_arguments(gen):
+    x, w1, w0, b0, r1, r2 = [t.detach() for t in _inputs(2, 3, 4, 6, 6, gen, dtype=torch.float32)]
+    with pytest.raises(RuntimeError, match="weights1"):  # the C++ op's own checks
+        torch.ops.dctkd_ext.fam_layer_forward(x, w1[:2], w0, b0, r1, r2, 0.1)
 
 
 def test_autocast_keeps_fp32(gen):
@@ -320,29 +285,6 @@ def test_autocast_keeps_fp32(gen):
     assert m.weights1.grad.dtype == torch.complex64 and m.w0.weight.grad.dtype == torch.float32
 
 
-def test_bad_inputs(gen):
-    x, w1, w0, b0, r1, r2 = [t.detach() for t in _inputs(2, 3, 4, 6, 6, gen, dtype=torch.float32)]
-    f = fam_op.fam_layer
-    with pytest.raises(TypeError, match="x"):
-        f(x.to(torch.int32), w1, w0, b0, r1, r2)
-    with pytest.raises(ValueError, match="x"):
-        f(x[0], w1, w0, b0, r1, r2)
-    with pytest.raises(TypeError, match="weights1"):
-        f(x, w1.real, w0, b0, r1, r2)
-    with pytest.raises(ValueError, match="weights1"):
-        f(x, w1[:, :, :5], w0, b0, r1, r2)
-    with pytest.raises(ValueError, match="w0_weight"):
-        f(x, w1, w0[:3], b0, r1, r2)
-    with pytest.raises(ValueError, match="w0_bias"):
-        f(x, w1, w0, b0[:2], r1, r2)
-    with pytest.raises(ValueError, match="rate1"):
-        f(x, w1, w0, b0, r1.expand(2), r2)
-    with pytest.raises(ValueError, match="cuton"):
-        f(x, w1, w0, b0, r1, r2, 1.5)
-    with pytest.raises(RuntimeError, match="weights1"):  # the C++ op's own checks
-        torch.ops.dctkd_ext.fam_layer_forward(x, w1[:2], w0, b0, r1, r2, 0.1)
-
-
 # ----------------------------------------------------------------- small (loss-shaped) upstream gradients
 @pytest.mark.parametrize("size", [(8, 8), (16, 16), (7, 9)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -355,7 +297,7 @@ def test_gradients_exact_at_upstream_scales_1_and_1e_7(size, dtype, gen, poison_
     g = torch.randn(out.shape, dtype=torch.float64, generator=gen)
     args64 = [t.detach().to(torch.complex128 if t.is_complex() else torch.float64).requires_grad_() for t in leaves]
     ref = _authors(*args64, 0.1)
-    tol = TOL[dtype] * 50
+    tol = ACC_TOL[dtype] * 50
     for scale in (1.0, 1e-7, 1e-30):
         go = torch.autograd.grad(out, leaves, (g * scale).to(dtype), retain_graph=True)
         gr = torch.autograd.grad(ref, args64, g * scale, retain_graph=True)
