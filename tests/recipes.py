@@ -810,3 +810,51 @@ FAM_LAYER = Family(
     ],
     skip_backend=_fl_skip,
 )
+
+
+# the half-plane weight of the FAM layer: each output one sum of two products (exact to about one
+# rounding), held to 1e-14 in complex128
+spectral_ops = importlib.import_module("dctkd_ext.ops.spectral")
+FAM_HALF_WEIGHT_SHAPES = [(1, 1), (2, 2), (7, 7), (8, 8), (20, 20), (21, 21), (6, 9)]
+
+
+def _fhw_make_args(case, dtype, layout, device, gen):
+    (h, w), cuton = case
+    t = in_layout(crandn(3, 2, h, w, dtype=dtype, generator=gen).to(device), layout)
+    return (t.requires_grad_(), cuton), {}
+
+
+def _fhw_opcheck_args(gen):
+    ops = torch.ops.dctkd_ext
+    cases = []
+    for h, w in FAM_HALF_WEIGHT_SHAPES:
+        t = crandn(3, 2, h, w, dtype=torch.complex128, generator=gen).requires_grad_()
+        cases.append((ops.fam_half_weight.default, (t, 0.3)))
+        cases.append((ops.fam_half_weight_backward.default, (crandn(2, h, w // 2 + 1, generator=gen), 0.3, w)))
+    return cases
+
+
+FAM_HALF_WEIGHT = Family(
+    name="fam_half_weight",
+    op=spectral_ops.fam_half_weight,
+    reference=reference.fam_half_weight,
+    make_args=_fhw_make_args,
+    cases=[(s, c) for s in FAM_HALF_WEIGHT_SHAPES for c in (0.0, 0.1, 0.5, 1.0)],  # ((H, W), cuton)
+    case_id=lambda c: "x".join(map(str, c[0])) + f"-c{c[1]}",
+    dtypes=[torch.complex128],
+    layouts=["contiguous", "sliced", "transposed"],
+    layout_case=((8, 8), 0.5),
+    layout_dtypes=[torch.complex128],
+    grad_names=["weights"],
+    factor=1e-4,  # ACC_TOL[float64] * 1e-4 = 1e-14
+    backend_factor={},
+    gradcheck_dtype=torch.complex128,
+    gradcheck_cases=[(((5, 5), 0.5), "contiguous")],
+    opcheck_args=_fhw_opcheck_args,
+    compile_dtype=torch.complex64,
+    compile_case=(((8, 8), 0.5), "contiguous"),
+    bad_args=lambda gen: dict(weights=crandn(3, 4, 4, generator=gen), cuton=0.5),
+    bad_call=lambda a: spectral_ops.fam_half_weight(**a),
+    bad_inputs=[("cuton-negative", _set(cuton=-0.1), ValueError, r"cuton: expected a number in \[0, 1\]"),
+                ("cuton-above-1", _set(cuton=1.5), ValueError, r"cuton: expected a number in \[0, 1\]")],
+)

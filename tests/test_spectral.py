@@ -23,10 +23,11 @@ from dctkd_ext.ops import spectral as fg
 
 from conftest import ACC_TOL, HAS_CUDA, HAS_TRITON, TRITON_DEVICE, assert_rel_close, crandn, in_layout, rel_err
 
-# test_{global_filter,spectral_conv}_{matches_reference,layouts,gradcheck_float64,opcheck,
+# test_{global_filter,spectral_conv,fam_half_weight}_{matches_reference,layouts,gradcheck_float64,opcheck,
 # torch_compile_fullgraph,bad_input}
 globals().update(recipes.family_tests(recipes.GLOBAL_FILTER, prefix="global_filter_"))
 globals().update(recipes.family_tests(recipes.SPECTRAL_CONV, prefix="spectral_conv_"))
+globals().update(recipes.family_tests(recipes.FAM_HALF_WEIGHT, prefix="fam_half_weight_"))
 
 
 @pytest.fixture
@@ -140,25 +141,6 @@ def test_half_plane_form_is_exact(size, cuton, gen):
     box = torch.ones(size, size, dtype=torch.float64)
     box[cy - r:cy + r, cy - r:cy + r] = 0
     assert torch.equal(centred, box)
-
-
-@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (7, 7), (8, 8), (20, 20), (21, 21), (6, 9)])
-def test_fam_half_weight_op(backend, shape, gen, poison_outputs):
-    name, device = backend
-    w = crandn(3, 2, *shape, dtype=torch.complex128, generator=gen).to(device).requires_grad_()
-    wr = w.detach().cpu().requires_grad_()
-    for cuton in (0.0, 0.1, 0.5, 1.0):
-        out = fg.fam_half_weight(w, cuton)
-        ref = R.fam_half_weight(wr, cuton)
-        assert_rel_close(out.cpu(), ref.detach(), 1e-14, f"fam_half_weight cuton={cuton}")
-        g = crandn(*ref.shape, dtype=torch.complex128, generator=gen)
-        (d,), (dr,) = torch.autograd.grad(out, w, g.to(device)), torch.autograd.grad(ref, wr, g)
-        assert_rel_close(d.cpu(), dr, 1e-14, f"fam_half_weight backward cuton={cuton}")
-    if name == "cpu":
-        assert torch.autograd.gradcheck(lambda t: fg.fam_half_weight(t, 0.5), (w.detach()[:, :, :5, :5].requires_grad_(),))
-        torch.library.opcheck(torch.ops.dctkd_ext.fam_half_weight.default, (w, 0.3))
-        torch.library.opcheck(torch.ops.dctkd_ext.fam_half_weight_backward.default,
-                              (crandn(2, *shape[:1], shape[1] // 2 + 1, generator=gen), 0.3, shape[1]))
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
@@ -464,15 +446,9 @@ def test_non_finite_inputs_propagate(backend, gen):
 
 
 @pytest.mark.parametrize("layout", ["sliced", "transposed"])
-def test_half_weight_and_global_filter_module_strided(backend, layout, gen):
+def test_global_filter_module_strided(backend, layout, gen):
+    # fam_half_weight in these layouts: test_fam_half_weight_layouts
     _, dev = backend
-    w = in_layout(crandn(3, 2, 8, 8, dtype=torch.complex128, generator=gen).to(dev), layout).requires_grad_()
-    wr = w.detach().cpu().contiguous().requires_grad_()
-    out, ref = fg.fam_half_weight(w, 0.5), R.fam_half_weight(wr, 0.5)
-    assert_rel_close(out.cpu(), ref.detach(), 1e-14, f"fam_half_weight {layout}")
-    g = crandn(*ref.shape, dtype=torch.complex128, generator=gen)
-    assert_rel_close(torch.autograd.grad(out, w, g.to(dev))[0].cpu(), torch.autograd.grad(ref, wr, g)[0], 1e-14,
-               f"fam_half_weight backward {layout}")
     h, wd, dim = 6, 7, 5
     m = GlobalFilter(dim, h, wd).to(dev)
     x = in_layout(torch.randn(3, h, wd, dim, generator=gen).to(dev), layout).requires_grad_()
@@ -526,13 +502,11 @@ def test_frequency_attention_torch_compile_fullgraph(gen):
 
 # -------------------------------------------------------------------------------------- bad input
 def test_module_bad_inputs(backend, gen):
-    # the ops' own: test_global_filter_bad_input, test_spectral_conv_bad_input; here fam_half_weight, the
-    # C++ ops called directly and the modules, on every backend
+    # the ops' own: test_{global_filter,spectral_conv,fam_half_weight}_bad_input; here the C++ ops called
+    # directly and the modules, on every backend
     name, dev = backend
     xf = crandn(2, 3, 4, 3, generator=gen, device=dev)
     w = crandn(3, 4, 3, generator=gen, device=dev)
-    with pytest.raises(ValueError, match=r"cuton: expected a number in \[0, 1\]"):
-        fg.fam_half_weight(crandn(3, 4, 4, generator=gen, device=dev), -0.1)
     if name == "cpu":  # the C++ ops check too when called directly
         c_ops_check_their_arguments(xf, w, gen)
 
