@@ -7,9 +7,9 @@ BACKEND_FACTOR; on the kernels' backends it also checks the output's and the gra
 check_family applies it with a family's dtype and layout rules, from the family's spec: the loss family's
 ATTENTION_MAP and DCT_AT_LOSS (check_attention_map, check_loss; check_dct2d is the core on dct2d and
 idct2d), LOCAL_ATTENTION (check_local_attention; tests/test_local_attention.py), the spectral family's
-GLOBAL_FILTER and SPECTRAL_CONV (tests/test_spectral.py, prefixes global_filter_ and spectral_conv_) and
-FAM_LAYER (tests/test_fam_layer.py). Complex ops: the reference gets complex128 copies and a complex
-upstream gradient, and conftest's bounds measure the (re, im) pairs.
+GLOBAL_FILTER, SPECTRAL_CONV and FAM_HALF_WEIGHT (tests/test_spectral.py, prefixes global_filter_,
+spectral_conv_ and fam_half_weight_) and FAM_LAYER (tests/test_fam_layer.py). Complex ops: the reference
+gets complex128 copies and a complex upstream gradient, and conftest's bounds measure the (re, im) pairs.
 
 A family's standard tests come from a small spec, Family, through family_tests(spec), whose result a
 test module adds to its globals (`globals().update(recipes.family_tests(SPEC))`):
