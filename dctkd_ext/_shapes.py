@@ -32,6 +32,6 @@ def fam_mask_radius(n: int, cuton: float) -> int:
 def spectrum_channels_last(xf) -> bool:
     """Whether the spectral kernels read a (B, C, H, K) tensor as channels-last (GFNet's layout) and write
     their outputs so: a permuted (B, H, K, C)-contiguous tensor that is not also NCHW-contiguous. The rule
-    of gf_channels_last in csrc/spectral_common.h; the fake kernels (dctkd_ext/ops/spectral.py) and the Triton launchers
-    (dctkd_ext/triton/spectral.py) both use this one copy."""
+    of reads_channels_last in csrc/layout.h; the fake kernels (dctkd_ext/ops/spectral.py) and the Triton
+    launchers (dctkd_ext/triton/spectral.py) both use this one copy."""
     return xf.dim() == 4 and not xf.is_contiguous() and xf.permute(0, 2, 3, 1).is_contiguous()
