@@ -233,6 +233,18 @@ def _():
     _rebind_everywhere(original, c2r_multiplicity)
 
 
+# The one Python copy of the spectral ops' channels-last rule (the fake kernels and the Triton launchers);
+# the C++ kernels keep their own (csrc/layout.h), so a wrong Python copy shows as a layout the kernels
+# do not write.
+@mutation("spectrum_layout_nchw", "the spectral ops' channels-last rule (Python copy) calls every spectrum NCHW",
+          ["tests/test_spectral.py::test_global_filter_layouts",
+           "tests/test_spectral.py::test_global_filter_opcheck"])
+def _():
+    from dctkd_ext import _shapes
+
+    _rebind_everywhere(_shapes.spectrum_channels_last, lambda xf: False)
+
+
 @mutation("dct2d_transposed", "dct2d applies the transposed basis (a DCT-III)",
           ["tests/test_dct_at.py::test_dct2d_matches_scipy_oracle"])
 def _():
