@@ -75,6 +75,9 @@ def tops():
 
 # Relative-norm error of a correct kernel accumulating in fp32 / fp64, against the float64 reference.
 ACC_TOL = {torch.float64: 1e-10, torch.float32: 5e-6}
+# Error of one sum with cancellation (a scalar parameter's gradient), relative to the sum of its summands'
+# magnitudes: a few units of the accumulation's rounding times the depth of a blocked sum.
+SUM_TOL = {torch.float64: 2e-11, torch.float32: 1e-6}
 # Relative-norm error of a computation that itself runs in half precision (autocast's convolutions, whose
 # inputs and outputs are rounded to the half dtype), against the same computation in fp32: a few units
 # of that rounding (2^-8 for bf16), not fp32's accuracy.
@@ -179,10 +182,17 @@ def error_bound(out_dtype: torch.dtype, ref: torch.Tensor, acc: torch.dtype, fac
     return rounding + 2 * tol
 
 
-def assert_close(out, ref, dtype, what="", factor=1.0):
+def assert_close(out, ref, dtype, what="", factor=1.0, terms=None):
     """out (any dtype) against a float64 reference; `dtype` is the inputs' dtype, which sets the
-    accumulation precision (fp64 for fp64 inputs, else fp32)."""
-    assert_rel_close(out, ref, error_bound(out.dtype, ref, acc_dtype_of(dtype), factor), what)
+    accumulation precision (fp64 for fp64 inputs, else fp32). terms: for an output that is one sum with
+    cancellation (a scalar parameter's gradient), the sum of its summands' magnitudes; its rounding error
+    scales with that, not with the sum, so the bound is at least SUM_TOL relative to it."""
+    acc = acc_dtype_of(dtype)
+    bound = error_bound(out.dtype, ref, acc, factor)
+    if terms is not None:
+        size = max(_real(ref).detach().double().norm().item(), 1e-300)
+        bound = max(bound, SUM_TOL[acc] * terms / size)
+    assert_rel_close(out, ref, bound, what)
 
 
 def assert_rel_close(out, ref, bound, what=""):

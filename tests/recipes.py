@@ -55,6 +55,8 @@ The spec (all callables take plain tensors; `case` is whatever spec.cases holds)
     skip_backend    backend name -> a reason to skip it, or None
     factor, grad_factor  the factor on the bound of the output and of the gradients (grad_factor: default
                     factor), for an op that sums more terms
+    grad_terms      (ref_args, ref_kwargs, upstream) -> {gradient name: the sum of its summands'
+                    magnitudes}, for gradients that are one sum with cancellation (bounded relative to that)
     backend_factor  backend name -> factor on the bound (default: conftest's BACKEND_FACTOR; {} for kernels
                     that sum in the same order on every backend)
     gradcheck_dtype, gradcheck_kwargs   the dtype of gradcheck's inputs (complex128 for a complex op) and
@@ -119,7 +121,8 @@ def _tensors(obj):
 # ------------------------------------------------------------------------------------------ the core
 def compare_with_reference(backend, op, ref_op, args, gen, kwargs=None, *, dtype=None, out_dtype=None,
                            out_layout=None, grad_layout=None, grad_names=None, rounded_upstream=False,
-                           factor=1.0, what="op", wrt=None, backend_factor=None, grad_factor=None):
+                           factor=1.0, what="op", wrt=None, backend_factor=None, grad_factor=None,
+                           grad_terms=None):
     """op(*args, **kwargs) on `backend` against ref_op on float64 CPU leaf copies of the tensors in args
     (nested lists included), and the gradients of every tensor in args that requires grad, for a random
     upstream gradient. dtype: the inputs' dtype that sets the bound (default: the first tensor's);
@@ -127,7 +130,8 @@ def compare_with_reference(backend, op, ref_op, args, gen, kwargs=None, *, dtype
     grad_layout(i, tensor): the i-th gradient's expected stride there (None: not checked); wrt: the
     tensors to differentiate (default: those in args that require grad); backend_factor: the factor per
     backend on the bound (default: conftest's BACKEND_FACTOR); grad_factor: the gradients' factor in
-    place of factor."""
+    place of factor; grad_terms(ref_args, ref_kwargs, upstream) -> {name: the sum of the magnitudes of
+    the summands} for gradients that are one sum with cancellation (conftest.assert_close's terms)."""
     kwargs = kwargs or {}
     per_backend = (BACKEND_FACTOR if backend_factor is None else backend_factor).get(backend, 1.0)
     grad_factor = (factor if grad_factor is None else grad_factor) * per_backend
@@ -143,7 +147,8 @@ def compare_with_reference(backend, op, ref_op, args, gen, kwargs=None, *, dtype
     ref_args = _map_tensors(args, leaf)
     with dctkd_ext.use_backend(backend):
         out = op(*args, **kwargs)
-    ref = ref_op(*ref_args, **{k: _map_tensors(v, _ref_arg) for k, v in kwargs.items()})
+    ref_kwargs = {k: _map_tensors(v, _ref_arg) for k, v in kwargs.items()}
+    ref = ref_op(*ref_args, **ref_kwargs)
     kernels = backend != "reference"
     if out_dtype is not None:
         assert out.dtype == out_dtype, f"{what}: dtype {out.dtype}, expected {out_dtype}"
@@ -159,12 +164,13 @@ def compare_with_reference(backend, op, ref_op, args, gen, kwargs=None, *, dtype
     grads = torch.autograd.grad(out, wrt, g)
     grads_ref = torch.autograd.grad(ref, [leaves[id(t)] for t in wrt], g64)
     names = grad_names or [f"[{i}]" for i in range(len(wrt))]
+    terms = grad_terms(ref_args, ref_kwargs, g64) if grad_terms else {}
     for i, (name, d, dr, t) in enumerate(zip(names, grads, grads_ref, wrt)):
         assert d.dtype == t.dtype and d.shape == t.shape, f"{what} d{name}: {d.dtype} {tuple(d.shape)}"
         if kernels and grad_layout is not None:
             want = grad_layout(i, t)
             assert want is None or d.stride() == want, f"{what} d{name}: layout {d.stride()}"
-        assert_close(d, dr, dtype, f"{what} d{name}", grad_factor)
+        assert_close(d, dr, dtype, f"{what} d{name}", grad_factor, terms.get(name))
     return out
 
 
@@ -199,6 +205,7 @@ class Family:
     wrt: Optional[Callable] = None
     factor: float = 1.0
     grad_factor: Optional[float] = None
+    grad_terms: Optional[Callable] = None
     backend_factor: Optional[dict] = None
     gradcheck_dtype: torch.dtype = torch.float64
     gradcheck_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -223,7 +230,8 @@ def check_family(spec, backend, args, gen, kwargs=None, factor=1.0, what=None):
         grad_names=spec.grad_names(args) if callable(spec.grad_names) else (spec.grad_names or None),
         rounded_upstream=spec.rounded_upstream, factor=factor * spec.factor, what=what or spec.name,
         wrt=spec.wrt(args) if spec.wrt else None, backend_factor=spec.backend_factor,
-        grad_factor=None if spec.grad_factor is None else factor * spec.grad_factor)
+        grad_factor=None if spec.grad_factor is None else factor * spec.grad_factor,
+        grad_terms=spec.grad_terms)
 
 
 def _param_values(values, ids):
@@ -739,6 +747,14 @@ def fam_layer_authors(x, w1, w0, b0, r1, r2, cuton):
     return r1 * reference.fam_global(x, w1, cuton) + r2 * F.conv2d(x, w0, b0)
 
 
+def fam_layer_rate_terms(x, w1, w0, b0, r1, r2, cuton, upstream):
+    """The rates' gradients are sums over every output element of upstream * branch, with cancellation:
+    {name: sum |upstream * branch|}, the scale of their rounding error (float64 CPU tensors)."""
+    with torch.no_grad():
+        return {"rate1": (upstream * reference.fam_global(x, w1, cuton)).abs().sum().item(),
+                "rate2": (upstream * F.conv2d(x, w0, b0)).abs().sum().item()}
+
+
 def _fl_make_args(case, dtype, layout, device, gen):
     b, cin, cout, h, w, cuton, bias = case
     return (*fam_layer_inputs(b, cin, cout, h, w, gen, dtype, bias, device), cuton), {}
@@ -788,9 +804,11 @@ FAM_LAYER = Family(
     dtypes=[torch.float32, torch.float64],
     grad_names=_fl_grad_names,
     # a spectral GEMM over I and 2-D transforms: 5 times the bound on the output; the parameters'
-    # gradients are sums over the batch and every frequency or pixel (the rates' with cancellation): 50
+    # gradients are sums over the batch and every frequency or pixel: 50; the rates' are one sum each,
+    # with cancellation, held also to SUM_TOL of their summands' magnitudes (grad_terms)
     factor=5.0,
     grad_factor=50.0,
+    grad_terms=lambda args, kwargs, upstream: fam_layer_rate_terms(*args, upstream),
     backend_factor={},
     gradcheck_cases=[((2, 2, 3, 5, 4, 0.5, True), "contiguous")],
     gradcheck_kwargs=dict(eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=False),
