@@ -101,3 +101,13 @@ def on_backend(name: str, fn: Callable) -> Callable:
             return fn(*args)
 
     return run
+
+
+def released_fam(in_channels: int, out_channels: int, size: int, cuton: float = 0.1) -> torch.nn.Module:
+    """The FAM-KD authors' FAM module (dctkd_ext.reference.ReleasedFAM) with the constructor of
+    dctkd_ext.nn.FrequencyAttention: the `fam_cls` of the released head. Their module fixes cuton at 0.1."""
+    from dctkd_ext import reference
+
+    if cuton != 0.1:
+        raise ValueError(f"cuton: the released FAM module is built with 0.1, got {cuton}")
+    return reference.ReleasedFAM(in_channels, out_channels, size)

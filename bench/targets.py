@@ -53,6 +53,18 @@ CPU_TARGETS = [
          metric="speedup", vs="eager_module", goal=2.0),
     dict(op="fam_layer", shape="cifar_wrn40_2_wrn16_2:32x32@32/grad=mse", batch=64, dtype="float32",
          metric="speedup", vs="eager_module", goal=5.0),
+    # FAM-KD's head (fused local attention + FrequencyAttention) against the released head, and the
+    # local-attention op on its minimal bytes
+    dict(op="fam_head", shape="cifar_r32x4_r8x4", batch=64, dtype="float32", metric="speedup",
+         vs="eager_released", goal=5.0),
+    dict(op="fam_head", shape="cifar_r32x4_r8x4", batch=64, dtype="float32", metric="speedup",
+         vs="compiled_released", goal=2.0),
+    dict(op="fam_head", shape="cifar_r32x4_r8x4", batch=64, dtype="float32", metric="mem",
+         vs="eager_released", goal=0.25),
+] + [
+    dict(op="local_attention", shape=f"cifar_r32x4_r8x4:{level}", batch=64, dtype="float32", metric="bw", goal=0.6)
+    for level in ("64@32", "128@16", "256@8")
+] + [
     # a loss weight applied outside the fused loss costs at most 10%
     dict(op="dct_at_loss", shape="cifar_r32x4_r8x4/grad=scale0.37", batch=64, dtype="float32", metric="ratio",
          of="cifar_r32x4_r8x4", goal=1.1),

@@ -204,6 +204,31 @@ def test_local_attention_channels_must_split_in_halves():
         LocalSelfAttention(7)
 
 
+@pytest.mark.parametrize("guide_shape", [(2, 6, 4, 4), (3, 4, 4, 4), (2, 4, 4)])
+def test_local_attention_guide_must_match_batch_and_channels(guide_shape):
+    with pytest.raises(ValueError, match=r"guide: expected a \(B, C, h, w\) tensor with x's B and C \(2, 4\)"):
+        LocalSelfAttention(4)(torch.randn(2, 4, 8, 8), torch.randn(guide_shape))
+
+
+@pytest.mark.parametrize("guide_size", [4, 8, 16])
+def test_local_attention_projects_the_guide_on_either_side_of_its_resize_alike(guide_size, gen):
+    # the query conv runs before the nearest resize of a smaller guide, after that of a larger one: the same
+    # output and gradients as the released order (resize, then conv) in float64
+    att = LocalSelfAttention(4).double()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=gen)
+    g = torch.randn(2, 4, guide_size, guide_size, dtype=torch.float64, generator=gen)
+    outs = []
+    for released in (False, True):
+        att.released = released
+        xs, gs = x.clone().requires_grad_(), g.clone().requires_grad_()
+        y = att(xs, gs)
+        y.backward(torch.ones_like(y))
+        outs.append((y, xs.grad, gs.grad, att.query.weight.grad.clone()))
+        att.zero_grad()
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("teacher,student", [("wrn40_2", "wrn16_2"), ("wrn40_2", "wrn40_1")])
 def test_fam_wrn_pairs_tap_the_pooled_feature(teacher, student):
     m, head, (s_model, s_layers, s_shapes), (t_model, t_layers, t_shapes) = fam_head_for(teacher, student)

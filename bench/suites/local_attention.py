@@ -8,8 +8,10 @@ Cases:
   backward reads dout, q, k, v, rel and writes dq, dk, dv, drel.
 - "fam_head": the whole FAM-KD head (python/dctkd_train/fam_head.py, FamHead) at the ResNet32x4 -> ResNet8x4
   shapes, forward (the per-level MSE against random teacher features) and backward into the student features
-  and every parameter. Impls: "ours" (the fused op, keys and values in one GEMM), "eager_module" (the released
-  eager attention, use_released_attention) and "compiled_module" (torch.compile of that); one state_dict.
+  and every parameter. Impls: "ours" (the fused attention op, keys and values in one GEMM, and
+  dctkd_ext.nn.FrequencyAttention), "eager_released" (the released head: the released eager attention,
+  use_released_attention, and the authors' FAM module, dctkd_ext.reference.ReleasedFAM) and
+  "compiled_released" (torch.compile of that); one state_dict.
   Minimal bytes: the student features and parameters read, the outputs written (forward); the output
   gradients, features and parameters read, their gradients written (backward). The head lives in the trainer
   (python/): the case is left out where the trainer cannot be imported.
@@ -26,9 +28,9 @@ import dctkd_ext
 from dctkd_ext import reference as R
 
 try:  # bench/run.py puts bench/ on sys.path
-    from common import Case, Impl, Prepared
+    from common import Case, Impl, Prepared, released_fam
 except ImportError:  # pragma: no cover  (imported as bench.suites.local_attention from the repository root)
-    from bench.common import Case, Impl, Prepared
+    from bench.common import Case, Impl, Prepared, released_fam
 
 KERNEL_SIZE = 3
 # (name, batch of the recipe, [(channels, size), ...]): the head's attention levels
@@ -106,8 +108,8 @@ def _head_case(fam_head, b, device) -> Case:
     torch.manual_seed(0)
     from dctkd_ext.nn import FrequencyAttention
 
-    def new_head():
-        return fam_head.FamHead(s_shapes, t_shapes, FrequencyAttention, 0.1).to(device)
+    def new_head(fam_cls=FrequencyAttention):
+        return fam_head.FamHead(s_shapes, t_shapes, fam_cls, 0.1).to(device)
 
     state = new_head().state_dict()
     feats0 = [torch.randn(b, *s, device=device) for s in s_shapes]
@@ -118,7 +120,7 @@ def _head_case(fam_head, b, device) -> Case:
 
     def make(released, compile_head=False):
         def build():
-            head = new_head()
+            head = new_head(released_fam if released else FrequencyAttention)
             head.load_state_dict(state)
             fam_head.use_released_attention(head, released)
             run = torch.compile(head) if compile_head else head
@@ -140,8 +142,8 @@ def _head_case(fam_head, b, device) -> Case:
         batch=b,
         dtype=torch.float32,
         min_bytes={"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd},
-        impls=[Impl("ours", make(False)), Impl("eager_module", make(True)),
-               Impl("compiled_module", make(True, compile_head=True))],
+        impls=[Impl("ours", make(False)), Impl("eager_released", make(True)),
+               Impl("compiled_released", make(True, compile_head=True))],
         notes="FamHead: fusion chain with local self-attention and FrequencyAttention projections, MSE per level",
         extra={"levels": len(s_shapes)},
     )

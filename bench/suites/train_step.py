@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from dctkd_ext import reference as R
 
 try:  # bench/run.py puts bench/ on sys.path
-    from common import Case, Impl, Prepared
+    from common import Case, Impl, Prepared, released_fam
 except ImportError:  # pragma: no cover  (imported as bench.suites.train_step from the repository root)
-    from bench.common import Case, Impl, Prepared
+    from bench.common import Case, Impl, Prepared, released_fam
 
 METHODS = ["ce", "kd", "at", "dct", "dct+kd", "dct-paper", "fam"]
 # (name, teacher, student, image size, classes, batch); the ImageNet pair runs on a GPU only
@@ -52,12 +52,6 @@ def _released_dct_at_loss(s, t, preset, weights=None, sample_weight=None, **opti
     return R.dct_at_loss(s, t, preset=preset, weights=w, sample_weight=sample_weight)
 
 
-def _released_fam(in_channels, out_channels, size, cuton=0.1):
-    if cuton != 0.1:
-        raise ValueError("the released FAM module is built with cuton 0.1")
-    return R.ReleasedFAM(in_channels, out_channels, size)
-
-
 def _make_step(shape, method_name, released, device):
     from dctkd_train.fam_head import use_released_attention
     from dctkd_train.features import FeatureHooks, probe_feature_shapes
@@ -76,7 +70,7 @@ def _make_step(shape, method_name, released, device):
         s_shapes = probe_feature_shapes(student, s_layers, size, "cpu")
         t_shapes = probe_feature_shapes(teacher, t_layers, size, "cpu")
         if released and method.fam_cls is not None:
-            method.fam_cls = _released_fam
+            method.fam_cls = released_fam
         head = method.build_head(s_shapes, t_shapes)
         if released and head is not None:
             use_released_attention(head)

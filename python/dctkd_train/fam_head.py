@@ -53,7 +53,8 @@ class LocalSelfAttention(nn.Module):
     the second half.
 
     The attention runs as one fused op (``dctkd_ext.local_attention``: no K*K-sized intermediate, the softmax
-    recomputed in the backward), the key and value convs as one GEMM; the parameters and their names are the
+    recomputed in the backward), the key and value convs as one GEMM, the query conv on the guide before its
+    nearest upsampling (they commute; fewer pixels); the parameters and their names are the
     released ones (key, query, value, rel_row, rel_col), so released checkpoints load."""
 
     def __init__(self, channels: int, kernel_size: int = 3):
@@ -81,12 +82,23 @@ class LocalSelfAttention(nn.Module):
         return torch.cat([row, col], 0).reshape(self.channels, k * k)
 
     def forward(self, x: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
-        if guide.shape != x.shape:
-            raise ValueError(f"guide: expected the shape of x {tuple(x.shape)}, got {tuple(guide.shape)}")
-        q = self.query(guide)
+        """x (B, C, H, W); guide (B, C, h, w), brought to H x W by nearest resizing (the released head's
+        F.interpolate of the guide)."""
+        if guide.dim() != 4 or guide.shape[:2] != x.shape[:2]:
+            raise ValueError(f"guide: expected a (B, C, h, w) tensor with x's B and C {tuple(x.shape[:2])}, "
+                             f"got {tuple(guide.shape)}")
+        size = x.shape[-2:]
+
+        def resize(t):
+            return t if t.shape[-2:] == size else F.interpolate(t, size, mode="nearest")
+
         rel = self.relative_terms()
         if self.released:
+            q = self.query(resize(guide))
             return dctkd_ext.reference.released_local_attention(q, self.key(x), self.value(x), rel, self.kernel_size)
+        # a 1x1 conv commutes with a nearest resize: project the guide where it has fewer pixels
+        small = guide.shape[-2] * guide.shape[-1] < size[0] * size[1]
+        q = resize(self.query(guide)) if small else self.query(resize(guide))
         # keys and values in one 1x1 conv (one GEMM over x); the op reads the two channel halves in place
         kv = F.conv2d(x, torch.cat([self.key.weight, self.value.weight], 0))
         keys, values = kv.split(self.channels, dim=1)
@@ -131,8 +143,7 @@ class FamLevel(nn.Module):
             x = self.reduce_x(x)
         if self.attend is not None:
             g = fused_below if self.reduce_guide is None else self.reduce_guide(fused_below)
-            g = F.interpolate(g, x.shape[-2:], mode="nearest")
-            x = self.attend(x, g)
+            x = self.attend(x, g)  # resizes the guide to x's size
         if tuple(x.shape[-2:]) != (self.out_size, self.out_size):
             x = F.interpolate(x, (self.out_size, self.out_size), mode="nearest")
         out = self.project(x) if self.compare else None
