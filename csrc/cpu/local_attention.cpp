@@ -11,8 +11,9 @@
 //
 // Per vector of pixels the offsets are swept three times (the logits are one FMA each, recomputed from L1):
 // the maximum logit, then exp(logit - max) with its sums, then (backward) the gradients, so forward + backward
-// evaluate 2 K^2 exponentials per pixel and no K^2-sized array leaves the thread's L1 scratch. dk and dv are
-// scattered into the plane's own accumulators (no atomics); drel is summed per plane in a fixed lane order,
+// evaluate 2 K^2 exponentials per pixel and no K^2-sized array leaves the thread. dk and dv are gathered per
+// plane from K^2 share planes in the thread's scratch (no atomics, see backward_sweep); drel is summed per
+// plane in a fixed lane order,
 // then over the batch in a fixed order: the results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -103,14 +104,21 @@ DCTKD_INLINE VD vexp(VD x) {  // float64 is the testing precision: libm per lane
 // offset j at P + offs[j]. rel: the K^2 terms of the plane's channel. E: scratch of K^2 * lanes values, the
 // logits of one vector step and then their exponentials: exp reads the logits back from memory, so that a
 // contracted multiply-subtract cannot make exp(logit - max) of the largest logit differ from exp(0) = 1.
-template <typename T>
+//
+// KKc: the number of offsets when it is known at compile time (9, the head's 3 x 3 windows), else 0 and KK
+// says it. With it known, the offset loops unroll whole and E and R live in registers: the exponentials still
+// take the logits as computed, since a logit is also used by the maximum's comparison, which no
+// multiply-add can absorb.
+template <typename T, int KKc>
 DCTKD_INLINE typename Vec<T>::type logits_max(const T* q, const T* k, const T* rel, const int64_t* offs, int64_t KK,
                                               int64_t P, T* E) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::lanes;
+  if (KKc) KK = KKc;
   const V qv = vload<V>(q + P);
   V m = qv * (vload<V>(k + P + offs[0]) + rel[0]);
   vstore(E, m);
+#pragma GCC unroll 9
   for (int64_t j = 1; j < KK; ++j) {
     const V l = qv * (vload<V>(k + P + offs[j]) + rel[j]);
     vstore(E + j * L, l);
@@ -119,14 +127,18 @@ DCTKD_INLINE typename Vec<T>::type logits_max(const T* q, const T* k, const T* r
   return m;
 }
 
-template <typename T>
+template <typename T, int KKc>
 DCTKD_INLINE void forward_sweep(const T* q, const T* k, const T* v, const T* rel, const int64_t* offs, int64_t KK,
-                                int64_t npix, T* out, T* E) {
+                                int64_t npix, T* out, T* E_scratch) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::lanes;
+  alignas(32) T E_local[KKc ? KKc * L : 1];
+  T* E = KKc ? E_local : E_scratch;
+  if (KKc) KK = KKc;
   for (int64_t P = 0; P < npix; P += L) {
-    const V m = logits_max(q, k, rel, offs, KK, P, E);
+    const V m = logits_max<T, KKc>(q, k, rel, offs, KK, P, E);
     V s = {}, acc = {};
+#pragma GCC unroll 9
     for (int64_t j = 0; j < KK; ++j) {
       const V e = vexp(vload<V>(E + j * L) - m);
       s += e;
@@ -136,17 +148,28 @@ DCTKD_INLINE void forward_sweep(const T* q, const T* k, const T* v, const T* rel
   }
 }
 
-// R: scratch of K^2 * lanes values, the drel partial sums.
-template <typename T>
+// R: scratch of K^2 * lanes values, the drel partial sums. dk and dv are gathered, not scattered: the sweep
+// stores each offset's share, dl q and attn * grad, at its own pixel in a plane of Sk / Sv (offset j's plane at
+// j * ss, pixel P at lead + P, zero outside the npix written), and gather_shares then sums dk[t] over
+// the offsets. Adding into dk at P + offs[j] directly would read, at every offset, a vector that overlaps one
+// stored at the offset before (the offsets of a window row are one pixel apart), which the store-to-load
+// forwarding of x86 cores cannot serve: each such read waits for the store to retire.
+template <typename T, int KKc>
 DCTKD_INLINE void backward_sweep(const T* q, const T* g, const T* k, const T* v, const T* rel, const int64_t* offs,
-                                 int64_t KK, int64_t npix, T* dq, T* dk, T* dv, T* drel, T* E, T* R) {
+                                 int64_t KK, int64_t npix, T* dq, T* Sk, T* Sv, int64_t ss, int64_t lead, T* drel,
+                                 T* E_scratch, T* R_scratch) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::lanes;
+  alignas(32) T E_local[KKc ? KKc * L : 1], R_local[KKc ? KKc * L : 1];
+  T* E = KKc ? E_local : E_scratch;
+  T* R = KKc ? R_local : R_scratch;
+  if (KKc) KK = KKc;
   for (int64_t j = 0; j < KK; ++j) vstore(R + j * L, V{});
   for (int64_t P = 0; P < npix; P += L) {
     const V qv = vload<V>(q + P);
-    const V m = logits_max(q, k, rel, offs, KK, P, E);
+    const V m = logits_max<T, KKc>(q, k, rel, offs, KK, P, E);
     V s = {}, sv = {};
+#pragma GCC unroll 9
     for (int64_t j = 0; j < KK; ++j) {
       const V e = vexp(vload<V>(E + j * L) - m);
       vstore(E + j * L, e);
@@ -157,13 +180,14 @@ DCTKD_INLINE void backward_sweep(const T* q, const T* g, const T* k, const T* v,
     const V o = sv * inv;
     const V gs = vload<V>(g + P) * inv;
     V dqv = {};
+#pragma GCC unroll 9
     for (int64_t j = 0; j < KK; ++j) {
       const V ag = vload<V>(E + j * L) * gs;  // attn_j * grad
       const V dl = ag * (vload<V>(v + P + offs[j]) - o);
       const V dlq = dl * qv;
       dqv += dl * (vload<V>(k + P + offs[j]) + rel[j]);
-      if (dk) vstore(dk + P + offs[j], vload<V>(dk + P + offs[j]) + dlq);
-      if (dv) vstore(dv + P + offs[j], vload<V>(dv + P + offs[j]) + ag);
+      if (Sk) vstore(Sk + j * ss + lead + P, dlq);
+      if (Sv) vstore(Sv + j * ss + lead + P, ag);
       if (drel) vstore(R + j * L, vload<V>(R + j * L) + dlq);
     }
     if (dq) vstore(dq + P, dqv);
@@ -177,18 +201,43 @@ DCTKD_INLINE void backward_sweep(const T* q, const T* g, const T* k, const T* v,
   }
 }
 
+// d[t] = sum over j (in order) of S[j * ss + lead + t - offs[j]] for t in [t0, t0 + n), n a multiple of the lanes.
+template <typename T, int KKc>
+DCTKD_INLINE void gather_shares(const T* S, int64_t ss, int64_t lead, const int64_t* offs, int64_t KK, int64_t t0,
+                                int64_t n, T* d) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::lanes;
+  if (KKc) KK = KKc;
+  for (int64_t t = t0; t < t0 + n; t += L) {
+    V acc = vload<V>(S + lead + t - offs[0]);
+#pragma GCC unroll 9
+    for (int64_t j = 1; j < KK; ++j) acc += vload<V>(S + j * ss + lead + t - offs[j]);
+    vstore(d + t, acc);
+  }
+}
+
 // Entry points, cloned for x86-64-v4 / v3 / the baseline (csrc/cpu/simd.h); one call per plane.
 template <typename T>
 DCTKD_TARGET_CLONES void forward_plane(const T* q, const T* k, const T* v, const T* rel, const int64_t* offs,
                                        int64_t KK, int64_t npix, T* out, T* E) {
-  forward_sweep(q, k, v, rel, offs, KK, npix, out, E);
+  if (KK == 9) forward_sweep<T, 9>(q, k, v, rel, offs, KK, npix, out, E);
+  else forward_sweep<T, 0>(q, k, v, rel, offs, KK, npix, out, E);
 }
 
 template <typename T>
 DCTKD_TARGET_CLONES void backward_plane(const T* q, const T* g, const T* k, const T* v, const T* rel,
-                                        const int64_t* offs, int64_t KK, int64_t npix, T* dq, T* dk, T* dv, T* drel,
-                                        T* E, T* R) {
-  backward_sweep(q, g, k, v, rel, offs, KK, npix, dq, dk, dv, drel, E, R);
+                                        const int64_t* offs, int64_t KK, int64_t npix, int64_t interior, T* dq, T* dk,
+                                        T* dv, T* Sk, T* Sv, int64_t ss, int64_t lead, T* drel, T* E, T* R) {
+  Sk = dk ? Sk : nullptr;
+  Sv = dv ? Sv : nullptr;
+  if (KK == 9) backward_sweep<T, 9>(q, g, k, v, rel, offs, KK, npix, dq, Sk, Sv, ss, lead, drel, E, R);
+  else backward_sweep<T, 0>(q, g, k, v, rel, offs, KK, npix, dq, Sk, Sv, ss, lead, drel, E, R);
+  // the frame's pixels [interior, interior + npix) hold every pixel of the plane
+  for (auto [S, d] : {std::make_pair(Sk, dk), std::make_pair(Sv, dv)}) {
+    if (!d) continue;
+    if (KK == 9) gather_shares<T, 9>(S, ss, lead, offs, KK, interior, npix, d);
+    else gather_shares<T, 0>(S, ss, lead, offs, KK, interior, npix, d);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ host side
@@ -285,6 +334,9 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& q, const at::Tensor
     std::vector<T> qb(f.npix, T(0)), gb(f.npix, T(0)), kb(f.klen, T(0)), vb(f.klen, T(0));
     std::vector<T> dqb(need_q ? f.npix : 0), dkb(need_k ? f.klen : 0), dvb(need_v ? f.klen : 0);
     std::vector<T> E(f.KK * L), R(f.KK * L);
+    // the per-offset share planes of dk and dv (see backward_sweep), zero outside what each plane writes
+    const int64_t lead = f.klen - f.npix, ss = (f.npix + 2 * lead + L - 1) / L * L;
+    std::vector<T> Sk(need_k ? f.KK * ss : 0, T(0)), Sv(need_v ? f.KK * ss : 0, T(0));
     const Planes<scalar_t> dqs(need_q ? dq : q), dks(need_k ? dk : k), dvs(need_v ? dv : v);
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / f.C, c = bc % f.C;
@@ -292,10 +344,9 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& q, const at::Tensor
       load_plane(gs, b, c, f.H, f.W, gb.data(), f.Wk);
       load_plane(ks, b, c, f.H, f.W, kb.data() + f.interior, f.Wk);
       load_plane(vs, b, c, f.H, f.W, vb.data() + f.interior, f.Wk);
-      if (need_k) std::fill(dkb.begin(), dkb.end(), T(0));
-      if (need_v) std::fill(dvb.begin(), dvb.end(), T(0));
       backward_plane<T>(qb.data(), gb.data(), kb.data(), vb.data(), relp + c * f.KK, f.offs.data(), f.KK, f.npix,
-                        need_q ? dqb.data() : nullptr, need_k ? dkb.data() : nullptr, need_v ? dvb.data() : nullptr,
+                        f.interior, need_q ? dqb.data() : nullptr, need_k ? dkb.data() : nullptr,
+                        need_v ? dvb.data() : nullptr, Sk.data(), Sv.data(), ss, lead,
                         need_rel ? partp + bc * f.KK : nullptr, E.data(), R.data());
       if (need_q) store_plane(dqb.data(), f.Wk, f.H, f.W, dqs, b, c);
       if (need_k) store_plane(dkb.data() + f.interior, f.Wk, f.H, f.W, dks, b, c);
