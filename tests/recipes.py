@@ -122,7 +122,7 @@ def _tensors(obj):
 def compare_with_reference(backend, op, ref_op, args, gen, kwargs=None, *, dtype=None, out_dtype=None,
                            out_layout=None, grad_layout=None, grad_names=None, rounded_upstream=False,
                            factor=1.0, what="op", wrt=None, backend_factor=None, grad_factor=None,
-                           grad_terms=None):
+                           grad_terms=None, out_terms=None):
     """op(*args, **kwargs) on `backend` against ref_op on float64 CPU leaf copies of the tensors in args
     (nested lists included), and the gradients of every tensor in args that requires grad, for a random
     upstream gradient. dtype: the inputs' dtype that sets the bound (default: the first tensor's);
@@ -131,7 +131,8 @@ def compare_with_reference(backend, op, ref_op, args, gen, kwargs=None, *, dtype
     tensors to differentiate (default: those in args that require grad); backend_factor: the factor per
     backend on the bound (default: conftest's BACKEND_FACTOR); grad_factor: the gradients' factor in
     place of factor; grad_terms(ref_args, ref_kwargs, upstream) -> {name: the sum of the magnitudes of
-    the summands} for gradients that are one sum with cancellation (conftest.assert_close's terms)."""
+    the summands} for gradients that are one sum with cancellation (conftest.assert_close's terms);
+    out_terms(ref_args, ref_kwargs) -> the same for the output."""
     kwargs = kwargs or {}
     per_backend = (BACKEND_FACTOR if backend_factor is None else backend_factor).get(backend, 1.0)
     grad_factor = (factor if grad_factor is None else grad_factor) * per_backend
@@ -154,7 +155,7 @@ def compare_with_reference(backend, op, ref_op, args, gen, kwargs=None, *, dtype
         assert out.dtype == out_dtype, f"{what}: dtype {out.dtype}, expected {out_dtype}"
     if kernels and out_layout is not None:
         assert out.stride() == out_layout, f"{what}: layout {out.stride()}, expected {out_layout}"
-    assert_close(out, ref, dtype, what, factor)
+    assert_close(out, ref, dtype, what, factor, out_terms(ref_args, ref_kwargs) if out_terms else None)
     g64, g = _upstream(ref.shape, gen, out)
     if rounded_upstream:
         g64 = g.detach().to("cpu", torch.float64)
@@ -206,6 +207,7 @@ class Family:
     factor: float = 1.0
     grad_factor: Optional[float] = None
     grad_terms: Optional[Callable] = None
+    out_terms: Optional[Callable] = None
     backend_factor: Optional[dict] = None
     gradcheck_dtype: torch.dtype = torch.float64
     gradcheck_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -231,7 +233,7 @@ def check_family(spec, backend, args, gen, kwargs=None, factor=1.0, what=None):
         rounded_upstream=spec.rounded_upstream, factor=factor * spec.factor, what=what or spec.name,
         wrt=spec.wrt(args) if spec.wrt else None, backend_factor=spec.backend_factor,
         grad_factor=None if spec.grad_factor is None else factor * spec.grad_factor,
-        grad_terms=spec.grad_terms)
+        grad_terms=spec.grad_terms, out_terms=spec.out_terms)
 
 
 def _param_values(values, ids):
@@ -403,6 +405,54 @@ def _loss_make_args(case, dtype, layout, device, gen):
     return (s, t), dict(reduction="none", **options)
 
 
+def dct_at_loss_terms(args, kwargs):
+    """The scale of the loss's rounding error, for conftest.assert_close's terms: a level's distance of
+    the coefficients zs - zt is computed from zs and zt, each with a rounding error relative to its own
+    norm, so where the two nearly cancel (1x1 maps without normalisation: two channel means of like size)
+    the error scales with ||zs|| + ||zt||, not with the loss. Per sample and level, from the float64
+    reference's coefficients: l2 ||zs|| + ||zt||; sse 2 ||zs - zt|| (||zs|| + ||zt||); mse that over
+    the coefficients' count. Weighted and reduced as the loss; the norm over samples."""
+    student, teacher = args
+    kw = dict(kwargs)
+    preset, weights = kw.pop("preset", "dct"), kw.pop("weights", None)
+    sample_weight, reduction = kw.pop("sample_weight", None), kw.pop("reduction", "mean")
+    opts = dctkd_ext.presets.resolve_options(preset, kw)
+    weights = [1.0] * len(student) if weights is None else weights
+    total = 0.0
+    for s, t, w in zip(student, teacher, weights):
+        zs, zt = (reference.phi(reference.attention_map(x.detach().double(), opts["p"]), **opts) for x in (s, t))
+        size = zs.norm(dim=1) + zt.norm(dim=1)
+        level = {"l2": size, "sse": 2 * (zs - zt).norm(dim=1) * size,
+                 "mse": 2 * (zs - zt).norm(dim=1) * size / zs.shape[1]}[opts["distance"]]
+        total = total + abs(float(w)) * level
+    if sample_weight is not None:
+        total = total * sample_weight.detach().double().abs()
+    total = {"mean": total.mean(), "sum": total.sum()}.get(reduction, total)
+    return float(total.norm())
+
+
+def dct_at_loss_sign_ambiguous(student, teacher, tol=1e-6, **kwargs):
+    """Whether a student coefficient before the absolute value is within tol of 0 (relative to its sample's
+    norm, float64) where the teacher's is not. The loss's gradient jumps there by about the teacher's
+    coefficient when the student's changes sign, and within rounding of 0 that sign is not defined by fp32
+    arithmetic (seen: a coefficient of 1e-8 against a norm of 30 made dS 6% off the float64 one). Where
+    both are near 0 (the DC term of centred maps) the jump is near 0 too. False where the options take no
+    absolute value."""
+    kw = {k: v for k, v in kwargs.items() if k not in ("weights", "sample_weight", "reduction")}
+    opts = dctkd_ext.presets.resolve_options(kw.pop("preset", "dct"), kw)
+    if not opts["coef_abs"]:
+        return False
+    before_abs = dict(opts, coef_abs=False, coef_norm="none")
+    for x, y in zip(student, teacher):
+        cs, ct = (reference.phi(reference.attention_map(z.detach().double().cpu(), opts["p"]), **before_abs)
+                  for z in (x, y))
+        near = cs.abs() <= tol * cs.norm(dim=1, keepdim=True)
+        weighty = ct.abs() > tol * ct.norm(dim=1, keepdim=True)
+        if (near & weighty).any():
+            return True
+    return False
+
+
 DCT_AT_LOSS = Family(
     name="dct_at_loss",
     op=dctkd_ext.dct_at_loss,
@@ -417,6 +467,7 @@ DCT_AT_LOSS = Family(
     grad_names=lambda args: [f"S[{l}]" for l in range(len(args[0]))],
     # the students only: a teacher that requires grad gets none
     wrt=lambda args: args[0],
+    out_terms=dct_at_loss_terms,
 )
 
 

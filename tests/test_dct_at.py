@@ -129,12 +129,14 @@ def test_loss_matches_reference(device, preset, over, kind, dtype, channels_last
     if preset == "paper" and kind == "tiny":
         pytest.skip("1x1 maps: (A - min) / max is 0/0 with the released code's eps = 0 (NaN by design)")
     s, t = make_levels(kind, dtype, device, channels_last, gen)
+    # a student coefficient within rounding of |c|'s kink has no fp32-defined gradient: draw again
+    for _ in range(10):
+        if not recipes.dct_at_loss_sign_ambiguous(s, t, preset=preset, **over):
+            break
+        s, t = make_levels(kind, dtype, device, channels_last, gen)
     weights = [0.5 + l for l in range(len(s))]
-    # 1x1 maps without normalisation: a sample's loss is a squared difference of two channel means of like
-    # size, whose cancellation amplifies the rounding of the fp32 maps (seen: 1.4x the bound)
-    factor = 4.0 if kind == "tiny" and over else 1.0
     check_loss_against_reference(s, t, dtype, f"{preset}{over}/{kind}", preset=preset, weights=weights,
-                                 reduction="none", factor=factor, **over)
+                                 reduction="none", **over)
 
 
 # Map sizes for the folded transforms (csrc/cpu/map_transforms.cpp): 1, 2 and 3 (no or one fold
