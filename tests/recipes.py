@@ -400,12 +400,27 @@ def check_dct2d(backend, a, gen, factor=1.0):
 def _loss_make_args(case, dtype, layout, device, gen):
     """case: ((B, Cs, H, W), Ct) per level -> (student (requires grad), teacher), with the case's options."""
     levels, options = case
-    for _ in range(10):  # draw again where the gradient is not defined in fp32 (dct_at_loss_sign_ambiguous)
+
+    def draw():
         s = [features(*sh, dtype, device, generator=gen, layout=layout, requires_grad=True) for sh, _ in levels]
         t = [features(sh[0], ct, sh[2], sh[3], dtype, device, generator=gen, layout=layout) for sh, ct in levels]
-        if not dct_at_loss_sign_ambiguous(s, t, **options):
-            break
-    return (s, t), dict(reduction="none", **options)
+        return s, t
+
+    return draw_loss_inputs(draw, **options), dict(reduction="none", **options)
+
+
+def _loss_options(kwargs):
+    """The resolved options of a dct_at_loss call's keyword arguments, and its weights, sample_weight and
+    reduction."""
+    kw = dict(kwargs)
+    preset, weights = kw.pop("preset", "dct"), kw.pop("weights", None)
+    sample_weight, reduction = kw.pop("sample_weight", None), kw.pop("reduction", "mean")
+    return dctkd_ext.presets.resolve_options(preset, kw), weights, sample_weight, reduction
+
+
+def _loss_coefficients(x, opts):
+    """A level's coefficients (B, H*W) in float64, as the reference computes them under opts."""
+    return reference.phi(reference.attention_map(x.detach().double().cpu(), opts["p"]), **opts)
 
 
 def dct_at_loss_terms(args, kwargs):
@@ -416,14 +431,11 @@ def dct_at_loss_terms(args, kwargs):
     reference's coefficients: l2 ||zs|| + ||zt||; sse 2 ||zs - zt|| (||zs|| + ||zt||); mse that over
     the coefficients' count. Weighted and reduced as the loss; the norm over samples."""
     student, teacher = args
-    kw = dict(kwargs)
-    preset, weights = kw.pop("preset", "dct"), kw.pop("weights", None)
-    sample_weight, reduction = kw.pop("sample_weight", None), kw.pop("reduction", "mean")
-    opts = dctkd_ext.presets.resolve_options(preset, kw)
+    opts, weights, sample_weight, reduction = _loss_options(kwargs)
     weights = [1.0] * len(student) if weights is None else weights
     total = 0.0
     for s, t, w in zip(student, teacher, weights):
-        zs, zt = (reference.phi(reference.attention_map(x.detach().double(), opts["p"]), **opts) for x in (s, t))
+        zs, zt = _loss_coefficients(s, opts), _loss_coefficients(t, opts)
         size = zs.norm(dim=1) + zt.norm(dim=1)
         level = {"l2": size, "sse": 2 * (zs - zt).norm(dim=1) * size,
                  "mse": 2 * (zs - zt).norm(dim=1) * size / zs.shape[1]}[opts["distance"]]
@@ -441,19 +453,28 @@ def dct_at_loss_sign_ambiguous(student, teacher, tol=1e-6, **kwargs):
     arithmetic (seen: a coefficient of 1e-8 against a norm of 30 made dS 6% off the float64 one). Where
     both are near 0 (the DC term of centred maps) the jump is near 0 too. False where the options take no
     absolute value."""
-    kw = {k: v for k, v in kwargs.items() if k not in ("weights", "sample_weight", "reduction")}
-    opts = dctkd_ext.presets.resolve_options(kw.pop("preset", "dct"), kw)
+    opts = _loss_options(kwargs)[0]
     if not opts["coef_abs"]:
         return False
     before_abs = dict(opts, coef_abs=False, coef_norm="none")
     for x, y in zip(student, teacher):
-        cs, ct = (reference.phi(reference.attention_map(z.detach().double().cpu(), opts["p"]), **before_abs)
-                  for z in (x, y))
+        cs, ct = _loss_coefficients(x, before_abs), _loss_coefficients(y, before_abs)
         near = cs.abs() <= tol * cs.norm(dim=1, keepdim=True)
         weighty = ct.abs() > tol * ct.norm(dim=1, keepdim=True)
         if (near & weighty).any():
             return True
     return False
+
+
+def draw_loss_inputs(draw, **kwargs):
+    """draw() -> (student, teacher), drawn again (up to 10 times) while the loss's gradient is not defined
+    in fp32 for them under kwargs (dct_at_loss_sign_ambiguous)."""
+    s, t = draw()
+    for _ in range(9):
+        if not dct_at_loss_sign_ambiguous(s, t, **kwargs):
+            break
+        s, t = draw()
+    return s, t
 
 
 DCT_AT_LOSS = Family(
