@@ -9,7 +9,8 @@ A suite is a module bench/suites/<name>.py with
 A case's backward receives `upstream`: "ones" (torch.ones_like of the output), "scale=S" (S times
 ones: a weighted loss or a GradScaler's scale) or "mse" (the gradient a mean-squared-error loss over
 the output gives: 2 (y - target) / numel, values near 1e-7 at real sizes). A case of mode "step"
-times Prepared.step, a whole training step, instead of fwd / bwd / fwd+bwd."""
+times Prepared.step, a whole training step, instead of fwd / bwd / fwd+bwd. An Impl may carry its own
+upstream (e.g. ours with upstream 1 beside ours with a scaled one, in one case timed in rounds)."""
 
 import importlib.util
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ class Impl:
     # Builds the closure to time: called once per (case, impl), after the inputs exist; returns
     # fwd() -> Tensor (the forward on the case's inputs) and the leaf tensors the backward differentiates.
     make: Callable[[], "Prepared"]
+    upstream: Optional[str] = None  # this impl's upstream gradient where it differs from the case's
 
 
 @dataclass
@@ -63,6 +65,9 @@ class Case:
     extra: Dict[str, object] = field(default_factory=dict)  # copied into each record
     modes: tuple = FWD_BWD_MODES  # or ("step",)
     upstream: str = "ones"  # the backward's upstream gradient (see upstream_gradient)
+    # True: the impls are timed in rounds (one call of each per round, mode by mode), for impls whose
+    # times are compared with each other more finely than the machine's drift over a case allows
+    rounds: bool = False
 
 
 # ------------------------------------------------------------------------------ what suites share

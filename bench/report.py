@@ -58,7 +58,8 @@ def check_targets(data, targets):
         elif ours is not None and t["metric"] == "bw":
             value = ours["bw_fraction"]
         elif ours is not None and t["metric"] == "ratio":
-            other = _find(data["records"], dict(t, shape=t["of"]), "ours")
+            other = (_find(data["records"], t, t["vs"]) if t.get("vs") else
+                     _find(data["records"], dict(t, shape=t["of"]), "ours"))
             if other is not None and ours["median_ms"] == ours["median_ms"] and other["median_ms"] > 0:
                 value = ours["median_ms"] / other["median_ms"]
         elif ours is not None and t["metric"] == "mem":
@@ -79,13 +80,13 @@ def render_targets(path):
     meta = data["meta"]
     kind = "cpu" if meta["device"].startswith("cpu") else "cuda"
     what = {"speedup": "speed-up over {vs}", "bw": "fraction of copy bandwidth", "mem": "peak extra memory / {vs}'s",
-            "ratio": "time / ours at {of}"}
+            "ratio": "time / ours at {of}", "ratio_vs": "time / {vs}'s"}
     lines = [f"Targets ({kind}; forward+backward, or the whole step for train_step; source `{path}`):", "",
              "| op | shape | B | dtype | measure | goal | measured | met |", "|---|---|---|---|---|---|---|---|"]
     for t, value, met in check_targets(data, TARGETS.get(kind, [])):
         goal = ("<= " if t["metric"] in ("mem", "ratio") else ">= ") + (f"{t['goal']:.0%}" if t["metric"] == "bw" else f"{t['goal']:g}")
         shown = "-" if value is None else (f"{value:.0%}" if t["metric"] == "bw" else f"{value:.2f}")
-        lines.append(f"| {t['op']} | {t['shape']} | {t['batch']} | {t['dtype']} | {what[t['metric']].format(**t)} | "
+        lines.append(f"| {t['op']} | {t['shape']} | {t['batch']} | {t['dtype']} | {what['ratio_vs' if t['metric'] == 'ratio' and t.get('vs') else t['metric']].format(**t)} | "
                      f"{goal} | {shown} | {'not in this run' if met is None else ('yes' if met else 'no')} |")
     return "\n".join(lines)
 

@@ -71,18 +71,25 @@ class Timer:
             times.append(self.once_ms(fn, setup() if setup else None))
         return statistics.median(times), len(times)
 
-    def medians_in_rounds(self, fns):
+    def medians_in_rounds(self, fns, setups=None, untimed=0):
         """Each of fns timed once per round, round after round (at least min_reps rounds, and min_time per
-        callable): a drift of the machine's speed reaches all of them alike. Returns (median ms, reps) each."""
+        callable): a drift of the machine's speed reaches all of them alike. setups[i]() -> state (or None)
+        runs untimed before each call of fns[i], as in median_ms; `untimed` more calls of fns[i] run right
+        before its timed one in each round. Returns (median ms, reps) each."""
+        setups = setups or [None] * len(fns)
+        state = lambda setup: setup() if setup else None  # noqa: E731
         for _ in range(2):
-            for fn in fns:
-                fn(None)
+            for fn, setup in zip(fns, setups):
+                fn(state(setup))
         self.sync()
         times, start = [[] for _ in fns], time.perf_counter()
         while len(times[0]) < self.max_reps and (len(times[0]) < self.min_reps or
                                                  time.perf_counter() - start < self.min_time * len(fns)):
-            for fn, t in zip(fns, times):
-                t.append(self.once_ms(fn))
+            for fn, setup, t in zip(fns, setups, times):
+                for _ in range(untimed):
+                    fn(state(setup))
+                self.sync()
+                t.append(self.once_ms(fn, state(setup)))
         return [(statistics.median(t), len(t)) for t in times]
 
 
@@ -140,69 +147,121 @@ class _native_stderr_silenced:
 
 
 # ------------------------------------------------------------------------------------------ runner
-def run_case(case: Case, timer: Timer, device, rotate: int, want_memory: bool):
-    """fwd, bwd and fwd+bwd of every implementation of a case, one implementation after another."""
-    out = []
-    for impl in case.impls:
-        sets = [impl.make() for _ in range(rotate)]
-        it = {"i": 0}
+class _Timed:
+    """One implementation of a case made ready to time: its input sets (rotated between calls) and the
+    callables of the three modes."""
 
-        def nxt():
-            it["i"] = (it["i"] + 1) % len(sets)
-            return sets[it["i"]]
+    def __init__(self, case: Case, impl, rotate: int):
+        self.sets = [impl.make() for _ in range(rotate)]
+        self.i = 0
+        self.upstream = impl.upstream or case.upstream
+        self.grads = {}
 
+    def nxt(self):
+        self.i = (self.i + 1) % len(self.sets)
+        return self.sets[self.i]
+
+    @staticmethod
+    def clear(p):
         # The training-step pattern: loss.backward() accumulates into .grad, which is set to None
         # before each step as optimizer.zero_grad() does.
-        def clear(p):
-            for leaf in p.leaves:
-                leaf.grad = None
+        for leaf in p.leaves:
+            leaf.grad = None
 
-        grads = {}
+    def backward(self, y):
+        # A fresh upstream gradient each step, as a loss's backward makes one (the step's memory
+        # counts it); ones and scales are filled, an MSE's is copied from one drawn per output shape.
+        if self.upstream != "mse":
+            return y.backward(upstream_gradient(self.upstream, y))
+        key = (tuple(y.shape), y.dtype, y.device)
+        if key not in self.grads:
+            self.grads[key] = upstream_gradient(self.upstream, y)
+        y.backward(self.grads[key].clone())
 
-        def backward(y):
-            # A fresh upstream gradient each step, as a loss's backward makes one (the step's memory
-            # counts it); ones and scales are filled, an MSE's is copied from one drawn per output shape.
-            if case.upstream != "mse":
-                return y.backward(upstream_gradient(case.upstream, y))
-            key = (tuple(y.shape), y.dtype, y.device)
-            if key not in grads:
-                grads[key] = upstream_gradient(case.upstream, y)
-            y.backward(grads[key].clone())
+    def fwd(self, _):
+        return self.nxt().fwd()
 
-        def fwd_bwd(_):
-            p = nxt()
-            clear(p)
-            backward(p.fwd())
+    def fwd_bwd(self, _):
+        p = self.nxt()
+        self.clear(p)
+        self.backward(p.fwd())
 
-        def setup_bwd():
-            p = nxt()
-            clear(p)
-            return p, p.fwd()
+    def setup_bwd(self):
+        p = self.nxt()
+        self.clear(p)
+        return p, p.fwd()
 
-        def bwd(state):
-            backward(state[1])
+    def bwd(self, state):
+        self.backward(state[1])
 
+    def modes(self):
+        """mode -> (fn(state), setup or None)"""
+        return {"fwd": (self.fwd, None), "bwd": (self.bwd, self.setup_bwd), "fwd+bwd": (self.fwd_bwd, None)}
+
+    def peak_memory(self, device):
+        if device.type == "cpu":  # one profiled step first, so the profiler sizes the release of its grads
+            for _ in self.sets:
+                peak_extra_mb(device, lambda: self.fwd_bwd(None))
+        p = self.sets[0]
+        mem = {"fwd": peak_extra_mb(device, lambda: p.fwd()),
+               "fwd+bwd": peak_extra_mb(device, lambda: self.fwd_bwd(None))}
+        mem["bwd"] = mem["fwd+bwd"]
+        return mem
+
+
+def run_case(case: Case, timer: Timer, device, rotate: int, want_memory: bool):
+    """fwd, bwd and fwd+bwd of every implementation of a case: one implementation after another, or, for a
+    case with rounds=True, all of them in rounds (Timer.medians_in_rounds) mode by mode."""
+    if case.rounds:
+        return _run_case_in_rounds(case, timer, device, rotate, want_memory)
+    out = []
+    for impl in case.impls:
         try:
-            t = {
-                "fwd": timer.median_ms(lambda _: nxt().fwd()),
-                "bwd": timer.median_ms(bwd, setup=setup_bwd),
-                "fwd+bwd": timer.median_ms(fwd_bwd),
-            }
-            mem = {}
-            if want_memory:
-                if device.type == "cpu":  # one profiled step first, so the profiler sizes the release of its grads
-                    for _ in sets:
-                        peak_extra_mb(device, lambda: fwd_bwd(None))
-                p = sets[0]
-                mem["fwd"] = peak_extra_mb(device, lambda: p.fwd())
-                mem["fwd+bwd"] = peak_extra_mb(device, lambda: fwd_bwd(None))
-                mem["bwd"] = mem["fwd+bwd"]
+            timed = _Timed(case, impl, rotate)
+            t = {mode: timer.median_ms(fn, setup=setup) for mode, (fn, setup) in timed.modes().items()}
+            mem = timed.peak_memory(device) if want_memory else {}
             error = None
         except Exception as exc:  # a baseline that cannot run this case is reported, not fatal
             t, mem, error = {m: (math.nan, 0) for m in case.modes}, {}, _error(exc)
         for mode in case.modes:
             out.append(_record(case, impl, mode, device, *t[mode], mem.get(mode), error))
-        sets.clear()  # frees this impl's inputs before the next impl makes its own
+        timed = None  # frees this impl's inputs before the next impl makes its own
+    return out
+
+
+def _run_case_in_rounds(case: Case, timer: Timer, device, rotate: int, want_memory: bool):
+    built = []  # (impl, _Timed or None, error or None)
+    for impl in case.impls:
+        try:
+            built.append((impl, _Timed(case, impl, rotate), None))
+        except Exception as exc:  # reported, not fatal
+            built.append((impl, None, _error(exc)))
+    live = [b for b in built if b[1] is not None]
+    times = {id(b[0]): {} for b in live}
+    mems = {id(b[0]): {} for b in live}
+    errors = {}
+    try:
+        for mode in case.modes:
+            # one untimed call before each timed one: an op may carry state from its last call to the next
+            # (dct_at_loss guesses its upstream gradient from it), which the other impls' calls in between
+            # would upset; in a loop of its own, as in training, the previous call is its own
+            medians = timer.medians_in_rounds([b[1].modes()[mode][0] for b in live],
+                                              setups=[b[1].modes()[mode][1] for b in live], untimed=1)
+            for b, m in zip(live, medians):
+                times[id(b[0])][mode] = m
+        if want_memory:
+            for impl, timed, _ in live:
+                mems[id(impl)] = timed.peak_memory(device)
+    except Exception as exc:  # one failing impl stops the rounds: every live implementation reports it
+        err = _error(exc)
+        errors = {id(b[0]): err for b in live}
+        times = {id(b[0]): {} for b in live}
+    out = []
+    for impl, _, error in built:
+        error = error or errors.get(id(impl))
+        for mode in case.modes:
+            ms, reps = times.get(id(impl), {}).get(mode, (math.nan, 0))
+            out.append(_record(case, impl, mode, device, ms, reps, mems.get(id(impl), {}).get(mode), error))
     return out
 
 
@@ -233,7 +292,7 @@ def _record(case, impl, mode, device, ms, reps, peak_mem_mb, error):
     """One result record of `impl` on `case` in `mode`."""
     return dict(op=case.op, impl=impl.name, mode=mode, shape_name=case.shape_name, batch=case.batch,
                 dtype=str(case.dtype).replace("torch.", ""), device=device_name(device), median_ms=ms, reps=reps,
-                min_bytes=case.min_bytes[mode], upstream=case.upstream, peak_mem_mb=peak_mem_mb, error=error,
+                min_bytes=case.min_bytes[mode], upstream=impl.upstream or case.upstream, peak_mem_mb=peak_mem_mb, error=error,
                 **case.extra)
 
 

@@ -53,3 +53,14 @@ def test_step_table_pairs_each_method_with_its_released_step_and_the_kd_step(tmp
                     "| c | 64 | fam | 250 | 256.0 | 500 | 2.00x | 1.25 |",
                     "| c | 64 | ce | 100 | 640.0 | - | - | 0.50 |"]
     assert report.render_steps(str(path)) in report.render_all(str(path))
+
+
+def test_a_ratio_is_taken_against_an_implementation_of_the_same_case_or_ours_at_another_shape():
+    def timed(impl, ms, shape="s"):
+        return dict(_record(impl), shape_name=shape, median_ms=ms)
+
+    data = {"records": [timed("ours", 10.5), timed("ours_upstream1", 10.0), timed("ours", 7.0, shape="t")]}
+    against_impl = _target("ratio", 1.1, "ours_upstream1")
+    against_shape = dict(_target("ratio", 1.3), of="t")
+    got = [(round(value, 6), met) for _, value, met in report.check_targets(data, [against_impl, against_shape])]
+    assert got == [(1.05, True), (1.5, False)]

@@ -52,3 +52,37 @@ def test_a_step_that_fails_in_the_rounds_is_reported_for_every_implementation():
     assert [(r["impl"], r["error"], r["reps"]) for r in recs] == [("ours", "ValueError: diverged", 0),
                                                                   ("released", "ValueError: diverged", 0)]
     assert all(math.isnan(r["median_ms"]) for r in recs)
+
+
+def test_an_op_case_with_rounds_times_its_implementations_in_rounds_each_with_its_upstream():
+    calls, seen = [], []
+
+    def impl(name, upstream=None):
+        x = torch.ones(3, requires_grad=True)
+
+        def fwd():
+            calls.append(name)
+            return x * 2.0
+
+        x.register_hook(lambda g: seen.append((name, float(g[0]))))
+        return Impl(name, lambda: Prepared(fwd=fwd, leaves=[x]), upstream=upstream)
+
+    def broken():
+        raise RuntimeError("cannot build")
+
+    case = Case(op="dct_at_loss", shape_name="s/grad=scale0.5", batch=4, dtype=torch.float32,
+                min_bytes={"fwd": 1, "bwd": 1, "fwd+bwd": 1}, upstream="scale=0.5", rounds=True,
+                impls=[impl("ours"), impl("ours_upstream1", upstream="ones"), Impl("other", broken)])
+    timer = bench_run.Timer(CPU, min_time=0.0, min_reps=3, max_reps=3)
+    recs = bench_run.run_case(case, timer, CPU, 1, want_memory=False)
+    # per mode: two warm-up rounds, then three rounds of an untimed and a timed call of each live impl
+    per_mode = ["ours", "ours_upstream1"] * 2 + ["ours", "ours", "ours_upstream1", "ours_upstream1"] * 3
+    assert calls == per_mode * 3
+    # the backward of bwd and fwd+bwd carries each impl's own upstream, times the forward's factor 2
+    assert set(seen) == {("ours", 1.0), ("ours_upstream1", 2.0)}
+    assert len(seen) == 2 * 8 * 2
+    assert [(r["impl"], r["mode"], r["upstream"]) for r in recs] == [
+        (i, m, u) for i, u in (("ours", "scale=0.5"), ("ours_upstream1", "ones"), ("other", "scale=0.5"))
+        for m in ("fwd", "bwd", "fwd+bwd")]
+    assert all(r["reps"] == 3 and r["error"] is None for r in recs[:6])
+    assert all(math.isnan(r["median_ms"]) and r["error"] == "RuntimeError: cannot build" for r in recs[6:])

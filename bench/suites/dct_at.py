@@ -6,7 +6,8 @@ unfused), eager_reference (dctkd_ext.reference: the DFT written as matmuls), com
 (torch.compile of that reference). All compute preset="paper" (the released code's math), so the
 comparison is like for like. The op "at_loss" is preset="at" against the attention-transfer formula
 of RepDistiller / mdistiller / torchdistill, eager (eager_at) and compiled (compiled_at). The case
-"<shape>/grad=scale0.37" times ours with a loss weight applied outside the op (upstream 0.37).
+"<shape>/grad=scale0.37" times ours with a loss weight applied outside the op (upstream 0.37) beside
+ours_upstream1 (the same op with upstream 1), in rounds, so that the two are compared in one stretch of time.
 """
 
 import torch
@@ -178,12 +179,13 @@ def cases(args, device):
         out.append(Case("dct_at_loss", name, batch, dtype, loss_min_bytes(batch, shape, dtype),
                         loss_impls(batch, shape, dtype, device, compile_mode), extra={"preset": "paper"}))
     # The first case again with a loss weight applied outside the op, `(0.37 * loss).backward()`
-    # (as `ce + w * loss` or a GradScaler does): ours against its upstream-1 figure above.
+    # (as `ce + w * loss` or a GradScaler does), against ours with upstream 1 timed in the same rounds.
     for name, batch, dtype in grid[:1]:
         shape = SHAPES[name]
         impls = [i for i in loss_impls(batch, shape, dtype, device, compile_mode) if i.name.startswith("ours")]
+        impls.append(Impl("ours_upstream1", impls[0].make, upstream="ones"))
         out.append(Case("dct_at_loss", f"{name}/grad=scale0.37", batch, dtype, loss_min_bytes(batch, shape, dtype),
-                        impls, extra={"preset": "paper"}, upstream="scale=0.37"))
+                        impls, extra={"preset": "paper"}, upstream="scale=0.37", rounds=True))
     # the at preset against the AT formula: every case of the grid with --full, the first otherwise
     for name, batch, dtype in grid if full else grid[:1]:
         shape = SHAPES[name]
