@@ -1,7 +1,8 @@
 """Benchmark suite of one whole distillation training step, as the trainer runs it
 (python/dctkd_train): the teacher's forward under no_grad, the student's forward with its feature
-hooks (and FAM-KD's head), cross-entropy and the method's terms, the backward, the SGD step, and the
-gradients set to None as `optimizer.zero_grad()` does. The mode is "step" (no fwd/bwd split); records
+hooks (and FAM-KD's head), cross-entropy and the method's terms, the backward, the SGD step (the
+trainer's, dctkd_train.optim: torch's fused kernel where the device has one, the same for every impl), and
+the gradients set to None as `optimizer.zero_grad()` does. The mode is "step" (no fwd/bwd split); records
 carry the images per second beside the median time.
 
 Cases: "cifar_r32x4_r8x4:<method>" (resnet32x4 teacher -> resnet8x4 student, 32x32 images, 100
@@ -57,6 +58,7 @@ def _make_step(shape, method_name, released, device):
     from dctkd_train.features import FeatureHooks, probe_feature_shapes
     from dctkd_train.methods import Method, MethodConfig
     from dctkd_train.models import build_model
+    from dctkd_train.optim import make_sgd
     from dctkd_train.train import StudentModule
 
     _name, t_arch, s_arch, size, classes, batch = shape
@@ -85,7 +87,9 @@ def _make_step(shape, method_name, released, device):
     smod = StudentModule(student, s_layers, head, None)
     t_hooks = FeatureHooks(teacher, t_layers) if t_layers else None
     params = [p for p in smod.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    # the trainer's SGD (fused where the device has the kernel), for ours and the released step alike
+    opt = make_sgd(params, lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=False, device=device,
+                   grad_scaler=False)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=mem)
     y = torch.randint(0, classes, (batch,), generator=g).to(device)

@@ -22,6 +22,7 @@ from .external_models import adapt_state_dict, make_deterministic, stage_layers
 from .features import FeatureHooks, probe_feature_shapes
 from .methods import Method, MethodConfig
 from .models import build_model
+from .optim import make_sgd
 from .preemption import StopSignals
 from .recipes import recipe_transform
 from .runtime import Env, LossTimer, amp_dtype, default_workers, log_line, val_loader
@@ -265,9 +266,10 @@ def build_optimizer(cfg: dict, smod: nn.Module, device: torch.device):
     """(SGD over the student's and the head's parameters, the autocast dtype, the gradient scaler)."""
     # The papers' recipes apply weight decay to every parameter (BN and biases included).
     params = [p for p in smod.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
-                                weight_decay=float(cfg["weight_decay"]), nesterov=bool(cfg.get("nesterov")))
     dtype = amp_dtype(cfg["amp"], device)
+    optimizer = make_sgd(params, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
+                         weight_decay=float(cfg["weight_decay"]), nesterov=bool(cfg.get("nesterov")), device=device,
+                         grad_scaler=dtype == torch.float16)
     scaler_cls = torch.amp.GradScaler
     if dtype == torch.float16 and any(p.is_complex() for p in params):
         from dctkd_ext.amp import GradScaler as scaler_cls  # unscales FrequencyAttention's complex weights
