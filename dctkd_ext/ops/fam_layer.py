@@ -235,7 +235,7 @@ def _normal_range(grad: Tensor) -> Tuple[Tensor, float]:
     it is: the scale would depend on its values."""
     if torch.compiler.is_compiling() or type(grad) is not Tensor:  # a trace: no value to look at
         return grad, 1.0
-    amax = float(grad.abs().amax()) if grad.numel() else 0.0
+    amax = float(torch.linalg.vector_norm(grad, float("inf"))) if grad.numel() else 0.0  # one pass, no |grad| copy
     if amax == 0.0 or amax >= _SMALL_UPSTREAM or not math.isfinite(amax):
         return grad, 1.0
     k = 1 - math.frexp(amax)[1]  # amax = m 2^e, m in [0.5, 1): amax 2^k in [1, 2)
