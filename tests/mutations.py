@@ -345,6 +345,16 @@ cpp_mutation("fam_drate2_no_bias",
              "    if (has_bias) v = v + (w0_bias->to(at::kDouble) * gsum.to(at::kDouble)).sum();\n",
              "")
 
+cpp_mutation("fam_transpose_conj_wrong_bit",
+             "the CPU fam_layer's transposing copy conjugates by flipping bit 31 of each 64-bit word (the real "
+             "part's sign in complex64, a mantissa bit of complex128's imaginary part) instead of bit 63: the "
+             "conjugated spectrum the weight gradient reads is wrong",
+             ["tests/test_spectral.py::test_frequency_attention_matches_released_fp64",
+              "tests/test_fam_layer.py::test_exact_against_authors_fp64"],
+             "csrc/cpu/fam_layer.cpp",
+             "const uint64_t flip = conj ? uint64_t(1) << 63 : 0;",
+             "const uint64_t flip = conj ? uint64_t(1) << 31 : 0;")
+
 cpp_mutation("sweep_grad_tail",
              "the scalar tail of the vectorised NCHW gradient sweep (positions past the last whole vector of "
              "16) drops the 2 of d|x|^2/dx",
