@@ -86,7 +86,8 @@ def render_targets(path):
     for t, value, met in check_targets(data, TARGETS.get(kind, [])):
         goal = ("<= " if t["metric"] in ("mem", "ratio") else ">= ") + (f"{t['goal']:.0%}" if t["metric"] == "bw" else f"{t['goal']:g}")
         shown = "-" if value is None else (f"{value:.0%}" if t["metric"] == "bw" else f"{value:.2f}")
-        lines.append(f"| {t['op']} | {t['shape']} | {t['batch']} | {t['dtype']} | {what['ratio_vs' if t['metric'] == 'ratio' and t.get('vs') else t['metric']].format(**t)} | "
+        measure = what["ratio_vs" if t["metric"] == "ratio" and t.get("vs") else t["metric"]].format(**t)
+        lines.append(f"| {t['op']} | {t['shape']} | {t['batch']} | {t['dtype']} | {measure} | "
                      f"{goal} | {shown} | {'not in this run' if met is None else ('yes' if met else 'no')} |")
     return "\n".join(lines)
 

@@ -86,9 +86,10 @@ class Timer:
         while len(times[0]) < self.max_reps and (len(times[0]) < self.min_reps or
                                                  time.perf_counter() - start < self.min_time * len(fns)):
             for fn, setup, t in zip(fns, setups, times):
-                for _ in range(untimed):
-                    fn(state(setup))
-                self.sync()
+                if untimed:
+                    for _ in range(untimed):
+                        fn(state(setup))
+                    self.sync()
                 t.append(self.once_ms(fn, state(setup)))
         return [(statistics.median(t), len(t)) for t in times]
 
@@ -236,32 +237,30 @@ def _run_case_in_rounds(case: Case, timer: Timer, device, rotate: int, want_memo
             built.append((impl, _Timed(case, impl, rotate), None))
         except Exception as exc:  # reported, not fatal
             built.append((impl, None, _error(exc)))
-    live = [b for b in built if b[1] is not None]
-    times = {id(b[0]): {} for b in live}
-    mems = {id(b[0]): {} for b in live}
-    errors = {}
+    live = [timed for _, timed, _ in built if timed is not None]
+    times = {timed: {} for timed in live}  # _Timed -> mode -> (median ms, reps)
+    mems = {timed: {} for timed in live}
+    failure = None
     try:
         for mode in case.modes:
+            fns, setups = zip(*(timed.modes()[mode] for timed in live)) if live else ((), ())
             # one untimed call before each timed one: an op may carry state from its last call to the next
             # (dct_at_loss guesses its upstream gradient from it), which the other impls' calls in between
             # would upset; in a loop of its own, as in training, the previous call is its own
-            medians = timer.medians_in_rounds([b[1].modes()[mode][0] for b in live],
-                                              setups=[b[1].modes()[mode][1] for b in live], untimed=1)
-            for b, m in zip(live, medians):
-                times[id(b[0])][mode] = m
+            for timed, m in zip(live, timer.medians_in_rounds(list(fns), setups=list(setups), untimed=1)):
+                times[timed][mode] = m
         if want_memory:
-            for impl, timed, _ in live:
-                mems[id(impl)] = timed.peak_memory(device)
+            for timed in live:
+                mems[timed] = timed.peak_memory(device)
     except Exception as exc:  # one failing impl stops the rounds: every live implementation reports it
-        err = _error(exc)
-        errors = {id(b[0]): err for b in live}
-        times = {id(b[0]): {} for b in live}
+        failure = _error(exc)
+        times = {timed: {} for timed in live}
     out = []
-    for impl, _, error in built:
-        error = error or errors.get(id(impl))
+    for impl, timed, error in built:
+        error = error or (failure if timed is not None else None)
         for mode in case.modes:
-            ms, reps = times.get(id(impl), {}).get(mode, (math.nan, 0))
-            out.append(_record(case, impl, mode, device, ms, reps, mems.get(id(impl), {}).get(mode), error))
+            ms, reps = times.get(timed, {}).get(mode, (math.nan, 0))
+            out.append(_record(case, impl, mode, device, ms, reps, mems.get(timed, {}).get(mode), error))
     return out
 
 
